@@ -1,0 +1,67 @@
+//! Application wiring: [`AppState`] holds a cheap-to-clone handle to every
+//! service; [`AppState::build`] loads persisted state and starts background
+//! work; [`run`] serves HTTP on a bound listener until `shutdown` fires,
+//! then ends streams and returns. `main` and the tests both call `run`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::events::{EventBus, EventKind};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub bus: EventBus,
+    pub started_at: DateTime<Utc>,
+    pub started: Instant,
+    /// Cancelled when the engine begins shutting down; long-lived work (SSE
+    /// streams, turn runners, hooks) watches it.
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// Load persisted state and start the services. Publishes
+    /// `engine.ready` once everything is loaded.
+    pub async fn build(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let config = Arc::new(config);
+        let paths = &config.paths;
+        std::fs::create_dir_all(&paths.engine_dir)
+            .with_context(|| format!("creating {}", paths.engine_dir.display()))?;
+        let bus = EventBus::open(&paths.events_file, config.events_max_bytes)
+            .with_context(|| format!("opening {}", paths.events_file.display()))?;
+        let state = Self {
+            config,
+            bus,
+            started_at: Utc::now(),
+            started: Instant::now(),
+            shutdown,
+        };
+        state.bus.publish(
+            None,
+            EventKind::EngineReady {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                pid: std::process::id(),
+            },
+        );
+        Ok(state)
+    }
+}
+
+/// Serve until `state.shutdown` is cancelled: stop accepting, end SSE
+/// streams (they watch the same token), let in-flight requests finish.
+pub async fn run(state: AppState, listener: TcpListener) -> anyhow::Result<()> {
+    let shutdown = state.shutdown.clone();
+    let app = crate::http::router(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .context("HTTP server failed")?;
+    tracing::info!("HTTP server stopped");
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! Benchmarks; see README "Benchmarks".
+fn main() {
+    eprintln!("no benchmarks yet");
+}

@@ -1,0 +1,324 @@
+//! Configuration: read once from the environment (and `.env`) at boot,
+//! validated, then shared read-only. Every file path the engine touches is
+//! derived from one home directory through [`Paths`], so tests run against a
+//! temporary home without mutating the process environment.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A boot-time configuration problem. The message names the variable so the
+/// operator reading journalctl knows exactly what to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+fn invalid(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+    }
+}
+
+/// The shared secret. `Debug`/`Display` never print it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The raw value, for the auth comparison and upstream calls only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Every variable the engine reads, with its meaning; printed by `--help`.
+pub const ENV_HELP: &str = "\
+ENVIRONMENT (also read from ./.env when present):
+  REPLICAS_ENGINE_SECRET    required. Shared secret clients send in X-Replicas-Engine-Secret.
+  PORT                      listen port (alias REPLICAS_ENGINE_PORT). Default 3737; 0 = any free port.
+  HOST                      listen address. Default 0.0.0.0.
+  WORKSPACE_ID              workspace id sent upstream; required when MONOLITH_URL is set.
+  MONOLITH_URL              backend base URL (http/https). Unset disables webhooks and token refresh.
+  WORKSPACE_HOME            home of the workspace user. Default $HOME.
+  REPLICAS_WORKSPACES_DIR   workspace root holding the repos. Default $WORKSPACE_HOME/workspaces.
+  REPLICAS_READY_FILE       /health answers 200 once this file exists. Default /var/log/cloud-init-output.log.
+  REPLICAS_DEFAULT_BRANCH   diff base branch. Default: the remote's HEAD, else main.
+  CLAUDE_BIN, CODEX_BIN, GH_BIN, GIT_BIN
+                            paths of the tools. Default: looked up on PATH.
+  REPLICAS_MAX_BODY_BYTES   request body cap in bytes. Default 10485760 (10 MiB).
+  REPLICAS_EVENTS_MAX_BYTES events.jsonl retention budget in bytes. Default 67108864 (64 MiB).
+  REPLICAS_TURN_TIMEOUT_SECS
+                            a provider turn that runs longer fails. Default 3600.
+  RUST_LOG                  log filter. Default info.
+
+FILES (under $WORKSPACE_HOME):
+  .replicas/engine/events.jsonl   event journal (SSE replay source)
+  .replicas/engine/chats.json     chat registry and queues
+  .replicas/engine-state.json     start-hook completion
+  .replicas/startHooks.log        start-hook output";
+
+/// Every path the engine reads or writes, derived from the workspace home.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub home: PathBuf,
+    /// `~/.replicas`
+    pub replicas_dir: PathBuf,
+    /// `~/.replicas/engine`
+    pub engine_dir: PathBuf,
+    pub events_file: PathBuf,
+    pub chats_file: PathBuf,
+    pub engine_state_file: PathBuf,
+    pub start_hooks_log: PathBuf,
+    pub claude_plans_dir: PathBuf,
+    pub replicas_plans_dir: PathBuf,
+    pub git_credentials_file: PathBuf,
+    pub claude_credentials_file: PathBuf,
+    pub codex_auth_file: PathBuf,
+}
+
+impl Paths {
+    pub fn new(home: impl Into<PathBuf>) -> Self {
+        let home = home.into();
+        let replicas_dir = home.join(".replicas");
+        let engine_dir = replicas_dir.join("engine");
+        Self {
+            events_file: engine_dir.join("events.jsonl"),
+            chats_file: engine_dir.join("chats.json"),
+            engine_state_file: replicas_dir.join("engine-state.json"),
+            start_hooks_log: replicas_dir.join("startHooks.log"),
+            claude_plans_dir: home.join(".claude").join("plans"),
+            replicas_plans_dir: replicas_dir.join("plans"),
+            git_credentials_file: home.join(".git-credentials"),
+            claude_credentials_file: home.join(".claude").join(".credentials.json"),
+            codex_auth_file: home.join(".codex").join("auth.json"),
+            replicas_dir,
+            engine_dir,
+            home,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub secret: Secret,
+    pub host: IpAddr,
+    pub port: u16,
+    pub workspace_id: Option<String>,
+    pub monolith_url: Option<url::Url>,
+    pub paths: Paths,
+    pub workspaces_dir: PathBuf,
+    pub ready_file: PathBuf,
+    pub default_branch: Option<String>,
+    pub claude_bin: PathBuf,
+    pub codex_bin: PathBuf,
+    pub gh_bin: PathBuf,
+    pub git_bin: PathBuf,
+    pub max_body_bytes: usize,
+    pub events_max_bytes: u64,
+    pub turn_timeout: Duration,
+}
+
+impl Config {
+    /// Load from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(&std::env::vars().collect())
+    }
+
+    /// Load from an explicit variable map (tests use this).
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        // An empty value is treated like an unset one: systemd EnvironmentFile
+        // lines such as `MONOLITH_URL=` are common.
+        let get = |k: &str| vars.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+
+        let secret = get("REPLICAS_ENGINE_SECRET")
+            .ok_or_else(|| invalid("REPLICAS_ENGINE_SECRET", "is required and must not be empty"))?;
+
+        let port = match (get("PORT"), get("REPLICAS_ENGINE_PORT")) {
+            (Some(v), _) => parse_port("PORT", v)?,
+            (None, Some(v)) => parse_port("REPLICAS_ENGINE_PORT", v)?,
+            (None, None) => 3737,
+        };
+        let host = match get("HOST") {
+            Some(v) => v
+                .parse::<IpAddr>()
+                .map_err(|_| invalid("HOST", format!("{v:?} is not an IP address")))?,
+            None => IpAddr::from([0, 0, 0, 0]),
+        };
+
+        let monolith_url = match get("MONOLITH_URL") {
+            Some(v) => {
+                let url = url::Url::parse(v)
+                    .map_err(|e| invalid("MONOLITH_URL", format!("{v:?} is not a URL ({e})")))?;
+                if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                    return Err(invalid("MONOLITH_URL", format!("{v:?} must be an http(s) URL")));
+                }
+                Some(url)
+            }
+            None => None,
+        };
+        let workspace_id = get("WORKSPACE_ID").map(str::to_owned);
+        if monolith_url.is_some() && workspace_id.is_none() {
+            return Err(invalid("WORKSPACE_ID", "is required when MONOLITH_URL is set"));
+        }
+
+        let home = match get("WORKSPACE_HOME").or_else(|| get("HOME")) {
+            Some(v) => PathBuf::from(v),
+            None => dirs::home_dir()
+                .ok_or_else(|| invalid("WORKSPACE_HOME", "is unset and no home directory is known"))?,
+        };
+        if !home.is_absolute() {
+            return Err(invalid("WORKSPACE_HOME", "must be an absolute path"));
+        }
+        let workspaces_dir = match get("REPLICAS_WORKSPACES_DIR") {
+            Some(v) => absolute("REPLICAS_WORKSPACES_DIR", v)?,
+            None => home.join("workspaces"),
+        };
+        let ready_file = match get("REPLICAS_READY_FILE") {
+            Some(v) => absolute("REPLICAS_READY_FILE", v)?,
+            None => PathBuf::from("/var/log/cloud-init-output.log"),
+        };
+
+        let tool = |var: &'static str, name: &str| get(var).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(name));
+
+        Ok(Self {
+            secret: Secret::new(secret),
+            host,
+            port,
+            workspace_id,
+            monolith_url,
+            paths: Paths::new(&home),
+            workspaces_dir,
+            ready_file,
+            default_branch: get("REPLICAS_DEFAULT_BRANCH").map(str::to_owned),
+            claude_bin: tool("CLAUDE_BIN", "claude"),
+            codex_bin: tool("CODEX_BIN", "codex"),
+            gh_bin: tool("GH_BIN", "gh"),
+            git_bin: tool("GIT_BIN", "git"),
+            max_body_bytes: parse_num("REPLICAS_MAX_BODY_BYTES", get("REPLICAS_MAX_BODY_BYTES"), 10 * 1024 * 1024)?,
+            events_max_bytes: parse_num("REPLICAS_EVENTS_MAX_BYTES", get("REPLICAS_EVENTS_MAX_BYTES"), 64 * 1024 * 1024)?,
+            turn_timeout: Duration::from_secs(parse_num(
+                "REPLICAS_TURN_TIMEOUT_SECS",
+                get("REPLICAS_TURN_TIMEOUT_SECS"),
+                3600,
+            )?),
+        })
+    }
+
+    /// A config for tests: a temp home, workspaces under it, ready file absent.
+    pub fn for_home(home: &Path, secret: &str) -> Self {
+        let mut vars = HashMap::new();
+        vars.insert("REPLICAS_ENGINE_SECRET".into(), secret.into());
+        vars.insert("WORKSPACE_HOME".into(), home.display().to_string());
+        vars.insert("REPLICAS_READY_FILE".into(), home.join("ready").display().to_string());
+        Self::from_vars(&vars).expect("test config is valid")
+    }
+}
+
+fn parse_port(var: &'static str, v: &str) -> Result<u16, ConfigError> {
+    v.parse::<u16>()
+        .map_err(|_| invalid(var, format!("{v:?} is not a port number (0-65535)")))
+}
+
+fn parse_num<T: std::str::FromStr + PartialOrd + Default>(
+    var: &'static str,
+    v: Option<&str>,
+    default: T,
+) -> Result<T, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(v) => match v.parse::<T>() {
+            Ok(n) if n > T::default() => Ok(n),
+            _ => Err(invalid(var, format!("{v:?} is not a positive integer"))),
+        },
+    }
+}
+
+fn absolute(var: &'static str, v: &str) -> Result<PathBuf, ConfigError> {
+    let p = PathBuf::from(v);
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err(invalid(var, format!("{v:?} must be an absolute path")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        m.entry("WORKSPACE_HOME".into()).or_insert_with(|| "/home/u".into());
+        m
+    }
+
+    fn err(pairs: &[(&str, &str)]) -> String {
+        Config::from_vars(&vars(pairs)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn secret_is_required() {
+        assert!(err(&[]).starts_with("REPLICAS_ENGINE_SECRET:"));
+        assert!(err(&[("REPLICAS_ENGINE_SECRET", "  ")]).starts_with("REPLICAS_ENGINE_SECRET:"));
+    }
+
+    #[test]
+    fn defaults_derive_from_home() {
+        let c = Config::from_vars(&vars(&[("REPLICAS_ENGINE_SECRET", "s")])).unwrap();
+        assert_eq!(c.port, 3737);
+        assert_eq!(c.host.to_string(), "0.0.0.0");
+        assert_eq!(c.workspaces_dir, PathBuf::from("/home/u/workspaces"));
+        assert_eq!(c.paths.events_file, PathBuf::from("/home/u/.replicas/engine/events.jsonl"));
+        assert_eq!(c.max_body_bytes, 10 * 1024 * 1024);
+        assert!(c.monolith_url.is_none());
+    }
+
+    #[test]
+    fn port_alias_and_precedence() {
+        let c = Config::from_vars(&vars(&[("REPLICAS_ENGINE_SECRET", "s"), ("REPLICAS_ENGINE_PORT", "4000")])).unwrap();
+        assert_eq!(c.port, 4000);
+        let c = Config::from_vars(&vars(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("PORT", "5000"),
+            ("REPLICAS_ENGINE_PORT", "4000"),
+        ]))
+        .unwrap();
+        assert_eq!(c.port, 5000);
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable() {
+        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("PORT", "abc")]).starts_with("PORT:"));
+        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("PORT", "70000")]).starts_with("PORT:"));
+        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("HOST", "nope")]).starts_with("HOST:"));
+        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("MONOLITH_URL", "not a url"), ("WORKSPACE_ID", "w")])
+            .starts_with("MONOLITH_URL:"));
+        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("MONOLITH_URL", "ftp://x"), ("WORKSPACE_ID", "w")])
+            .starts_with("MONOLITH_URL:"));
+        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("MONOLITH_URL", "http://x")]).starts_with("WORKSPACE_ID:"));
+        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("REPLICAS_MAX_BODY_BYTES", "-1")])
+            .starts_with("REPLICAS_MAX_BODY_BYTES:"));
+        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("REPLICAS_WORKSPACES_DIR", "rel/dir")])
+            .starts_with("REPLICAS_WORKSPACES_DIR:"));
+    }
+
+    #[test]
+    fn secret_never_debug_printed() {
+        let c = Config::from_vars(&vars(&[("REPLICAS_ENGINE_SECRET", "hunter2")])).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,382 @@
+//! The event bus: the one way any service makes a transition visible.
+//!
+//! [`EventBus::publish`] assigns the next id, appends the line to the
+//! journal and broadcasts it, all under one lock, so the order of ids, the
+//! order of lines in the file and the order every live subscriber sees are
+//! the same.
+//!
+//! A subscriber ([`EventBus::subscribe`]) attaches under that same lock: it
+//! gets a broadcast receiver *and* the journal byte ranges holding every
+//! event up to the newest one, so the replay and the live tail meet exactly —
+//! no gap, no duplicate. If a subscriber falls behind the broadcast buffer
+//! (`Lagged`), it re-attaches from its cursor and is caught up from the
+//! journal instead of losing events. Publishers never wait for subscribers.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::Stream;
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use super::journal::{self, Journal, LoadWarning, ReplayPlan};
+use super::{EventHeader, EventKind};
+
+/// Live events buffered per subscriber before it counts as lagging.
+const BROADCAST_CAPACITY: usize = 4096;
+
+/// One published event, serialized once and shared by every subscriber.
+#[derive(Debug)]
+pub struct Published {
+    pub id: u64,
+    pub kind: String,
+    pub chat_id: Option<String>,
+    /// The journal line / SSE data: the full envelope JSON.
+    pub json: String,
+}
+
+impl Published {
+    /// Rebuild from a journal line; `None` if it is not a valid envelope.
+    pub fn from_line(line: &[u8]) -> Option<Self> {
+        let header: EventHeader = serde_json::from_slice(line).ok()?;
+        Some(Self {
+            id: header.id.parse().ok()?,
+            kind: header.kind.into_owned(),
+            chat_id: header.chat_id.map(|c| c.into_owned()),
+            json: String::from_utf8(line.to_vec()).ok()?,
+        })
+    }
+}
+
+/// What a subscription yields.
+#[derive(Debug, Clone)]
+pub enum SubscriptionItem {
+    /// The requested position is older than what is retained (or unknown);
+    /// the client should refetch snapshots. Never persisted.
+    Reset { oldest_available_id: u64 },
+    Event(Arc<Published>),
+}
+
+struct BusState {
+    journal: Journal,
+    last_id: u64,
+}
+
+struct Inner {
+    state: Mutex<BusState>,
+    tx: broadcast::Sender<Arc<Published>>,
+    subscribers: AtomicUsize,
+}
+
+#[derive(Clone)]
+pub struct EventBus {
+    inner: Arc<Inner>,
+}
+
+/// The envelope minus its id, serialized outside the lock.
+#[derive(Serialize)]
+struct Unnumbered<'a> {
+    ts: String,
+    #[serde(rename = "chatId", skip_serializing_if = "Option::is_none")]
+    chat_id: Option<&'a str>,
+    #[serde(flatten)]
+    kind: &'a EventKind,
+}
+
+impl EventBus {
+    /// Open the journal and continue numbering after its last id. Load
+    /// problems (torn tail, garbage lines) are logged as warnings.
+    pub fn open(events_file: &std::path::Path, max_bytes: u64) -> std::io::Result<Self> {
+        let (journal, warnings) = Journal::open(events_file, max_bytes)?;
+        for w in &warnings {
+            match w {
+                LoadWarning::TornTail { path, bytes } => {
+                    tracing::warn!(path = %path.display(), bytes, "event journal had a torn last line (power loss?); cut it off")
+                }
+                LoadWarning::BadLine { path, offset } => {
+                    tracing::warn!(path = %path.display(), offset, "skipping unreadable event journal line")
+                }
+                LoadWarning::OutOfOrder { path, offset, id } => {
+                    tracing::warn!(path = %path.display(), offset, id, "skipping out-of-order event journal line")
+                }
+            }
+        }
+        let last_id = journal.last_id();
+        tracing::info!(last_id, retained = journal.len(), "event journal loaded");
+        let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(BusState { journal, last_id }),
+                tx,
+                subscribers: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// Publish an event: number it, persist it, fan it out. Never blocks on
+    /// subscribers. A journal write failure (disk full) is logged and the
+    /// event is still delivered live.
+    pub fn publish(&self, chat_id: Option<&str>, kind: EventKind) -> Arc<Published> {
+        let type_name = kind.type_name();
+        let body = serde_json::to_string(&Unnumbered {
+            ts: crate::util::now_ts(),
+            chat_id,
+            kind: &kind,
+        })
+        .expect("events serialize");
+        let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        let id = state.last_id + 1;
+        state.last_id = id;
+        // `body` starts with `{`; put the id first so the journal index can
+        // read it without a full parse.
+        let json = format!("{{\"id\":\"{id}\",{}", &body[1..]);
+        if let Err(e) = state.journal.append(id, &json) {
+            tracing::error!(error = %e, id, "could not append to the event journal");
+        }
+        let published = Arc::new(Published {
+            id,
+            kind: type_name.to_owned(),
+            chat_id: chat_id.map(str::to_owned),
+            json,
+        });
+        // No receivers is fine.
+        let _ = self.inner.tx.send(published.clone());
+        drop(state);
+        tracing::debug!(id, r#type = type_name, "event published");
+        published
+    }
+
+    pub fn last_id(&self) -> u64 {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner()).last_id
+    }
+
+    pub fn oldest_id(&self) -> Option<u64> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner()).journal.oldest_id()
+    }
+
+    /// Open SSE streams right now.
+    pub fn subscriber_count(&self) -> usize {
+        self.inner.subscribers.load(Ordering::Relaxed)
+    }
+
+    /// Attach under the lock: a live receiver plus the journal ranges of
+    /// every event after `after` that was published before the receiver
+    /// existed.
+    fn attach(&self, after: u64) -> (broadcast::Receiver<Arc<Published>>, ReplayPlan, u64) {
+        let state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = self.inner.tx.subscribe();
+        (rx, state.journal.plan_after(after), state.last_id)
+    }
+
+    /// Every event with id > `after` (or only live ones when `after` is
+    /// `None`), in order, forever. Starts with a `Reset` when `after` is older
+    /// than the retained journal or newer than the last id ever published.
+    pub fn subscribe(&self, after: Option<u64>) -> Subscription {
+        let bus = self.clone();
+        let guard = SubscriberGuard::new(bus.inner.clone());
+        let stream = async_stream::stream! {
+            let _guard = guard;
+            let mut cursor = match after {
+                Some(after) => after,
+                None => bus.last_id(),
+            };
+            loop {
+                let (mut rx, mut plan, last_id) = bus.attach(cursor);
+                // A position we cannot honour: events after it were dropped
+                // by retention, or it comes from a journal that no longer
+                // exists (newer than anything published). Tell the client,
+                // then give it all we have.
+                let oldest = plan.oldest_available.unwrap_or(last_id + 1);
+                let lost = cursor + 1 < oldest && cursor < last_id;
+                let from_future = cursor > last_id;
+                if lost || from_future {
+                    yield SubscriptionItem::Reset { oldest_available_id: oldest };
+                }
+                if from_future {
+                    cursor = 0;
+                    (rx, plan, _) = bus.attach(cursor);
+                }
+                if !plan.chunks.is_empty() {
+                    let (lines, read_error) = read_replay(plan, cursor).await;
+                    if let Some(e) = read_error {
+                        tracing::error!(error = %e, "event journal replay failed; live events continue");
+                    }
+                    for ev in lines {
+                        cursor = ev.id;
+                        yield SubscriptionItem::Event(ev);
+                    }
+                }
+                loop {
+                    match rx.recv().await {
+                        Ok(ev) => {
+                            if ev.id > cursor {
+                                cursor = ev.id;
+                                yield SubscriptionItem::Event(ev);
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                            tracing::info!(skipped, cursor, "slow event subscriber; catching up from the journal");
+                            break;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        };
+        Subscription {
+            inner: Box::pin(stream),
+        }
+    }
+}
+
+/// Read a replay plan off the async threads, in batches so a long replay
+/// streams while it reads. Returns what it read and any read error.
+async fn read_replay(plan: ReplayPlan, after: u64) -> (Vec<Arc<Published>>, Option<std::io::Error>) {
+    let res = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let r = journal::read_plan(&plan, |line| {
+            match Published::from_line(line) {
+                Some(p) if p.id > after => out.push(Arc::new(p)),
+                Some(_) => {}
+                None => tracing::warn!("skipping unreadable event journal line during replay"),
+            }
+            true
+        });
+        (out, r.err())
+    })
+    .await;
+    match res {
+        Ok(r) => r,
+        Err(e) => (Vec::new(), Some(std::io::Error::other(e))),
+    }
+}
+
+struct SubscriberGuard(Arc<Inner>);
+
+impl SubscriberGuard {
+    fn new(inner: Arc<Inner>) -> Self {
+        inner.subscribers.fetch_add(1, Ordering::Relaxed);
+        Self(inner)
+    }
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A stream of [`SubscriptionItem`]s; dropping it unsubscribes.
+pub struct Subscription {
+    inner: std::pin::Pin<Box<dyn Stream<Item = SubscriptionItem> + Send>>,
+}
+
+impl Stream for Subscription {
+    type Item = SubscriptionItem;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    fn ev(i: u64) -> EventKind {
+        EventKind::Error {
+            code: "test".into(),
+            message: format!("{i}"),
+            source: "test".into(),
+        }
+    }
+
+    async fn take_ids(sub: &mut Subscription, n: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match tokio::time::timeout(std::time::Duration::from_secs(10), sub.next()).await {
+                Ok(Some(SubscriptionItem::Event(e))) => out.push(e.id),
+                Ok(Some(SubscriptionItem::Reset { .. })) => {}
+                other => panic!("stream ended early: {other:?} after {out:?}"),
+            }
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replay_meets_live_without_gap_or_duplicate_under_concurrent_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open(&dir.path().join("events.jsonl"), 1 << 30).unwrap();
+        for i in 0..500 {
+            bus.publish(None, ev(i));
+        }
+        let publisher = {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                for i in 0..2000 {
+                    bus.publish(Some("c_1"), ev(i));
+                    if i % 100 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        };
+        let mut sub = bus.subscribe(Some(100));
+        let got = take_ids(&mut sub, 2400).await;
+        publisher.await.unwrap();
+        assert_eq!(got, (101..=2500).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn lagging_subscriber_is_caught_up_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open(&dir.path().join("events.jsonl"), 1 << 30).unwrap();
+        let mut sub = bus.subscribe(Some(0));
+        // Make the subscriber attach, then publish far more than the buffer.
+        bus.publish(None, ev(0));
+        assert_eq!(take_ids(&mut sub, 1).await, vec![1]);
+        let n = BROADCAST_CAPACITY as u64 * 3;
+        for i in 0..n {
+            bus.publish(None, ev(i));
+        }
+        let got = take_ids(&mut sub, n as usize).await;
+        assert_eq!(got, (2..=n + 1).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn ids_continue_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let bus = EventBus::open(&path, 1 << 30).unwrap();
+        for i in 0..3 {
+            bus.publish(None, ev(i));
+        }
+        drop(bus);
+        let bus = EventBus::open(&path, 1 << 30).unwrap();
+        assert_eq!(bus.publish(None, ev(9)).id, 4);
+    }
+
+    #[tokio::test]
+    async fn position_beyond_retention_or_from_the_future_resets() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open(&dir.path().join("events.jsonl"), 8192).unwrap();
+        for i in 0..500 {
+            bus.publish(None, ev(i));
+        }
+        let oldest = bus.oldest_id().unwrap();
+        assert!(oldest > 1);
+        let mut sub = bus.subscribe(Some(0));
+        match sub.next().await.unwrap() {
+            SubscriptionItem::Reset { oldest_available_id } => assert_eq!(oldest_available_id, oldest),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(take_ids(&mut sub, 1).await, vec![oldest]);
+
+        let mut sub = bus.subscribe(Some(10_000));
+        assert!(matches!(sub.next().await.unwrap(), SubscriptionItem::Reset { .. }));
+        assert_eq!(take_ids(&mut sub, 1).await, vec![oldest]);
+    }
+}

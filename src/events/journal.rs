@@ -1,0 +1,408 @@
+//! The event journal: `events.jsonl`, one [`EngineEvent`](super::EngineEvent)
+//! per line, plus at most one older segment `events.1.jsonl` kept after
+//! rotation. Together they hold the newest events within the configured byte
+//! budget; anything older is gone and a client asking for it gets
+//! `stream.reset`.
+//!
+//! Invariants:
+//! - ids are strictly increasing across segments; the in-memory index maps
+//!   every retained id to its byte offset, so a replay seeks straight to the
+//!   first wanted line instead of scanning the file;
+//! - a line is appended with one `write` of `line + "\n"`, so after a
+//!   `kill -9` the file holds every published event; only a power cut can
+//!   leave a torn last line, which [`Journal::open`] cuts off with a warning;
+//! - readers hold an `Arc<File>` of the segment they read, so a rotation
+//!   (rename + new file) never pulls a file from under a running replay.
+//!
+//! The journal is owned by the bus and only touched under its lock.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::EventHeader;
+
+struct Segment {
+    path: PathBuf,
+    file: Arc<File>,
+    /// `(id, byte offset of its line)`, ascending.
+    index: Vec<(u64, u64)>,
+    len: u64,
+}
+
+impl Segment {
+    fn first_id(&self) -> Option<u64> {
+        self.index.first().map(|(id, _)| *id)
+    }
+    fn last_id(&self) -> Option<u64> {
+        self.index.last().map(|(id, _)| *id)
+    }
+    /// Byte offset of the first line with id > `after`, if any.
+    fn offset_after(&self, after: u64) -> Option<u64> {
+        let i = self.index.partition_point(|(id, _)| *id <= after);
+        self.index.get(i).map(|(_, off)| *off)
+    }
+}
+
+/// What a replay must read: byte ranges of segments, oldest first.
+pub struct ReplayPlan {
+    pub chunks: Vec<(Arc<File>, u64, u64)>,
+    /// Oldest id still retained (None when the journal is empty).
+    pub oldest_available: Option<u64>,
+}
+
+/// A problem found while loading the journal; reported, never fatal.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadWarning {
+    TornTail { path: PathBuf, bytes: u64 },
+    BadLine { path: PathBuf, offset: u64 },
+    OutOfOrder { path: PathBuf, offset: u64, id: u64 },
+}
+
+pub struct Journal {
+    current: Segment,
+    old: Option<Segment>,
+    /// Rotate when the current segment passes this many bytes; two segments
+    /// are kept, so the journal stays within about twice this.
+    segment_max: u64,
+}
+
+impl Journal {
+    /// Open (or create) the journal in `events_file`'s directory with a total
+    /// budget of `max_bytes`.
+    pub fn open(events_file: &Path, max_bytes: u64) -> io::Result<(Self, Vec<LoadWarning>)> {
+        let dir = events_file.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut warnings = Vec::new();
+        let old_path = rotated_path(events_file);
+        let old = if old_path.exists() {
+            Some(load_segment(&old_path, false, &mut warnings)?)
+        } else {
+            None
+        };
+        let mut current = load_segment(events_file, true, &mut warnings)?;
+        // Drop lines of the current segment that do not continue the old one
+        // (cannot happen unless someone edited the files, but ids must stay
+        // strictly increasing for the index to be right).
+        if let (Some(old_last), Some(first)) = (old.as_ref().and_then(Segment::last_id), current.first_id()) {
+            if first <= old_last {
+                let keep = current.index.partition_point(|(id, _)| *id <= old_last);
+                for (id, offset) in current.index.drain(..keep) {
+                    warnings.push(LoadWarning::OutOfOrder { path: current.path.clone(), offset, id });
+                }
+            }
+        }
+        Ok((
+            Self {
+                current,
+                old,
+                segment_max: (max_bytes / 2).max(4096),
+            },
+            warnings,
+        ))
+    }
+
+    /// Highest id in the journal, 0 when empty.
+    pub fn last_id(&self) -> u64 {
+        self.current
+            .last_id()
+            .or_else(|| self.old.as_ref().and_then(Segment::last_id))
+            .unwrap_or(0)
+    }
+
+    pub fn oldest_id(&self) -> Option<u64> {
+        self.old
+            .as_ref()
+            .and_then(Segment::first_id)
+            .or_else(|| self.current.first_id())
+    }
+
+    pub fn len(&self) -> usize {
+        self.current.index.len() + self.old.as_ref().map_or(0, |s| s.index.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Append one serialized event (without the trailing newline).
+    pub fn append(&mut self, id: u64, json: &str) -> io::Result<()> {
+        if self.current.len >= self.segment_max {
+            self.rotate()?;
+        }
+        let mut buf = Vec::with_capacity(json.len() + 1);
+        buf.extend_from_slice(json.as_bytes());
+        buf.push(b'\n');
+        (&*self.current.file).write_all(&buf)?;
+        self.current.index.push((id, self.current.len));
+        self.current.len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// The current segment becomes the old one (replacing it); a fresh empty
+    /// segment takes its place.
+    fn rotate(&mut self) -> io::Result<()> {
+        let old_path = rotated_path(&self.current.path);
+        std::fs::rename(&self.current.path, &old_path)?;
+        let file = open_append(&self.current.path)?;
+        let fresh = Segment {
+            path: self.current.path.clone(),
+            file: Arc::new(file),
+            index: Vec::new(),
+            len: 0,
+        };
+        let mut previous = std::mem::replace(&mut self.current, fresh);
+        previous.path = old_path;
+        self.old = Some(previous);
+        if let Some(dir) = self.current.path.parent() {
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        tracing::info!(oldest_id = ?self.oldest_id(), "event journal rotated");
+        Ok(())
+    }
+
+    /// The byte ranges holding every retained event with id > `after`.
+    pub fn plan_after(&self, after: u64) -> ReplayPlan {
+        let mut chunks = Vec::new();
+        for seg in self.old.iter().chain(std::iter::once(&self.current)) {
+            if let Some(start) = seg.offset_after(after) {
+                if start < seg.len {
+                    chunks.push((seg.file.clone(), start, seg.len));
+                }
+            }
+        }
+        ReplayPlan {
+            chunks,
+            oldest_available: self.oldest_id(),
+        }
+    }
+}
+
+/// `events.jsonl` → `events.1.jsonl`.
+pub fn rotated_path(events_file: &Path) -> PathBuf {
+    let stem = events_file.file_stem().and_then(|s| s.to_str()).unwrap_or("events");
+    events_file.with_file_name(format!("{stem}.1.jsonl"))
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).read(true).append(true).open(path)
+}
+
+/// Parse the id of one journal line. Lines written by the engine start with
+/// `{"id":"<digits>"`, which is read directly; anything else gets a full
+/// parse of the envelope header.
+pub fn line_id(line: &[u8]) -> Option<u64> {
+    const PREFIX: &[u8] = br#"{"id":""#;
+    if let Some(rest) = line.strip_prefix(PREFIX) {
+        let end = memchr::memchr(b'"', rest)?;
+        if let Some(id) = std::str::from_utf8(&rest[..end]).ok().and_then(|s| s.parse().ok()) {
+            // Cheap sanity check that the line is a complete object; a full
+            // parse happens when the line is replayed.
+            if line.last() == Some(&b'}') {
+                return Some(id);
+            }
+        }
+        return None;
+    }
+    let header: EventHeader = serde_json::from_slice(line).ok()?;
+    header.id.parse().ok()
+}
+
+fn load_segment(path: &Path, is_current: bool, warnings: &mut Vec<LoadWarning>) -> io::Result<Segment> {
+    let file = open_append(path)?;
+    let data = std::fs::read(path)?;
+    let mut index = Vec::new();
+    let mut pos = 0usize;
+    let mut last: Option<u64> = None;
+    let mut good_end = 0usize;
+    while pos < data.len() {
+        let nl = memchr::memchr(b'\n', &data[pos..]).map(|i| pos + i);
+        let end = nl.unwrap_or(data.len());
+        let line = &data[pos..end];
+        let is_last = nl.is_none() || end + 1 == data.len();
+        match line_id(line) {
+            Some(id) if last.is_none_or(|l| id > l) => {
+                index.push((id, pos as u64));
+                last = Some(id);
+            }
+            Some(id) => warnings.push(LoadWarning::OutOfOrder {
+                path: path.to_owned(),
+                offset: pos as u64,
+                id,
+            }),
+            None if line.is_empty() => {}
+            None if is_last && is_current => {
+                // A torn tail: cut it off so the next append starts clean.
+                warnings.push(LoadWarning::TornTail {
+                    path: path.to_owned(),
+                    bytes: (data.len() - pos) as u64,
+                });
+                file.set_len(pos as u64)?;
+                good_end = pos;
+                break;
+            }
+            None => warnings.push(LoadWarning::BadLine {
+                path: path.to_owned(),
+                offset: pos as u64,
+            }),
+        }
+        match nl {
+            Some(nl) => {
+                pos = nl + 1;
+                good_end = pos;
+            }
+            None => {
+                // A complete event that lost only its newline: restore it.
+                if is_current {
+                    (&file).write_all(b"\n")?;
+                }
+                good_end = data.len() + usize::from(is_current);
+                break;
+            }
+        }
+    }
+    Ok(Segment {
+        path: path.to_owned(),
+        file: Arc::new(file),
+        index,
+        len: good_end as u64,
+    })
+}
+
+/// Read the lines of a replay plan, calling `f` with each complete line.
+/// Reads in 1 MiB blocks with positioned reads, so it is independent of any
+/// appends happening meanwhile. Blocking: call from a blocking context.
+pub fn read_plan(plan: &ReplayPlan, mut f: impl FnMut(&[u8]) -> bool) -> io::Result<()> {
+    const BLOCK: usize = 1 << 20;
+    let mut buf: Vec<u8> = Vec::with_capacity(BLOCK);
+    for (file, start, end) in &plan.chunks {
+        let mut off = *start;
+        buf.clear();
+        while off < *end {
+            let want = BLOCK.min((*end - off) as usize);
+            let old_len = buf.len();
+            buf.resize(old_len + want, 0);
+            let n = file.read_at(&mut buf[old_len..], off)?;
+            buf.truncate(old_len + n);
+            if n == 0 {
+                break;
+            }
+            off += n as u64;
+            let mut consumed = 0;
+            while let Some(i) = memchr::memchr(b'\n', &buf[consumed..]) {
+                let line = &buf[consumed..consumed + i];
+                consumed += i + 1;
+                if !line.is_empty() && !f(line) {
+                    return Ok(());
+                }
+            }
+            buf.drain(..consumed);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(id: u64) -> String {
+        format!(r#"{{"id":"{id}","ts":"t","type":"error","payload":{{"code":"c","message":"m","source":"s"}}}}"#)
+    }
+
+    fn ids(j: &Journal, after: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        read_plan(&j.plan_after(after), |l| {
+            out.extend(line_id(l));
+            true
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn append_reopen_and_replay_from_any_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let (mut j, w) = Journal::open(&p, 1 << 20).unwrap();
+        assert!(w.is_empty());
+        for id in 1..=50 {
+            j.append(id, &line(id)).unwrap();
+        }
+        drop(j);
+        let (j, w) = Journal::open(&p, 1 << 20).unwrap();
+        assert!(w.is_empty());
+        assert_eq!(j.last_id(), 50);
+        assert_eq!(ids(&j, 0), (1..=50).collect::<Vec<_>>());
+        assert_eq!(ids(&j, 47), vec![48, 49, 50]);
+        assert!(ids(&j, 50).is_empty());
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_appends_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let (mut j, _) = Journal::open(&p, 1 << 20).unwrap();
+        j.append(1, &line(1)).unwrap();
+        j.append(2, &line(2)).unwrap();
+        drop(j);
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(br#"{"id":"3","ts":"t","ty"#).unwrap();
+        drop(f);
+        let (mut j, w) = Journal::open(&p, 1 << 20).unwrap();
+        assert!(matches!(w.as_slice(), [LoadWarning::TornTail { .. }]), "{w:?}");
+        assert_eq!(j.last_id(), 2);
+        j.append(3, &line(3)).unwrap();
+        drop(j);
+        let (j, w) = Journal::open(&p, 1 << 20).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(ids(&j, 0), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn garbage_in_the_middle_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        std::fs::write(&p, format!("{}\nnot json at all\n{}\n", line(1), line(2))).unwrap();
+        let (j, w) = Journal::open(&p, 1 << 20).unwrap();
+        assert!(matches!(w.as_slice(), [LoadWarning::BadLine { .. }]), "{w:?}");
+        assert_eq!(ids(&j, 0), vec![1, 2]);
+    }
+
+    #[test]
+    fn missing_final_newline_is_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        std::fs::write(&p, format!("{}\n{}", line(1), line(2))).unwrap();
+        let (mut j, w) = Journal::open(&p, 1 << 20).unwrap();
+        assert!(w.is_empty());
+        j.append(3, &line(3)).unwrap();
+        assert_eq!(ids(&j, 0), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn rotation_keeps_newest_within_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let budget = 16 * 1024;
+        let (mut j, _) = Journal::open(&p, budget).unwrap();
+        for id in 1..=2000 {
+            j.append(id, &line(id)).unwrap();
+        }
+        let total = std::fs::metadata(&p).unwrap().len() + std::fs::metadata(rotated_path(&p)).unwrap().len();
+        assert!(total <= budget + 200, "{total}");
+        let oldest = j.oldest_id().unwrap();
+        assert!(oldest > 1);
+        let got = ids(&j, 0);
+        assert_eq!(got, (oldest..=2000).collect::<Vec<_>>());
+        drop(j);
+        let (j, w) = Journal::open(&p, budget).unwrap();
+        assert!(w.is_empty());
+        assert_eq!(j.oldest_id(), Some(oldest));
+        assert_eq!(j.last_id(), 2000);
+    }
+}

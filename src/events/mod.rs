@@ -1,0 +1,231 @@
+//! Engine events: the typed [`EventKind`] every service publishes, the
+//! envelope written to `events.jsonl` and sent over SSE, the [`bus`] that
+//! numbers, persists and fans them out, and the [`journal`] behind it.
+//!
+//! Wire shape (one journal line, one SSE `data:`):
+//! `{"id":"1042","ts":"…","type":"chat.turn.completed","chatId":"c_…","payload":{…}}`.
+//! Field order is fixed (`id` first) so the journal can be indexed without a
+//! full parse.
+
+pub mod bus;
+pub mod journal;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use bus::{EventBus, Published, Subscription, SubscriptionItem};
+
+/// Every externally visible transition, with its payload. Serialized
+/// adjacently tagged: `"type": "<name>", "payload": {…}`.
+///
+/// Object-valued fields (`chat`, `repo`, `status`, `item`…) carry the same
+/// JSON the matching REST endpoint returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "payload")]
+pub enum EventKind {
+    /// Once per start, after state is loaded.
+    #[serde(rename = "engine.ready")]
+    EngineReady { version: String, pid: u32 },
+    /// A `/status` summary field changed; carries the whole `/status` body.
+    #[serde(rename = "engine.status.changed")]
+    EngineStatusChanged { status: Value },
+    /// A repository was found under the workspace root at start.
+    #[serde(rename = "repo.discovered")]
+    RepoDiscovered { repo: Value },
+    /// A turn or hook changed a repo's branch, HEAD, dirtiness or diff stats.
+    #[serde(rename = "repo.status.changed")]
+    RepoStatusChanged { repo: Value },
+    /// A chat was created.
+    #[serde(rename = "chat.created")]
+    ChatCreated { chat: Value },
+    /// A chat's title, status, queue or usage changed.
+    #[serde(rename = "chat.updated")]
+    ChatUpdated { chat: Value },
+    /// A chat was deleted (its id is in the envelope).
+    #[serde(rename = "chat.deleted")]
+    ChatDeleted {},
+    /// A message was accepted: started at once (`sent`) or queued.
+    #[serde(rename = "chat.turn.accepted")]
+    TurnAccepted {
+        message: Value,
+        status: String,
+        position: usize,
+    },
+    /// A turn's provider process started working on a message.
+    #[serde(rename = "chat.turn.started")]
+    TurnStarted {
+        #[serde(rename = "turnId")]
+        turn_id: String,
+        #[serde(rename = "messageId")]
+        message_id: String,
+    },
+    /// One normalized history item, or a streamed text fragment.
+    #[serde(rename = "chat.turn.delta")]
+    TurnDelta(TurnDelta),
+    /// A turn finished, successfully or not.
+    #[serde(rename = "chat.turn.completed")]
+    TurnCompleted {
+        #[serde(rename = "turnId")]
+        turn_id: String,
+        outcome: String,
+        usage: Value,
+        #[serde(rename = "durationMs")]
+        duration_ms: u64,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        error: Option<ErrorBody>,
+    },
+    /// A running turn was stopped by an interrupt.
+    #[serde(rename = "chat.interrupted")]
+    ChatInterrupted {
+        #[serde(rename = "turnId")]
+        turn_id: String,
+        #[serde(rename = "durationMs")]
+        duration_ms: u64,
+    },
+    /// Start hooks began.
+    #[serde(rename = "hooks.started")]
+    HooksStarted { status: Value },
+    /// One hook command changed state.
+    #[serde(rename = "hooks.progress")]
+    HooksProgress(Value),
+    /// Start hooks finished and every command succeeded.
+    #[serde(rename = "hooks.completed")]
+    HooksCompleted { status: Value },
+    /// Start hooks finished and some command failed or timed out.
+    #[serde(rename = "hooks.failed")]
+    HooksFailed { status: Value },
+    /// A snapshot of the hooks status.
+    #[serde(rename = "hooks.status")]
+    HooksStatus { status: Value },
+    /// An engine-level fault a client should surface.
+    #[serde(rename = "error")]
+    Error {
+        code: String,
+        message: String,
+        source: String,
+    },
+}
+
+/// Payload of `chat.turn.delta`: either a whole item or a text fragment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TurnDelta {
+    Item {
+        #[serde(rename = "turnId")]
+        turn_id: String,
+        item: Value,
+    },
+    Text {
+        #[serde(rename = "turnId")]
+        turn_id: String,
+        #[serde(rename = "itemId")]
+        item_id: String,
+        #[serde(rename = "textDelta")]
+        text_delta: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+impl EventKind {
+    /// The wire type name, e.g. `chat.turn.completed`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::EngineReady { .. } => "engine.ready",
+            Self::EngineStatusChanged { .. } => "engine.status.changed",
+            Self::RepoDiscovered { .. } => "repo.discovered",
+            Self::RepoStatusChanged { .. } => "repo.status.changed",
+            Self::ChatCreated { .. } => "chat.created",
+            Self::ChatUpdated { .. } => "chat.updated",
+            Self::ChatDeleted {} => "chat.deleted",
+            Self::TurnAccepted { .. } => "chat.turn.accepted",
+            Self::TurnStarted { .. } => "chat.turn.started",
+            Self::TurnDelta(_) => "chat.turn.delta",
+            Self::TurnCompleted { .. } => "chat.turn.completed",
+            Self::ChatInterrupted { .. } => "chat.interrupted",
+            Self::HooksStarted { .. } => "hooks.started",
+            Self::HooksProgress(_) => "hooks.progress",
+            Self::HooksCompleted { .. } => "hooks.completed",
+            Self::HooksFailed { .. } => "hooks.failed",
+            Self::HooksStatus { .. } => "hooks.status",
+            Self::Error { .. } => "error",
+        }
+    }
+}
+
+/// The envelope as written to the journal and sent to clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineEvent {
+    pub id: String,
+    pub ts: String,
+    #[serde(rename = "chatId", skip_serializing_if = "Option::is_none", default)]
+    pub chat_id: Option<String>,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// The few envelope fields the journal index and the SSE filters need,
+/// parsed without touching the payload.
+#[derive(Debug, Deserialize)]
+pub struct EventHeader<'a> {
+    #[serde(borrow)]
+    pub id: std::borrow::Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    pub kind: std::borrow::Cow<'a, str>,
+    #[serde(rename = "chatId", borrow, default)]
+    pub chat_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn envelope_shape_matches_contract() {
+        let ev = EngineEvent {
+            id: "7".into(),
+            ts: "2026-11-21T23:00:00.123Z".into(),
+            chat_id: Some("c_1".into()),
+            kind: EventKind::TurnStarted {
+                turn_id: "t_1".into(),
+                message_id: "m_1".into(),
+            },
+        };
+        let line = serde_json::to_string(&ev).unwrap();
+        assert!(line.starts_with(r#"{"id":"7","#), "{line}");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            v,
+            json!({"id":"7","ts":"2026-11-21T23:00:00.123Z","chatId":"c_1","type":"chat.turn.started",
+                   "payload":{"turnId":"t_1","messageId":"m_1"}})
+        );
+        let back: EngineEvent = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn engine_level_events_have_no_chat_id_and_type_names_agree() {
+        let kinds = vec![
+            EventKind::EngineReady { version: "0.1.0".into(), pid: 1 },
+            EventKind::ChatDeleted {},
+            EventKind::TurnDelta(TurnDelta::Text {
+                turn_id: "t".into(),
+                item_id: "i".into(),
+                text_delta: "hi".into(),
+            }),
+            EventKind::Error { code: "x".into(), message: "y".into(), source: "z".into() },
+        ];
+        for kind in kinds {
+            let ev = EngineEvent { id: "1".into(), ts: "t".into(), chat_id: None, kind: kind.clone() };
+            let v: Value = serde_json::to_value(&ev).unwrap();
+            assert_eq!(v["type"], kind.type_name());
+            assert!(v.get("chatId").is_none());
+            assert!(v["payload"].is_object(), "{v}");
+        }
+    }
+}

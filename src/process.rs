@@ -1,0 +1,180 @@
+//! All subprocess handling: every child the engine starts (agent CLIs, hook
+//! commands, git, gh) goes through [`command`], which puts it in its own
+//! process group, ties its life to the engine's (parent-death signal) and
+//! kills it if its handle is dropped. [`stop_group`] ends a whole tree:
+//! TERM to the group, a grace period, then KILL; "already gone" is success.
+//!
+//! Invariant: a caller reports a run as finished only after `wait()` on the
+//! child returned, so "idle" never means "probably dead".
+
+use std::ffi::OsStr;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+/// A command that runs in its own process group, dies with the engine and is
+/// killed when its `Child` is dropped. Stdio is left for the caller to set.
+pub fn command(program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.process_group(0).kill_on_drop(true);
+    set_parent_death_signal(&mut cmd);
+    cmd
+}
+
+/// Ask the kernel to SIGKILL the child when the engine dies, so a `kill -9`
+/// of the engine never leaves an agent running unsupervised.
+///
+/// The kernel delivers it when the *thread* that forked exits; tokio's worker
+/// threads live as long as the runtime, which is the engine's lifetime.
+#[allow(unsafe_code)]
+fn set_parent_death_signal(cmd: &mut Command) {
+    let parent = std::process::id() as i32;
+    // SAFETY: the closure runs between fork and exec in the child and only
+    // makes async-signal-safe syscalls (prctl, getppid, kill); it allocates
+    // nothing and touches no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // The engine may have died between fork and prctl: then nobody
+            // would ever deliver the signal, so leave now.
+            if nix::unistd::getppid().as_raw() != parent {
+                let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Send `signal` to the process group `pgid`. A group that no longer exists
+/// is not an error.
+pub fn signal_group(pgid: u32, signal: Signal) -> std::io::Result<()> {
+    if pgid == 0 {
+        return Ok(());
+    }
+    match killpg(Pid::from_raw(pgid as i32), signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether any live (non-zombie) process is in group `pgid`. Zombies are
+/// ignored: an orphan reaped late by init is dead for our purposes.
+pub fn group_alive(pgid: u32) -> bool {
+    if pgid == 0 || killpg(Pid::from_raw(pgid as i32), None).is_err() {
+        return false;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    dir.flatten().any(|entry| {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            return false;
+        };
+        matches!(stat_fields(pid), Some((state, group)) if group == pgid && state != 'Z' && state != 'X')
+    })
+}
+
+/// `(state, pgrp)` of a process from `/proc/<pid>/stat`.
+fn stat_fields(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut rest = stat[stat.rfind(')')? + 2..].split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let _ppid = rest.next()?;
+    let pgrp = rest.next()?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+/// End `child` and everything in its process group: TERM, wait up to
+/// `grace`, then KILL. Returns once the leader's exit has been observed; any
+/// member still alive after the leader exited gets KILL too (a grandchild
+/// that ignored TERM must not outlive its turn).
+pub async fn stop_group(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> {
+    let Some(pgid) = child.id() else {
+        // Already reaped.
+        return child.wait().await;
+    };
+    signal_group(pgid, Signal::SIGTERM)?;
+    let status = match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => status?,
+        Err(_) => {
+            signal_group(pgid, Signal::SIGKILL)?;
+            child.wait().await?
+        }
+    };
+    kill_group_stragglers(pgid, grace).await;
+    Ok(status)
+}
+
+/// After a group leader exited, give the rest of its group `grace` to leave
+/// on their own, then KILL whatever remains.
+pub async fn kill_group_stragglers(pgid: u32, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    while group_alive(pgid) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = signal_group(pgid, Signal::SIGKILL);
+}
+
+/// Start time of `pid` in clock ticks since boot (field 22 of
+/// `/proc/<pid>/stat`). Recorded next to a pid so a later engine can tell
+/// its stray process from an unrelated one that reused the number.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kill the process group a previous engine recorded as `(pgid, start_time)`
+/// if that exact leader is still alive. Used on start for turns a dead
+/// engine left running.
+pub fn kill_recorded_group(pgid: u32, start_time: Option<u64>) -> bool {
+    if pgid == 0 {
+        return false;
+    }
+    let same = match (start_time, process_start_time(pgid)) {
+        (Some(recorded), Some(now)) => recorded == now,
+        // The leader is gone but members may linger; the group id cannot be
+        // reused while any member lives, so the group is still ours.
+        (_, None) => group_alive(pgid),
+        (None, Some(_)) => false,
+    };
+    if same {
+        let _ = signal_group(pgid, Signal::SIGKILL);
+    }
+    same
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Stdio;
+
+    #[tokio::test]
+    async fn stop_group_kills_grandchildren() {
+        // The shell backgrounds a sleeper that ignores TERM, then waits.
+        let mut cmd = command("sh");
+        cmd.arg("-c")
+            .arg("trap '' TERM; sleep 30 & echo $!; wait")
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let pgid = child.id().unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut buf = [0u8; 32];
+        let n = tokio::io::AsyncReadExt::read(&mut out, &mut buf).await.unwrap();
+        let grandchild: i32 = std::str::from_utf8(&buf[..n]).unwrap().trim().parse().unwrap();
+        assert!(group_alive(pgid));
+        stop_group(&mut child, Duration::from_millis(200)).await.unwrap();
+        assert!(!group_alive(pgid));
+        assert!(matches!(stat_fields(grandchild as u32), None | Some(('Z', _))));
+    }
+
+    #[test]
+    fn start_time_of_self_is_known() {
+        assert!(process_start_time(std::process::id()).is_some());
+        assert!(process_start_time(u32::MAX).is_none());
+    }
+}

@@ -1,0 +1,69 @@
+//! Small shared helpers: wire timestamps, prefixed ids, atomic file writes.
+
+use std::io::Write;
+use std::path::Path;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+/// A timestamp as the wire wants it: RFC 3339 UTC with milliseconds.
+pub fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Now, formatted with [`ts`].
+pub fn now_ts() -> String {
+    ts(Utc::now())
+}
+
+/// A fresh random id with a type prefix, e.g. `c_3f2a…` for a chat.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Replace `path` atomically: write a temp file in the same directory, fsync
+/// it, rename it over the target, fsync the directory. A reader (or a crash
+/// at any instant) sees either the old content or the new, never a mix.
+/// `mode` sets the permission bits of the new file (e.g. 0o600 for secrets)
+/// before any content is written.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)?;
+    if let Some(mode) = mode {
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
+    tmp.write_all(contents)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ts_has_millis_and_z() {
+        let t = DateTime::parse_from_rfc3339("2026-11-21T23:00:00.123456Z").unwrap().with_timezone(&Utc);
+        assert_eq!(ts(t), "2026-11-21T23:00:00.123Z");
+    }
+
+    #[test]
+    fn atomic_write_sets_mode_and_replaces() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/creds.json");
+        write_atomic(&p, b"one", Some(0o600)).unwrap();
+        write_atomic(&p, b"two", Some(0o600)).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        // No temp files left behind.
+        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+}
