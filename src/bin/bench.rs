@@ -1,4 +1,0 @@
-//! Benchmarks; see README "Benchmarks".
-fn main() {
-    eprintln!("no benchmarks yet");
-}

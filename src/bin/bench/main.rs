@@ -1,0 +1,30 @@
+//! `replicas-bench`: benchmarks of the engine, run against the real release
+//! binary with the load generator in the same run. One module per area; see
+//! the README's "Benchmarks" section for the command and what each reports.
+//!
+//! Usage: `replicas-bench [area ...]` (default: all areas).
+
+mod events;
+
+use std::time::Duration;
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let all = args.is_empty() || args.iter().any(|a| a == "all");
+    let want = |area: &str| all || args.iter().any(|a| a == area);
+    if want("events") {
+        events::run().await?;
+    }
+    Ok(())
+}
+
+/// p50/p99/max of a sample, for reports.
+pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration, Duration) {
+    if samples.is_empty() {
+        return (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    }
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.50), at(0.99), *samples.last().unwrap())
+}
