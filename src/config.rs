@@ -63,6 +63,8 @@ ENVIRONMENT (also read from ./.env when present):
   REPLICAS_EVENTS_MAX_BYTES events.jsonl retention budget in bytes. Default 67108864 (64 MiB).
   REPLICAS_TURN_TIMEOUT_SECS
                             a provider turn that runs longer fails. Default 3600.
+  REPLICAS_SSE_KEEPALIVE_SECS
+                            keepalive comment interval on /events. Default 15.
   RUST_LOG                  log filter. Default info.
 
 FILES (under $WORKSPACE_HOME):
@@ -130,6 +132,7 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub events_max_bytes: u64,
     pub turn_timeout: Duration,
+    pub sse_keepalive: Duration,
 }
 
 impl Config {
@@ -237,6 +240,11 @@ impl Config {
                 "REPLICAS_TURN_TIMEOUT_SECS",
                 get("REPLICAS_TURN_TIMEOUT_SECS"),
                 3600,
+            )?),
+            sse_keepalive: Duration::from_secs(parse_num(
+                "REPLICAS_SSE_KEEPALIVE_SECS",
+                get("REPLICAS_SSE_KEEPALIVE_SECS"),
+                15,
             )?),
         })
     }

@@ -358,3 +358,17 @@ async fn sigterm_ends_open_streams_and_exits_zero() {
         assert!(s.ended, "stream still open after shutdown");
     }
 }
+
+#[tokio::test]
+async fn idle_streams_get_keepalive_comments() {
+    let (spec, guard) = common::EngineSpec::new();
+    let e = TestEngine::start_spec(spec.with("REPLICAS_SSE_KEEPALIVE_SECS", "1"), guard).await;
+    let res = e.get("/events").send().await.unwrap();
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut s = SseStream::new(res);
+    let retry = s.next_frame(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(retry.retry, Some(3000));
+    let ka = s.next_frame(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(ka.comments, vec!["keepalive".to_owned()]);
+    e.shutdown().await;
+}

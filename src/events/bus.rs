@@ -15,6 +15,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures_util::Stream;
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -31,20 +32,47 @@ pub struct Published {
     pub id: u64,
     pub kind: String,
     pub chat_id: Option<String>,
-    /// The journal line / SSE data: the full envelope JSON.
-    pub json: String,
+    /// The complete SSE frame (`id:`, `event:`, `data:`), built once so a
+    /// thousand subscribers share one buffer instead of formatting it each.
+    /// The envelope JSON (the journal line) is a slice of it.
+    pub frame: Bytes,
+    json_start: usize,
 }
 
 impl Published {
+    pub fn new(id: u64, kind: String, chat_id: Option<String>, json: &str) -> Self {
+        let head = format!("id: {id}\nevent: {kind}\ndata: ");
+        let mut frame = Vec::with_capacity(head.len() + json.len() + 2);
+        frame.extend_from_slice(head.as_bytes());
+        frame.extend_from_slice(json.as_bytes());
+        frame.extend_from_slice(b"\n\n");
+        Self {
+            id,
+            kind,
+            chat_id,
+            frame: Bytes::from(frame),
+            json_start: head.len(),
+        }
+    }
+
+    /// The envelope JSON: one journal line, the SSE `data:`.
+    pub fn json(&self) -> &str {
+        // Built from a &str in `new`, so the slice is valid UTF-8.
+        std::str::from_utf8(&self.frame[self.json_start..self.frame.len() - 2]).unwrap_or_default()
+    }
+
     /// Rebuild from a journal line; `None` if it is not a valid envelope.
     pub fn from_line(line: &[u8]) -> Option<Self> {
         let header: EventHeader = serde_json::from_slice(line).ok()?;
-        Some(Self {
-            id: header.id.parse().ok()?,
-            kind: header.kind.into_owned(),
-            chat_id: header.chat_id.map(|c| c.into_owned()),
-            json: String::from_utf8(line.to_vec()).ok()?,
-        })
+        let id = header.id.parse().ok()?;
+        let kind = header.kind.into_owned();
+        let chat_id = header.chat_id.map(|c| c.into_owned());
+        Some(Self::new(
+            id,
+            kind,
+            chat_id,
+            std::str::from_utf8(line).ok()?,
+        ))
     }
 }
 
@@ -135,12 +163,12 @@ impl EventBus {
         if let Err(e) = state.journal.append(id, &json) {
             tracing::error!(error = %e, id, "could not append to the event journal");
         }
-        let published = Arc::new(Published {
+        let published = Arc::new(Published::new(
             id,
-            kind: type_name.to_owned(),
-            chat_id: chat_id.map(str::to_owned),
-            json,
-        });
+            type_name.to_owned(),
+            chat_id.map(str::to_owned),
+            &json,
+        ));
         // No receivers is fine.
         let _ = self.inner.tx.send(published.clone());
         drop(state);

@@ -1,25 +1,23 @@
 //! `GET /events`: the bus as Server-Sent Events. Resume with `Last-Event-ID`
 //! or `?since=`; filter with `?chatId=` and `?types=`; `retry: 3000` once;
-//! a keepalive comment every 15 s; the stream ends when the engine shuts
+//! a keepalive comment every `REPLICAS_SSE_KEEPALIVE_SECS` (15 s); the stream ends when the engine shuts
 //! down.
 
 use std::convert::Infallible;
-use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{header, HeaderMap, HeaderName};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures_util::StreamExt;
 use serde::Deserialize;
+use tokio_stream::wrappers::IntervalStream;
 
 use super::error::{ApiError, AppQuery};
 use crate::app::AppState;
 use crate::events::{Published, SubscriptionItem};
-
-pub const KEEPALIVE: Duration = Duration::from_secs(15);
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/events", get(stream_events))
@@ -94,46 +92,50 @@ async fn stream_events(
         None => None,
     };
     let filter = Filter::new(q.chat_id, q.types.as_deref());
-    let sub = state.bus.subscribe(since);
-    let events = sub.filter_map(move |item| {
+    let events = state.bus.subscribe(since).filter_map(move |item| {
         let out = match item {
-            SubscriptionItem::Event(ev) if filter.matches(&ev) => Some(to_sse(&ev)),
+            // The frame was serialized once at publish time; every
+            // subscriber sends the same buffer.
+            SubscriptionItem::Event(ev) if filter.matches(&ev) => Some(ev.frame.clone()),
             SubscriptionItem::Event(_) => None,
             SubscriptionItem::Reset {
                 oldest_available_id,
-            } => Some(reset_event(oldest_available_id)),
+            } => Some(reset_frame(oldest_available_id)),
         };
-        std::future::ready(out.map(Ok::<_, Infallible>))
+        std::future::ready(out)
     });
-    let retry = futures_util::stream::once(std::future::ready(Ok(
-        Event::default().retry(Duration::from_millis(3000))
-    )));
-    let stream = retry
-        .chain(events)
-        .take_until(state.shutdown.clone().cancelled_owned());
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(KEEPALIVE).text(" keepalive"))
+    let every = state.config.sse_keepalive;
+    let keepalive = IntervalStream::new(tokio::time::interval_at(
+        tokio::time::Instant::now() + every,
+        every,
+    ))
+    .map(|_| Bytes::from_static(b": keepalive\n\n"));
+    let body =
+        futures_util::stream::once(std::future::ready(Bytes::from_static(b"retry: 3000\n\n")))
+            .chain(futures_util::stream::select(events, keepalive))
+            .take_until(state.shutdown.clone().cancelled_owned())
+            .map(Ok::<_, Infallible>);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // Proxies such as nginx must not buffer the stream.
+            (HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(body),
+    )
         .into_response())
 }
 
-fn to_sse(ev: &Published) -> Event {
-    Event::default()
-        .id(ev.id.to_string())
-        .event(&ev.kind)
-        .data(&ev.json)
-}
-
-/// `stream.reset` is stream-only: no id (the client's position stays where
-/// it was), never persisted.
-fn reset_event(oldest: u64) -> Event {
+/// `stream.reset` is stream-only: no `id:` line (the client's position stays
+/// where it was), never persisted.
+fn reset_frame(oldest: u64) -> Bytes {
     let data = serde_json::json!({
         "type": "stream.reset",
         "ts": crate::util::now_ts(),
         "payload": {"oldestAvailableId": oldest.to_string()},
     });
-    Event::default()
-        .event("stream.reset")
-        .data(data.to_string())
+    Bytes::from(format!("event: stream.reset\ndata: {data}\n\n"))
 }
 
 #[cfg(test)]
@@ -141,12 +143,7 @@ mod tests {
     use super::*;
 
     fn ev(kind: &str, chat: Option<&str>) -> Published {
-        Published {
-            id: 1,
-            kind: kind.into(),
-            chat_id: chat.map(Into::into),
-            json: String::new(),
-        }
+        Published::new(1, kind.into(), chat.map(Into::into), "{}")
     }
 
     #[test]
