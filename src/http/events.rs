@@ -11,6 +11,7 @@ use axum::http::{header, HeaderMap, HeaderName};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio_stream::wrappers::IntervalStream;
@@ -103,6 +104,19 @@ async fn stream_events(
             } => Some(reset_frame(oldest_available_id)),
         };
         std::future::ready(out)
+    });
+    // Whatever is already waiting goes out as one chunk: a subscriber that
+    // fell behind catches up with a few large writes instead of one write
+    // per event (under fan-out to many clients, syscalls are the cost).
+    let events = events.ready_chunks(256).map(|frames| {
+        if frames.len() == 1 {
+            return frames.into_iter().next().unwrap_or_default();
+        }
+        let mut buf = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
+        for f in &frames {
+            buf.extend_from_slice(f);
+        }
+        buf.freeze()
     });
     let every = state.config.sse_keepalive;
     let keepalive = IntervalStream::new(tokio::time::interval_at(

@@ -1,7 +1,472 @@
-//! Event bus benchmarks (issue: backbone): SSE fan-out, journal replay,
-//! startup time, idle RSS, /health and /status throughput.
+//! Event bus benchmarks (backbone issue):
+//! - fan-out: 1,000 SSE subscribers, 1,000 events/s for 10 s; every
+//!   subscriber must receive every event; publish→receive latency p50/p99;
+//! - replay of a 100,000-event journal to one client;
+//! - idle RSS and process start → first 200 from `/health`, with an empty
+//!   journal and with 100,000 events;
+//! - `GET /health` and `GET /status` throughput and p99 with 64 connections.
+//!
+//! The engine always runs in its own process: the release binary, or for
+//! fan-out (which needs a publisher inside the engine) this bench binary
+//! re-executed as `__engine-host`, which runs the same library code
+//! (`AppState::build` + `app::run`) plus a timed publisher.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use replicas_engine::events::{EventBus, EventKind};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::percentiles;
+
+const SECRET: &str = "bench-secret";
 
 pub async fn run() -> anyhow::Result<()> {
-    println!("events: not yet measured");
+    println!("== events");
+    // BENCH_EVENTS=fanout (or startup,replay,requests) runs a subset.
+    let only = std::env::var("BENCH_EVENTS").unwrap_or_default();
+    let want = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
+    if want("startup") {
+        startup_and_rss().await?;
+    }
+    if want("replay") {
+        replay().await?;
+    }
+    if want("requests") {
+        request_throughput().await?;
+    }
+    if want("fanout") {
+        // BENCH_FANOUT=subscribers,rate,seconds overrides 1000,1000,10.
+        let f: Vec<u64> = std::env::var("BENCH_FANOUT")
+            .unwrap_or_else(|_| "1000,1000,10".into())
+            .split(',')
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        anyhow::ensure!(
+            f.len() == 3,
+            "BENCH_FANOUT must be subscribers,rate,seconds"
+        );
+        fanout(f[0] as usize, f[1], f[2]).await?;
+    }
     Ok(())
+}
+
+fn engine_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.with_file_name("replicas-engine")
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+}
+
+/// A temp home whose journal already holds `n` events.
+fn home_with_events(n: usize) -> anyhow::Result<tempfile::TempDir> {
+    let home = tempfile::tempdir()?;
+    std::fs::create_dir_all(home.path().join("workspaces"))?;
+    if n > 0 {
+        let bus = EventBus::open(&home.path().join(".replicas/engine/events.jsonl"), 1 << 40)?;
+        for i in 0..n {
+            bus.publish(
+                Some("c_0123456789abcdef"),
+                EventKind::Error {
+                    code: "bench".into(),
+                    message: format!("journal filler event number {i} with a little text"),
+                    source: "bench".into(),
+                },
+            );
+        }
+    }
+    Ok(home)
+}
+
+struct Engine {
+    child: tokio::process::Child,
+    addr: String,
+}
+
+impl Engine {
+    async fn start(home: &Path) -> anyhow::Result<(Self, Duration)> {
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(engine_bin())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("REPLICAS_ENGINE_SECRET", SECRET)
+            .env("WORKSPACE_HOME", home)
+            .env("HOST", "127.0.0.1")
+            .env("PORT", "0")
+            .env("REPLICAS_READY_FILE", "/dev/null")
+            .env("RUST_LOG", "warn,replicas_engine=info")
+            .env("REPLICAS_EVENTS_MAX_BYTES", "1099511627776")
+            .current_dir(home)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start the release engine (cargo build --release --bins)")?;
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next_line()
+                .await?
+                .context("engine exited before listening")?;
+            if let Some(i) = line.find("listening on http://") {
+                break line[i + "listening on http://".len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .to_owned();
+            }
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // First 200 from /health.
+        loop {
+            if let Ok((200, _)) = raw_get(&addr, "/health").await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        Ok((Self { child, addr }, started.elapsed()))
+    }
+
+    fn rss_kb(&self) -> u64 {
+        let pid = self.child.id().unwrap_or(0);
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            })
+            .unwrap_or(0)
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let _ = self.child.wait().await;
+    }
+}
+
+/// One HTTP/1.1 GET on a fresh connection; returns (status, body).
+async fn raw_get(addr: &str, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nX-Replicas-Engine-Secret: {SECRET}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let status = std::str::from_utf8(buf.get(9..12).unwrap_or_default())?.parse()?;
+    Ok((status, buf))
+}
+
+async fn startup_and_rss() -> anyhow::Result<()> {
+    for n in [0usize, 100_000] {
+        let home = home_with_events(n)?;
+        let mut times = Vec::new();
+        let mut rss = 0;
+        for run in 0..5 {
+            let (engine, took) = Engine::start(home.path()).await?;
+            times.push(took);
+            if run == 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                rss = engine.rss_kb();
+            }
+            engine.stop().await;
+        }
+        let (p50, _, max) = percentiles(&mut times);
+        println!(
+            "startup to first /health 200 with {n} events: median {:.1} ms (max {:.1} ms over 5 runs); idle RSS {:.1} MB",
+            ms(p50),
+            ms(max),
+            rss as f64 / 1024.0
+        );
+    }
+    Ok(())
+}
+
+async fn replay() -> anyhow::Result<()> {
+    let n = 100_000usize;
+    let home = home_with_events(n)?;
+    let (engine, _) = Engine::start(home.path()).await?;
+    let last = n as u64 + 1; // + engine.ready
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(&engine.addr).await?;
+        s.write_all(
+            format!(
+                "GET /events?since=0 HTTP/1.1\r\nHost: x\r\nX-Replicas-Engine-Secret: {SECRET}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let needle = format!("id: {last}\n");
+        let mut buf = vec![0u8; 1 << 20];
+        let mut tail: Vec<u8> = Vec::new();
+        let mut bytes = 0usize;
+        loop {
+            let k = s.read(&mut buf).await?;
+            anyhow::ensure!(k > 0, "replay stream closed early");
+            bytes += k;
+            tail.extend_from_slice(&buf[..k]);
+            if memchr::memmem::find(&tail, needle.as_bytes()).is_some() {
+                break;
+            }
+            let keep = tail.len().saturating_sub(64);
+            tail.drain(..keep);
+        }
+        let took = started.elapsed();
+        runs.push(took);
+        println!(
+            "replay of {n} events ({:.1} MB of SSE) to one client: {:.0} ms",
+            bytes as f64 / 1e6,
+            ms(took)
+        );
+    }
+    engine.stop().await;
+    Ok(())
+}
+
+async fn request_throughput() -> anyhow::Result<()> {
+    let home = home_with_events(0)?;
+    let (engine, _) = Engine::start(home.path()).await?;
+    for path in ["/health", "/status"] {
+        let conns = 64;
+        let dur = Duration::from_secs(5);
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(conns)
+            .build()?;
+        let url = format!("http://{}{}", engine.addr, path);
+        let deadline = Instant::now() + dur;
+        let tasks: Vec<_> = (0..conns)
+            .map(|_| {
+                let client = client.clone();
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        let res = client
+                            .get(&url)
+                            .header("x-replicas-engine-secret", SECRET)
+                            .send()
+                            .await;
+                        if let Ok(res) = res {
+                            let ok = res.status().is_success();
+                            let _ = res.bytes().await;
+                            if ok {
+                                lat.push(t.elapsed());
+                            }
+                        }
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await?);
+        }
+        let count = all.len();
+        let (p50, p99, max) = percentiles(&mut all);
+        println!(
+            "GET {path} with {conns} connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+            count as f64 / dur.as_secs_f64(),
+            ms(p50),
+            ms(p99),
+            ms(max)
+        );
+    }
+    engine.stop().await;
+    Ok(())
+}
+
+/// Child mode: the engine library plus a publisher, in its own process.
+/// Prints `LISTENING <addr>`, then on a `GO <rate> <secs>` line on stdin
+/// publishes `rate` events/s for `secs` seconds, each carrying its publish
+/// time, then prints `DONE <last id>`.
+pub async fn engine_host() -> anyhow::Result<()> {
+    let home = tempfile::tempdir()?;
+    let mut config = replicas_engine::config::Config::for_home(home.path(), SECRET);
+    config.host = [127, 0, 0, 1].into();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let state = replicas_engine::app::AppState::build(config, Default::default()).await?;
+    println!("LISTENING {}", listener.local_addr()?);
+    tokio::spawn(replicas_engine::app::run(state.clone(), listener));
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = stdin.next_line().await? {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if let ["GO", rate, secs] = parts.as_slice() {
+            let rate: u64 = rate.parse()?;
+            let secs: u64 = secs.parse()?;
+            let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut last = 0;
+            for _ in 0..rate * secs {
+                tick.tick().await;
+                last = state
+                    .bus
+                    .publish(
+                        None,
+                        EventKind::Error {
+                            code: "bench".into(),
+                            message: now_nanos().to_string(),
+                            source: "bench".into(),
+                        },
+                    )
+                    .id;
+            }
+            println!("DONE {last}");
+        }
+    }
+    Ok(())
+}
+
+async fn fanout(subscribers: usize, rate: u64, secs: u64) -> anyhow::Result<()> {
+    let mut host = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("__engine-host")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut out = BufReader::new(host.stdout.take().unwrap()).lines();
+    let mut stdin = host.stdin.take().unwrap();
+    let addr = loop {
+        let line = out.next_line().await?.context("engine host exited")?;
+        if let Some(a) = line.strip_prefix("LISTENING ") {
+            break a.to_owned();
+        }
+    };
+    let total = (rate * secs) as usize;
+    // Every subscriber starts after engine.ready (id 1): expects ids 2..=total+1.
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(subscribers);
+    let mut clients = Vec::with_capacity(subscribers);
+    for _ in 0..subscribers {
+        let addr = addr.clone();
+        let ready_tx = ready_tx.clone();
+        clients.push(tokio::spawn(async move {
+            subscriber(addr, total, ready_tx).await
+        }));
+    }
+    for _ in 0..subscribers {
+        ready_rx
+            .recv()
+            .await
+            .context("subscriber failed to connect")?;
+    }
+    let started = Instant::now();
+    stdin
+        .write_all(format!("GO {rate} {secs}\n").as_bytes())
+        .await?;
+    let done = out.next_line().await?.unwrap_or_default();
+    let publish_secs = started.elapsed().as_secs_f64();
+    let mut all: Vec<Duration> = Vec::with_capacity(subscribers * total);
+    let mut complete = 0;
+    for c in clients {
+        let (lat, ok) = c.await??;
+        complete += usize::from(ok);
+        all.extend(lat);
+    }
+    let received = all.len();
+    let (p50, p99, max) = percentiles(&mut all);
+    println!(
+        "fan-out: {subscribers} subscribers x {total} events ({rate}/s for {secs} s, published in {publish_secs:.2} s, {done}): \
+         {complete}/{subscribers} received every event in order ({received} deliveries); \
+         publish→receive p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+        ms(p50),
+        ms(p99),
+        ms(max)
+    );
+    drop(stdin);
+    let _ = host.kill().await;
+    Ok(())
+}
+
+/// One SSE subscriber on a raw socket: checks ids arrive contiguously and
+/// records publish→receive latency from the payload's timestamp.
+async fn subscriber(
+    addr: String,
+    total: usize,
+    ready: tokio::sync::mpsc::Sender<()>,
+) -> anyhow::Result<(Vec<Duration>, bool)> {
+    let mut s = TcpStream::connect(&addr).await?;
+    s.write_all(
+        format!("GET /events HTTP/1.1\r\nHost: x\r\nX-Replicas-Engine-Secret: {SECRET}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut lat = Vec::with_capacity(total);
+    let mut expect = 2u64;
+    let mut in_order = true;
+    let mut signalled = false;
+    let mut headers_done = false;
+    let finder = memchr::memmem::Finder::new(b"\"message\":\"");
+    while lat.len() < total {
+        let k = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await??;
+        if k == 0 {
+            break;
+        }
+        if !signalled {
+            // Headers arrived: the subscription is registered.
+            signalled = true;
+            let _ = ready.send(()).await;
+        }
+        pending.extend_from_slice(&buf[..k]);
+        if !headers_done {
+            // Skip the response headers (they contain `x-request-id: `).
+            match memchr::memmem::find(&pending, b"\r\n\r\n") {
+                Some(end) => {
+                    pending.drain(..end + 4);
+                    headers_done = true;
+                }
+                None => continue,
+            }
+        }
+        let now = now_nanos();
+        let mut consumed = 0;
+        while let Some(i) = memchr::memmem::find(&pending[consumed..], b"\n\n") {
+            let frame = &pending[consumed..consumed + i];
+            consumed += i + 2;
+            // Frames arrive inside HTTP chunked encoding: find the id line.
+            let Some(at) = memchr::memmem::find(frame, b"id: ") else {
+                continue;
+            };
+            let id_line = &frame[at + 4..];
+            let id_end = memchr::memchr(b'\n', id_line).unwrap_or(id_line.len());
+            let id: u64 = std::str::from_utf8(&id_line[..id_end])?.parse()?;
+            in_order &= id == expect;
+            expect = id + 1;
+            if let Some(p) = finder.find(frame) {
+                let rest = &frame[p + 11..];
+                let end = memchr::memchr(b'"', rest).unwrap_or(rest.len());
+                let sent: u128 = std::str::from_utf8(&rest[..end])?.parse()?;
+                lat.push(Duration::from_nanos(now.saturating_sub(sent) as u64));
+            }
+        }
+        pending.drain(..consumed);
+    }
+    let ok = in_order && lat.len() == total;
+    Ok((lat, ok))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }

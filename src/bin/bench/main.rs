@@ -11,6 +11,9 @@ use std::time::Duration;
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("__engine-host") {
+        return events::engine_host().await;
+    }
     let all = args.is_empty() || args.iter().any(|a| a == "all");
     let want = |area: &str| all || args.iter().any(|a| a == area);
     if want("events") {
