@@ -63,13 +63,23 @@ ENVIRONMENT (also read from ./.env when present):
   REPLICAS_EVENTS_MAX_BYTES events.jsonl retention budget in bytes. Default 67108864 (64 MiB).
   REPLICAS_TURN_TIMEOUT_SECS
                             a provider turn that runs longer fails. Default 3600.
+  REPLICAS_UPSTREAM_TIMEOUT_MS
+                            timeout of one call to MONOLITH_URL (connect timeout is the smaller of this and 5 s). Default 30000.
+  REPLICAS_UPSTREAM_RETRY_BASE_MS
+                            first retry delay of webhooks and token refresh; doubles up to 60 s, with jitter. Default 500.
+  REPLICAS_WEBHOOK_OUTBOX_MAX_EVENTS
+                            undelivered webhooks kept on disk; beyond it the oldest are dropped (with an error event). Default 50000.
+  REPLICAS_WEBHOOK_OUTBOX_MAX_BYTES
+                            byte budget of the undelivered webhooks. Default 67108864 (64 MiB).
   RUST_LOG                  log filter. Default info.
 
 FILES (under $WORKSPACE_HOME):
   .replicas/engine/events.jsonl   event journal (SSE replay source)
   .replicas/engine/chats.json     chat registry and queues
   .replicas/engine-state.json     start-hook completion
-  .replicas/startHooks.log        start-hook output";
+  .replicas/startHooks.log        start-hook output
+  .replicas/engine/webhook-outbox.jsonl, webhook-cursor.json
+                                  undelivered webhooks and the last delivered id";
 
 /// Every path the engine reads or writes, derived from the workspace home.
 #[derive(Debug, Clone)]
@@ -88,6 +98,10 @@ pub struct Paths {
     pub git_credentials_file: PathBuf,
     pub claude_credentials_file: PathBuf,
     pub codex_auth_file: PathBuf,
+    /// `~/.replicas/engine/webhook-outbox.jsonl`: undelivered webhook events.
+    pub webhook_outbox_file: PathBuf,
+    /// `~/.replicas/engine/webhook-cursor.json`: last delivered webhook id.
+    pub webhook_cursor_file: PathBuf,
 }
 
 impl Paths {
@@ -105,6 +119,8 @@ impl Paths {
             git_credentials_file: home.join(".git-credentials"),
             claude_credentials_file: home.join(".claude").join(".credentials.json"),
             codex_auth_file: home.join(".codex").join("auth.json"),
+            webhook_outbox_file: engine_dir.join("webhook-outbox.jsonl"),
+            webhook_cursor_file: engine_dir.join("webhook-cursor.json"),
             replicas_dir,
             engine_dir,
             home,
@@ -130,6 +146,12 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub events_max_bytes: u64,
     pub turn_timeout: Duration,
+    /// Upstream (MONOLITH_URL) call timeout and first retry delay.
+    pub upstream_timeout: Duration,
+    pub upstream_retry_base: Duration,
+    /// Bounds of the webhook outbox (undelivered events).
+    pub webhook_outbox_max_events: usize,
+    pub webhook_outbox_max_bytes: u64,
 }
 
 impl Config {
@@ -144,8 +166,12 @@ impl Config {
         // lines such as `MONOLITH_URL=` are common.
         let get = |k: &str| vars.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
 
-        let secret = get("REPLICAS_ENGINE_SECRET")
-            .ok_or_else(|| invalid("REPLICAS_ENGINE_SECRET", "is required and must not be empty"))?;
+        let secret = get("REPLICAS_ENGINE_SECRET").ok_or_else(|| {
+            invalid(
+                "REPLICAS_ENGINE_SECRET",
+                "is required and must not be empty",
+            )
+        })?;
 
         let port = match (get("PORT"), get("REPLICAS_ENGINE_PORT")) {
             (Some(v), _) => parse_port("PORT", v)?,
@@ -164,7 +190,10 @@ impl Config {
                 let url = url::Url::parse(v)
                     .map_err(|e| invalid("MONOLITH_URL", format!("{v:?} is not a URL ({e})")))?;
                 if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-                    return Err(invalid("MONOLITH_URL", format!("{v:?} must be an http(s) URL")));
+                    return Err(invalid(
+                        "MONOLITH_URL",
+                        format!("{v:?} must be an http(s) URL"),
+                    ));
                 }
                 Some(url)
             }
@@ -172,13 +201,17 @@ impl Config {
         };
         let workspace_id = get("WORKSPACE_ID").map(str::to_owned);
         if monolith_url.is_some() && workspace_id.is_none() {
-            return Err(invalid("WORKSPACE_ID", "is required when MONOLITH_URL is set"));
+            return Err(invalid(
+                "WORKSPACE_ID",
+                "is required when MONOLITH_URL is set",
+            ));
         }
 
         let home = match get("WORKSPACE_HOME").or_else(|| get("HOME")) {
             Some(v) => PathBuf::from(v),
-            None => dirs::home_dir()
-                .ok_or_else(|| invalid("WORKSPACE_HOME", "is unset and no home directory is known"))?,
+            None => dirs::home_dir().ok_or_else(|| {
+                invalid("WORKSPACE_HOME", "is unset and no home directory is known")
+            })?,
         };
         if !home.is_absolute() {
             return Err(invalid("WORKSPACE_HOME", "must be an absolute path"));
@@ -192,7 +225,11 @@ impl Config {
             None => PathBuf::from("/var/log/cloud-init-output.log"),
         };
 
-        let tool = |var: &'static str, name: &str| get(var).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(name));
+        let tool = |var: &'static str, name: &str| {
+            get(var)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(name))
+        };
 
         Ok(Self {
             secret: Secret::new(secret),
@@ -208,13 +245,41 @@ impl Config {
             codex_bin: tool("CODEX_BIN", "codex"),
             gh_bin: tool("GH_BIN", "gh"),
             git_bin: tool("GIT_BIN", "git"),
-            max_body_bytes: parse_num("REPLICAS_MAX_BODY_BYTES", get("REPLICAS_MAX_BODY_BYTES"), 10 * 1024 * 1024)?,
-            events_max_bytes: parse_num("REPLICAS_EVENTS_MAX_BYTES", get("REPLICAS_EVENTS_MAX_BYTES"), 64 * 1024 * 1024)?,
+            max_body_bytes: parse_num(
+                "REPLICAS_MAX_BODY_BYTES",
+                get("REPLICAS_MAX_BODY_BYTES"),
+                10 * 1024 * 1024,
+            )?,
+            events_max_bytes: parse_num(
+                "REPLICAS_EVENTS_MAX_BYTES",
+                get("REPLICAS_EVENTS_MAX_BYTES"),
+                64 * 1024 * 1024,
+            )?,
             turn_timeout: Duration::from_secs(parse_num(
                 "REPLICAS_TURN_TIMEOUT_SECS",
                 get("REPLICAS_TURN_TIMEOUT_SECS"),
                 3600,
             )?),
+            upstream_timeout: Duration::from_millis(parse_num(
+                "REPLICAS_UPSTREAM_TIMEOUT_MS",
+                get("REPLICAS_UPSTREAM_TIMEOUT_MS"),
+                30_000,
+            )?),
+            upstream_retry_base: Duration::from_millis(parse_num(
+                "REPLICAS_UPSTREAM_RETRY_BASE_MS",
+                get("REPLICAS_UPSTREAM_RETRY_BASE_MS"),
+                500,
+            )?),
+            webhook_outbox_max_events: parse_num(
+                "REPLICAS_WEBHOOK_OUTBOX_MAX_EVENTS",
+                get("REPLICAS_WEBHOOK_OUTBOX_MAX_EVENTS"),
+                50_000,
+            )?,
+            webhook_outbox_max_bytes: parse_num(
+                "REPLICAS_WEBHOOK_OUTBOX_MAX_BYTES",
+                get("REPLICAS_WEBHOOK_OUTBOX_MAX_BYTES"),
+                64 * 1024 * 1024,
+            )?,
         })
     }
 
@@ -223,7 +288,10 @@ impl Config {
         let mut vars = HashMap::new();
         vars.insert("REPLICAS_ENGINE_SECRET".into(), secret.into());
         vars.insert("WORKSPACE_HOME".into(), home.display().to_string());
-        vars.insert("REPLICAS_READY_FILE".into(), home.join("ready").display().to_string());
+        vars.insert(
+            "REPLICAS_READY_FILE".into(),
+            home.join("ready").display().to_string(),
+        );
         Self::from_vars(&vars).expect("test config is valid")
     }
 }
@@ -261,8 +329,12 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        let mut m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        m.entry("WORKSPACE_HOME".into()).or_insert_with(|| "/home/u".into());
+        let mut m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.entry("WORKSPACE_HOME".into())
+            .or_insert_with(|| "/home/u".into());
         m
     }
 
@@ -282,14 +354,21 @@ mod tests {
         assert_eq!(c.port, 3737);
         assert_eq!(c.host.to_string(), "0.0.0.0");
         assert_eq!(c.workspaces_dir, PathBuf::from("/home/u/workspaces"));
-        assert_eq!(c.paths.events_file, PathBuf::from("/home/u/.replicas/engine/events.jsonl"));
+        assert_eq!(
+            c.paths.events_file,
+            PathBuf::from("/home/u/.replicas/engine/events.jsonl")
+        );
         assert_eq!(c.max_body_bytes, 10 * 1024 * 1024);
         assert!(c.monolith_url.is_none());
     }
 
     #[test]
     fn port_alias_and_precedence() {
-        let c = Config::from_vars(&vars(&[("REPLICAS_ENGINE_SECRET", "s"), ("REPLICAS_ENGINE_PORT", "4000")])).unwrap();
+        let c = Config::from_vars(&vars(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_ENGINE_PORT", "4000"),
+        ]))
+        .unwrap();
         assert_eq!(c.port, 4000);
         let c = Config::from_vars(&vars(&[
             ("REPLICAS_ENGINE_SECRET", "s"),
@@ -305,15 +384,33 @@ mod tests {
         assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("PORT", "abc")]).starts_with("PORT:"));
         assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("PORT", "70000")]).starts_with("PORT:"));
         assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("HOST", "nope")]).starts_with("HOST:"));
-        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("MONOLITH_URL", "not a url"), ("WORKSPACE_ID", "w")])
-            .starts_with("MONOLITH_URL:"));
-        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("MONOLITH_URL", "ftp://x"), ("WORKSPACE_ID", "w")])
-            .starts_with("MONOLITH_URL:"));
-        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("MONOLITH_URL", "http://x")]).starts_with("WORKSPACE_ID:"));
-        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("REPLICAS_MAX_BODY_BYTES", "-1")])
-            .starts_with("REPLICAS_MAX_BODY_BYTES:"));
-        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("REPLICAS_WORKSPACES_DIR", "rel/dir")])
-            .starts_with("REPLICAS_WORKSPACES_DIR:"));
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("MONOLITH_URL", "not a url"),
+            ("WORKSPACE_ID", "w")
+        ])
+        .starts_with("MONOLITH_URL:"));
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("MONOLITH_URL", "ftp://x"),
+            ("WORKSPACE_ID", "w")
+        ])
+        .starts_with("MONOLITH_URL:"));
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("MONOLITH_URL", "http://x")
+        ])
+        .starts_with("WORKSPACE_ID:"));
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_MAX_BODY_BYTES", "-1")
+        ])
+        .starts_with("REPLICAS_MAX_BODY_BYTES:"));
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_WORKSPACES_DIR", "rel/dir")
+        ])
+        .starts_with("REPLICAS_WORKSPACES_DIR:"));
     }
 
     #[test]

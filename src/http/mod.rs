@@ -15,14 +15,18 @@
 pub mod auth;
 pub mod error;
 pub mod events;
+pub mod plans;
 pub mod system;
+pub mod token_refresh;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::HeaderName;
 use axum::middleware;
 use axum::Router;
 use tower::ServiceBuilder;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
@@ -34,7 +38,12 @@ pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .merge(system::router())
         .merge(events::router())
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_secret));
+        .merge(plans::router())
+        .merge(token_refresh::router())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_secret,
+        ));
 
     let body_limit = state.config.max_body_bytes;
     Router::new()
