@@ -391,7 +391,7 @@ mod tests {
         for id in [3, 5, 8, 9] {
             assert_eq!(o.push(ev(id)).0, 0);
         }
-        o.push(ev(8)); // older than the last: ignored
+        o.push(ev(8)).1.unwrap(); // older than the last: ignored
         o.ack(5);
         o.persist_cursor().unwrap();
         drop(o);
@@ -405,7 +405,7 @@ mod tests {
         assert_eq!(r.bad_lines, 1);
         assert_eq!(ids(&o), vec![8, 9]);
         assert_eq!(o.resume_after(), 9);
-        o.push(ev(11));
+        o.push(ev(11)).1.unwrap();
         drop(o);
         let (o, r) = Outbox::open(cfg(dir.path(), 100)).unwrap();
         assert_eq!(r.bad_lines, 1);
@@ -434,7 +434,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (o, _) = Outbox::open(cfg(dir.path(), 1_000_000)).unwrap();
         for id in 1..=5000 {
-            o.push(ev(id));
+            o.push(ev(id)).1.unwrap();
         }
         o.ack(4990);
         assert!(o.needs_compaction());
@@ -443,9 +443,9 @@ mod tests {
             let st = o.lock();
             (st.pending.iter().cloned().collect(), st.last_enqueued)
         };
-        o.push(ev(5001));
+        o.push(ev(5001)).1.unwrap();
         o.compact_from(snap, last).unwrap();
-        o.push(ev(5002));
+        o.push(ev(5002)).1.unwrap();
         assert!(!o.needs_compaction());
         drop(o);
         let (o, r) = Outbox::open(cfg(dir.path(), 1_000_000)).unwrap();

@@ -299,6 +299,9 @@ async fn run_manager(ctx: Arc<Ctx>, slot: Arc<Slot>, file: CredentialFile) {
     }
 }
 
+/// Computes a credential file's new content from its current one.
+type FileUpdate = Box<dyn FnOnce(Option<&[u8]>) -> Vec<u8> + Send>;
+
 /// One refresh: call the backend, validate, write the file. Returns the
 /// credential's expiry when known.
 async fn refresh_once(
@@ -315,10 +318,7 @@ async fn refresh_once(
     let v: Value = serde_json::from_slice(&bytes)
         .map_err(|_| "the backend answered something that is not JSON".to_owned())?;
     let top_expiry = v.get("expiresAt").and_then(parse_expiry);
-    let (expires, write): (
-        Option<DateTime<Utc>>,
-        Box<dyn FnOnce(Option<&[u8]>) -> Vec<u8> + Send>,
-    ) = match manager {
+    let (expires, write): (Option<DateTime<Utc>>, FileUpdate) = match manager {
         Manager::Github => {
             let token = v
                 .get("token")
