@@ -432,14 +432,26 @@ async fn failing_backend_makes_managers_failing_publishes_one_error_each_and_rec
         .iter()
         .all(|ev| ev["type"] == "error" && ev["ts"].is_string()));
 
-    // The backend comes back: healthy again.
+    // The backend comes back: healthy again. It has no Codex credential for
+    // this workspace (404): that manager is `disabled`, not failing.
     mock.set(GITHUB, Behavior::Normal);
     mock.set(CLAUDE, Behavior::Normal);
-    mock.set(CODEX, Behavior::Normal);
-    wait_health(&e, "recovery", |code, b| {
-        code == 200 && b["managers"]["codex"]["status"] == "ok"
+    mock.set(CODEX, Behavior::Status(404));
+    let body = wait_health(&e, "recovery", |code, b| {
+        code == 200
+            && b["managers"]["github"]["status"] == "ok"
+            && b["managers"]["claude"]["status"] == "ok"
+            && b["managers"]["codex"]["status"] == "disabled"
     })
     .await;
+    assert_eq!(body["managers"]["codex"]["consecutiveFailures"], 0);
+    assert!(
+        body["managers"]["codex"]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("404"),
+        "{body}"
+    );
     assert!(e.home().join(".git-credentials").exists());
     e.shutdown().await;
 }

@@ -6,7 +6,9 @@
 //! auth failure). Requests arriving while one is pending coalesce into one
 //! attempt, and requested attempts are spaced by at least the retry base.
 //!
-//! Status per manager is kept for `GET /token-refresh/health`. A manager
+//! Status per manager is kept for `GET /token-refresh/health`. A 404 from
+//! the backend means the workspace has no such credential: the manager is
+//! `disabled` (not failing) and asks again every [`DEFAULT_PERIOD`]. A manager
 //! that starts failing publishes one `error` event (`token_refresh_failed`,
 //! source = the manager); further failures of the same streak do not.
 //! Error messages are ours (status codes, "not JSON"…), never response
@@ -22,7 +24,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::client::UpstreamClient;
+use super::client::{CallError, UpstreamClient};
 use super::credentials::{self, CredentialFile};
 use crate::config::Paths;
 use crate::events::{EventBus, EventKind};
@@ -116,6 +118,7 @@ struct Slot {
 #[derive(Clone)]
 pub struct TokenRefresh {
     slots: Arc<Vec<Arc<Slot>>>,
+    enabled: bool,
 }
 
 /// What a manager needs to run.
@@ -146,6 +149,7 @@ impl TokenRefresh {
             .collect();
         Self {
             slots: Arc::new(slots),
+            enabled: h != Health::Disabled,
         }
     }
 
@@ -180,7 +184,7 @@ impl TokenRefresh {
         let Some(slot) = self.slots.iter().find(|s| s.manager.name() == manager) else {
             return false;
         };
-        if lock(&slot.status).status == Health::Disabled {
+        if !self.enabled {
             return false;
         }
         tracing::info!(manager, "credential refresh requested");
@@ -231,7 +235,23 @@ async fn run_manager(ctx: Arc<Ctx>, slot: Arc<Slot>, file: CredentialFile) {
         let delay = {
             let mut st = lock(&slot.status);
             match &result {
-                Ok(expires) => {
+                Ok(Outcome::NotConfigured) => {
+                    // Not an outage: this workspace simply has no such
+                    // credential (e.g. Claude only). Ask again later.
+                    if st.status != Health::Disabled {
+                        tracing::info!(
+                            manager = name,
+                            "backend has no credential of this kind for the workspace (404)"
+                        );
+                    }
+                    st.status = Health::Disabled;
+                    st.consecutive_failures = 0;
+                    st.last_error = Some(format!(
+                        "the backend has no {name} credential for this workspace (HTTP 404)"
+                    ));
+                    DEFAULT_PERIOD
+                }
+                Ok(Outcome::Refreshed(expires)) => {
                     let delay = delay_until_refresh(now, *expires);
                     if st.consecutive_failures > 0 {
                         tracing::info!(
@@ -299,6 +319,14 @@ async fn run_manager(ctx: Arc<Ctx>, slot: Arc<Slot>, file: CredentialFile) {
     }
 }
 
+/// What a successful call to the backend meant.
+enum Outcome {
+    /// Written; the credential expires then (when known).
+    Refreshed(Option<DateTime<Utc>>),
+    /// The backend answered 404: no such credential for this workspace.
+    NotConfigured,
+}
+
 /// Computes a credential file's new content from its current one.
 type FileUpdate = Box<dyn FnOnce(Option<&[u8]>) -> Vec<u8> + Send>;
 
@@ -308,13 +336,13 @@ async fn refresh_once(
     ctx: &Ctx,
     manager: Manager,
     file: &CredentialFile,
-) -> Result<Option<DateTime<Utc>>, String> {
+) -> Result<Outcome, String> {
     let body = json!({ "workspaceId": ctx.workspace_id }).to_string();
-    let bytes = ctx
-        .client
-        .post(manager.endpoint(), body)
-        .await
-        .map_err(|e| e.to_string())?;
+    let bytes = match ctx.client.post(manager.endpoint(), body).await {
+        Ok(b) => b,
+        Err(CallError::Status(404)) => return Ok(Outcome::NotConfigured),
+        Err(e) => return Err(e.to_string()),
+    };
     let v: Value = serde_json::from_slice(&bytes)
         .map_err(|_| "the backend answered something that is not JSON".to_owned())?;
     let top_expiry = v.get("expiresAt").and_then(parse_expiry);
@@ -374,7 +402,7 @@ async fn refresh_once(
         .await
         .map_err(|e| format!("writing {} failed: {e}", path.display()))?
         .map_err(|e| format!("writing {} failed: {e}", path.display()))?;
-    Ok(expires)
+    Ok(Outcome::Refreshed(expires))
 }
 
 /// `expiresAt` as RFC 3339, or epoch seconds / milliseconds.
