@@ -730,6 +730,53 @@ mod library {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outbox_file_stays_bounded_while_the_backend_is_down() {
+        let (mock, url) = Mock::start().await;
+        mock.set(WEBHOOK, Behavior::Status(503));
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open(&dir.path().join("events.jsonl"), 1 << 30).unwrap();
+        let file = dir.path().join("outbox.jsonl");
+        let (outbox, _) = Outbox::open(OutboxConfig {
+            file: file.clone(),
+            cursor_file: dir.path().join("cursor.json"),
+            max_events: 100,
+            max_bytes: 1 << 30,
+        })
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        // A long backoff: the sender sleeps through the whole outage, so only
+        // the collector can keep the file in check.
+        let hooks = Webhooks::start(
+            client(&url),
+            "ws_lib".into(),
+            bus.clone(),
+            Arc::new(outbox),
+            Duration::from_secs(30),
+            shutdown.clone(),
+        );
+        let n = 20_000;
+        let mut last = 0;
+        for i in 0..n {
+            last = bus.publish(None, chat("error", i)).id;
+        }
+        // The collector has seen everything once the cursor (advanced by
+        // drops) passes the last id minus what the outbox keeps.
+        eventually("collector caught up", Duration::from_secs(20), || {
+            (hooks.delivered_through() + 100 >= last).then_some(())
+        })
+        .await;
+        assert_eq!(hooks.pending(), 100);
+        let len = std::fs::metadata(&file).unwrap().len();
+        // ~150 bytes a line: 20,000 lines would be ~3 MB.
+        assert!(
+            len <= replicas_engine::upstream::outbox::COMPACT_MIN_BYTES + 64 * 1024,
+            "outbox file is {len} bytes"
+        );
+        assert!(mock.delivered().is_empty());
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_refreshes_coalesce_and_never_tear_the_file() {
         let (mock, url) = Mock::start().await;
         let home = tempfile::tempdir().unwrap();

@@ -123,11 +123,16 @@ async fn collect(
                 Some(SubscriptionItem::Event(ev)) => {
                     if is_webhook_type(&ev.kind) {
                         let id = ev.id;
-                        let (_, written) = outbox.push(ev);
+                        let (dropped, written) = outbox.push(ev);
                         if let Err(e) = written {
                             tracing::error!(error = %e, id, "could not append to the webhook outbox; kept in memory only");
                         }
                         wake.notify_one();
+                        // While the backend is down the sender never gets to
+                        // housekeeping; drops alone must keep the file bounded.
+                        if dropped > 0 && outbox.needs_compaction() {
+                            housekeeping(&outbox).await;
+                        }
                     }
                 }
                 Some(SubscriptionItem::Reset { oldest_available_id }) => {
