@@ -13,11 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::events::{EventBus, EventKind};
+use crate::upstream::Upstream;
 
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
     pub bus: EventBus,
+    /// Webhooks and credential refresh (inert without `MONOLITH_URL`).
+    pub upstream: Upstream,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
     /// Cancelled when the engine begins shutting down; long-lived work (SSE
@@ -35,9 +38,11 @@ impl AppState {
             .with_context(|| format!("creating {}", paths.engine_dir.display()))?;
         let bus = EventBus::open(&paths.events_file, config.events_max_bytes)
             .with_context(|| format!("opening {}", paths.events_file.display()))?;
+        let upstream = Upstream::start(&config, &bus, shutdown.clone())?;
         let state = Self {
             config,
             bus,
+            upstream,
             started_at: Utc::now(),
             started: Instant::now(),
             shutdown,

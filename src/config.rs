@@ -65,13 +65,23 @@ ENVIRONMENT (also read from ./.env when present):
                             a provider turn that runs longer fails. Default 3600.
   REPLICAS_SSE_KEEPALIVE_SECS
                             keepalive comment interval on /events. Default 15.
+  REPLICAS_UPSTREAM_TIMEOUT_MS
+                            timeout of one call to MONOLITH_URL (connect timeout is the smaller of this and 5 s). Default 30000.
+  REPLICAS_UPSTREAM_RETRY_BASE_MS
+                            first retry delay of webhooks and token refresh; doubles up to 60 s, with jitter. Default 500.
+  REPLICAS_WEBHOOK_OUTBOX_MAX_EVENTS
+                            undelivered webhooks kept on disk; beyond it the oldest are dropped (with an error event). Default 50000.
+  REPLICAS_WEBHOOK_OUTBOX_MAX_BYTES
+                            byte budget of the undelivered webhooks. Default 67108864 (64 MiB).
   RUST_LOG                  log filter. Default info.
 
 FILES (under $WORKSPACE_HOME):
   .replicas/engine/events.jsonl   event journal (SSE replay source)
   .replicas/engine/chats.json     chat registry and queues
   .replicas/engine-state.json     start-hook completion
-  .replicas/startHooks.log        start-hook output";
+  .replicas/startHooks.log        start-hook output
+  .replicas/engine/webhook-outbox.jsonl, webhook-cursor.json
+                                  undelivered webhooks and the last delivered id";
 
 /// Every path the engine reads or writes, derived from the workspace home.
 #[derive(Debug, Clone)]
@@ -90,6 +100,10 @@ pub struct Paths {
     pub git_credentials_file: PathBuf,
     pub claude_credentials_file: PathBuf,
     pub codex_auth_file: PathBuf,
+    /// `~/.replicas/engine/webhook-outbox.jsonl`: undelivered webhook events.
+    pub webhook_outbox_file: PathBuf,
+    /// `~/.replicas/engine/webhook-cursor.json`: last delivered webhook id.
+    pub webhook_cursor_file: PathBuf,
 }
 
 impl Paths {
@@ -107,6 +121,8 @@ impl Paths {
             git_credentials_file: home.join(".git-credentials"),
             claude_credentials_file: home.join(".claude").join(".credentials.json"),
             codex_auth_file: home.join(".codex").join("auth.json"),
+            webhook_outbox_file: engine_dir.join("webhook-outbox.jsonl"),
+            webhook_cursor_file: engine_dir.join("webhook-cursor.json"),
             replicas_dir,
             engine_dir,
             home,
@@ -133,6 +149,12 @@ pub struct Config {
     pub events_max_bytes: u64,
     pub turn_timeout: Duration,
     pub sse_keepalive: Duration,
+    /// Upstream (MONOLITH_URL) call timeout and first retry delay.
+    pub upstream_timeout: Duration,
+    pub upstream_retry_base: Duration,
+    /// Bounds of the webhook outbox (undelivered events).
+    pub webhook_outbox_max_events: usize,
+    pub webhook_outbox_max_bytes: u64,
 }
 
 impl Config {
@@ -246,6 +268,26 @@ impl Config {
                 get("REPLICAS_SSE_KEEPALIVE_SECS"),
                 15,
             )?),
+            upstream_timeout: Duration::from_millis(parse_num(
+                "REPLICAS_UPSTREAM_TIMEOUT_MS",
+                get("REPLICAS_UPSTREAM_TIMEOUT_MS"),
+                30_000,
+            )?),
+            upstream_retry_base: Duration::from_millis(parse_num(
+                "REPLICAS_UPSTREAM_RETRY_BASE_MS",
+                get("REPLICAS_UPSTREAM_RETRY_BASE_MS"),
+                500,
+            )?),
+            webhook_outbox_max_events: parse_num(
+                "REPLICAS_WEBHOOK_OUTBOX_MAX_EVENTS",
+                get("REPLICAS_WEBHOOK_OUTBOX_MAX_EVENTS"),
+                50_000,
+            )?,
+            webhook_outbox_max_bytes: parse_num(
+                "REPLICAS_WEBHOOK_OUTBOX_MAX_BYTES",
+                get("REPLICAS_WEBHOOK_OUTBOX_MAX_BYTES"),
+                64 * 1024 * 1024,
+            )?,
         })
     }
 

@@ -7,10 +7,14 @@
 //! - [`events`]: the typed `EngineEvent`, the gapless bus, the bounded JSONL journal.
 //! - [`process`]: every subprocess: own process group, parent-death signal, TERM→KILL of the group.
 //! - [`util`]: timestamps, ids, atomic file writes.
+//! - [`plans`]: plan files from `~/.claude/plans` and `~/.replicas/plans`, with path-escape checks.
+//! - [`upstream`]: the backend client, durable ordered webhooks, credential refresh managers.
 
 pub mod app;
 pub mod config;
 pub mod events;
 pub mod http;
+pub mod plans;
 pub mod process;
+pub mod upstream;
 pub mod util;

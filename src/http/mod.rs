@@ -15,7 +15,9 @@
 pub mod auth;
 pub mod error;
 pub mod events;
+pub mod plans;
 pub mod system;
+pub mod token_refresh;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::HeaderName;
@@ -42,6 +44,8 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
     let protected = Router::new()
         .merge(system::router())
         .merge(events::router())
+        .merge(plans::router())
+        .merge(token_refresh::router())
         .merge(extra)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

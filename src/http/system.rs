@@ -50,5 +50,6 @@ pub fn status_body(state: &AppState) -> Value {
             "lastEventId": state.bus.last_id().to_string(),
             "subscribers": state.bus.subscriber_count(),
         },
+        "tokenRefresh": state.upstream.token_refresh().summary(),
     })
 }

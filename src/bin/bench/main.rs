@@ -5,6 +5,7 @@
 //! Usage: `replicas-bench [area ...]` (default: all areas).
 
 mod events;
+mod upstream;
 
 use std::time::Duration;
 
@@ -18,6 +19,9 @@ async fn main() -> anyhow::Result<()> {
     let want = |area: &str| all || args.iter().any(|a| a == area);
     if want("events") {
         events::run().await?;
+    }
+    if want("upstream") {
+        upstream::run().await?;
     }
     Ok(())
 }

@@ -1,0 +1,241 @@
+//! Upstream benchmarks (issue: plans/upstream), against a local mock
+//! backend that counts webhooks:
+//!
+//! 1. **live webhook throughput**: the webhook pipeline (bus → outbox →
+//!    sender, the engine's own code) with events published as fast as
+//!    possible; sustained events/s delivered, in order, one POST each.
+//! 2. **outbox recovery after restart**: the release engine binary starts
+//!    with 10,000 undelivered webhooks in its outbox (as a backend outage
+//!    would leave them) and the backend up; time from spawn until the
+//!    backend has all of them.
+//! 3. **backend down, then up**: same backlog, the backend answers 503
+//!    until it "comes back"; time from then to the first delivery (the
+//!    sender's backoff wait) and until the backlog is drained.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::body::Bytes;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use replicas_engine::config::{Paths, Secret};
+use replicas_engine::events::{EngineEvent, EventBus, EventKind};
+use replicas_engine::upstream::client::UpstreamClient;
+use replicas_engine::upstream::outbox::{Outbox, OutboxConfig};
+use replicas_engine::upstream::Webhooks;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const BACKLOG: u64 = 10_000;
+const LIVE_EVENTS: u64 = 20_000;
+
+#[derive(Default)]
+struct Counter {
+    delivered: AtomicU64,
+    max_id: AtomicU64,
+    out_of_order: AtomicU64,
+    down: AtomicBool,
+}
+
+async fn mock_backend() -> anyhow::Result<(Arc<Counter>, String)> {
+    let counter = Arc::new(Counter::default());
+    let c = counter.clone();
+    let app = axum::Router::new().fallback(move |uri: Uri, body: Bytes| {
+        let c = c.clone();
+        async move { handle(&c, uri, body) }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((counter, url))
+}
+
+fn handle(c: &Counter, uri: Uri, body: Bytes) -> Response {
+    if uri.path() != "/v1/engine/webhook" {
+        // Token refresh endpoints: valid answers, so no extra error events.
+        return axum::Json(json!({"token": "ghs_bench", "credentials": {}, "auth": {}}))
+            .into_response();
+    }
+    if c.down.load(Ordering::Relaxed) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let id = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v["event"]["id"]
+                .as_str()
+                .and_then(|s| s.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let prev = c.max_id.fetch_max(id, Ordering::Relaxed);
+    if id <= prev {
+        c.out_of_order.fetch_add(1, Ordering::Relaxed);
+    }
+    c.delivered.fetch_add(1, Ordering::Relaxed);
+    StatusCode::OK.into_response()
+}
+
+async fn wait_delivered(c: &Counter, n: u64, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while c.delivered.load(Ordering::Relaxed) < n {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {n} delivered within {timeout:?}",
+            c.delivered.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+fn turn_completed(i: u64) -> EventKind {
+    EventKind::TurnCompleted {
+        turn_id: format!("t_{i:08}"),
+        outcome: "completed".into(),
+        usage: json!({"inputTokens": 1200, "outputTokens": 340, "cachedInputTokens": 800, "costUsd": 0.0123}),
+        duration_ms: 4200,
+        error: None,
+    }
+}
+
+pub async fn run() -> anyhow::Result<()> {
+    live_throughput().await?;
+    let engine = std::env::current_exe()?
+        .parent()
+        .context("bench binary has no directory")?
+        .join("replicas-engine");
+    anyhow::ensure!(
+        engine.exists(),
+        "{} missing: run `cargo build --release --bins` first",
+        engine.display()
+    );
+    recovery(&engine, false).await?;
+    recovery(&engine, true).await?;
+    Ok(())
+}
+
+async fn live_throughput() -> anyhow::Result<()> {
+    let (counter, url) = mock_backend().await?;
+    let dir = tempfile::tempdir()?;
+    let bus = EventBus::open(&dir.path().join("events.jsonl"), 1 << 30)?;
+    let (outbox, _) = Outbox::open(OutboxConfig {
+        file: dir.path().join("outbox.jsonl"),
+        cursor_file: dir.path().join("cursor.json"),
+        max_events: 1_000_000,
+        max_bytes: 1 << 30,
+    })?;
+    let client = UpstreamClient::new(
+        &url.parse()?,
+        &Secret::new("bench"),
+        "ws_bench",
+        Duration::from_secs(10),
+    )?;
+    let shutdown = CancellationToken::new();
+    let _hooks = Webhooks::start(
+        Arc::new(client),
+        "ws_bench".into(),
+        bus.clone(),
+        Arc::new(outbox),
+        Duration::from_millis(100),
+        shutdown.clone(),
+    );
+    let started = Instant::now();
+    for i in 0..LIVE_EVENTS {
+        bus.publish(Some("c_bench"), turn_completed(i));
+        if i % 256 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let published = started.elapsed();
+    wait_delivered(&counter, LIVE_EVENTS, Duration::from_secs(300)).await?;
+    let took = started.elapsed();
+    shutdown.cancel();
+    println!(
+        "upstream: live webhooks: {LIVE_EVENTS} events published in {:.0} ms (bus never waited), delivered in {:.2} s = {:.0} events/s sustained, out of order: {}",
+        published.as_secs_f64() * 1000.0,
+        took.as_secs_f64(),
+        LIVE_EVENTS as f64 / took.as_secs_f64(),
+        counter.out_of_order.load(Ordering::Relaxed),
+    );
+    Ok(())
+}
+
+/// Seed a home as an engine that published `BACKLOG` webhook events while
+/// the backend was unreachable leaves it: journal + outbox, no cursor.
+fn seed_backlog(home: &Path) -> anyhow::Result<()> {
+    let paths = Paths::new(home);
+    std::fs::create_dir_all(&paths.engine_dir)?;
+    let mut lines = String::new();
+    for id in 1..=BACKLOG {
+        let ev = EngineEvent {
+            id: id.to_string(),
+            ts: replicas_engine::util::now_ts(),
+            chat_id: Some("c_bench".into()),
+            kind: turn_completed(id),
+        };
+        lines.push_str(&serde_json::to_string(&ev)?);
+        lines.push('\n');
+    }
+    std::fs::write(&paths.events_file, &lines)?;
+    std::fs::write(&paths.webhook_outbox_file, &lines)?;
+    Ok(())
+}
+
+async fn recovery(engine: &Path, backend_down_first: bool) -> anyhow::Result<()> {
+    let (counter, url) = mock_backend().await?;
+    counter.down.store(backend_down_first, Ordering::Relaxed);
+    let home = tempfile::tempdir()?;
+    seed_backlog(home.path())?;
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(engine)
+        .env_clear()
+        .env("REPLICAS_ENGINE_SECRET", "bench-secret")
+        .env("WORKSPACE_HOME", home.path())
+        .env("HOME", home.path())
+        .env("HOST", "127.0.0.1")
+        .env("PORT", "0")
+        .env("WORKSPACE_ID", "ws_bench")
+        .env("MONOLITH_URL", &url)
+        .env("REPLICAS_READY_FILE", home.path().join("ready"))
+        .env("RUST_LOG", "warn")
+        .current_dir(home.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the engine")?;
+    if backend_down_first {
+        // Let it fail a few times (backoff 0.5 s, 1 s, …), then come back.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let up = Instant::now();
+        counter.down.store(false, Ordering::Relaxed);
+        wait_delivered(&counter, 1, Duration::from_secs(120)).await?;
+        let first = up.elapsed();
+        wait_delivered(&counter, BACKLOG, Duration::from_secs(300)).await?;
+        let all = up.elapsed();
+        println!(
+            "upstream: backend down 3 s then up: first delivery {:.0} ms after it came back (backoff wait), {BACKLOG} delivered after {:.2} s (drain {:.0} events/s), out of order: {}",
+            first.as_secs_f64() * 1000.0,
+            all.as_secs_f64(),
+            BACKLOG as f64 / (all - first).as_secs_f64(),
+            counter.out_of_order.load(Ordering::Relaxed),
+        );
+    } else {
+        wait_delivered(&counter, BACKLOG, Duration::from_secs(300)).await?;
+        let all = started.elapsed();
+        println!(
+            "upstream: outbox recovery: engine started with {BACKLOG} undelivered webhooks; all delivered {:.2} s after spawn ({:.0} events/s incl. startup), out of order: {}",
+            all.as_secs_f64(),
+            BACKLOG as f64 / all.as_secs_f64(),
+            counter.out_of_order.load(Ordering::Relaxed),
+        );
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! Webhook delivery: every event of a [webhook type](is_webhook_type) is
+//! POSTed to `{MONOLITH_URL}/v1/engine/webhook` as
+//! `{"workspaceId": …, "event": EngineEvent}`, at least once and in id order.
+//!
+//! Two tasks share the [`Outbox`]:
+//! - the **collector** subscribes to the bus from the outbox's resume point
+//!   (so events published while the engine was down, or between publish and
+//!   append at a `kill -9`, are re-read from the journal) and appends webhook
+//!   events to the outbox. It never waits on the network, and the bus never
+//!   waits on it (a lagging subscriber is caught up from the journal);
+//! - the **sender** delivers the oldest pending event, one at a time (order
+//!   is the contract; nothing is batched), retrying retryable failures with
+//!   exponential backoff and jitter forever, skipping (with a warning) one
+//!   the backend rejects permanently (4xx other than 408/429).
+//!
+//! When the outbox bound drops undelivered events, an `error` event
+//! (`webhook_outbox_overflow`) says how many — at most once per
+//! [`OVERFLOW_REPORT_INTERVAL`], because that event is itself a webhook and
+//! would otherwise feed the overflow it reports.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::client::UpstreamClient;
+use super::outbox::Outbox;
+use crate::events::{EventBus, EventKind, Published, SubscriptionItem};
+
+pub const WEBHOOK_PATH: &str = "/v1/engine/webhook";
+
+/// How often at most an overflow is reported.
+pub const OVERFLOW_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Persist the delivered cursor at least this often while busy (and always
+/// when the queue drains). A crash loses at most this much progress, which
+/// only means duplicates.
+const CURSOR_PERSIST_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The event types the backend receives.
+pub fn is_webhook_type(kind: &str) -> bool {
+    matches!(
+        kind,
+        "chat.created" | "chat.deleted" | "hooks.completed" | "hooks.failed" | "error"
+    ) || kind.starts_with("chat.turn.")
+}
+
+/// The webhook body, built from the stored envelope without re-parsing it.
+pub fn webhook_body(workspace_id: &str, ev: &Published) -> String {
+    let ws = serde_json::to_string(workspace_id).unwrap_or_else(|_| "\"\"".into());
+    format!("{{\"workspaceId\":{ws},\"event\":{}}}", ev.json())
+}
+
+/// Handle on the running webhook pipeline.
+#[derive(Clone)]
+pub struct Webhooks {
+    outbox: Arc<Outbox>,
+}
+
+impl Webhooks {
+    /// Start the collector and the sender. `retry_base` is the first retry
+    /// delay (doubling up to [`super::MAX_BACKOFF`]).
+    pub fn start(
+        client: Arc<UpstreamClient>,
+        workspace_id: String,
+        bus: EventBus,
+        outbox: Arc<Outbox>,
+        retry_base: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let wake = Arc::new(Notify::new());
+        // The journal restarted numbering below our position (events.jsonl
+        // was removed): old ids mean nothing any more.
+        let last = bus.last_id();
+        if outbox.resume_after() > last {
+            tracing::warn!(
+                resume_after = outbox.resume_after(),
+                last_event_id = last,
+                "webhook outbox is ahead of the event journal (journal reset?); discarding it"
+            );
+            outbox.reset_to(last);
+        }
+        tokio::spawn(collect(bus, outbox.clone(), wake.clone(), shutdown.clone()));
+        tokio::spawn(send(
+            client,
+            workspace_id,
+            outbox.clone(),
+            wake,
+            retry_base,
+            shutdown,
+        ));
+        Self { outbox }
+    }
+
+    /// Undelivered webhooks right now.
+    pub fn pending(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Every event with id ≤ this is finished.
+    pub fn delivered_through(&self) -> u64 {
+        self.outbox.cursor()
+    }
+}
+
+async fn collect(
+    bus: EventBus,
+    outbox: Arc<Outbox>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut sub = bus.subscribe(Some(outbox.resume_after()));
+    let mut last_report: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+            item = sub.next() => match item {
+                Some(SubscriptionItem::Event(ev)) => {
+                    if is_webhook_type(&ev.kind) {
+                        let id = ev.id;
+                        let (dropped, written) = outbox.push(ev);
+                        if let Err(e) = written {
+                            tracing::error!(error = %e, id, "could not append to the webhook outbox; kept in memory only");
+                        }
+                        wake.notify_one();
+                        // While the backend is down the sender never gets to
+                        // housekeeping; drops alone must keep the file bounded.
+                        if dropped > 0 && outbox.needs_compaction() {
+                            housekeeping(&outbox).await;
+                        }
+                    }
+                }
+                Some(SubscriptionItem::Reset { oldest_available_id }) => {
+                    tracing::warn!(
+                        oldest_available_id,
+                        resume_after = outbox.resume_after(),
+                        "events aged out of the journal before reaching the webhook outbox"
+                    );
+                }
+                None => return,
+            },
+        }
+        if last_report.is_none_or(|t| t.elapsed() >= OVERFLOW_REPORT_INTERVAL) {
+            let dropped = outbox.take_dropped_unreported();
+            if dropped > 0 {
+                last_report = Some(Instant::now());
+                tracing::warn!(
+                    dropped,
+                    "webhook outbox full; dropped the oldest undelivered events"
+                );
+                bus.publish(
+                    None,
+                    EventKind::Error {
+                        code: "webhook_outbox_overflow".into(),
+                        message: format!(
+                            "the backend has been unreachable too long: dropped the {dropped} oldest undelivered webhook events"
+                        ),
+                        source: "webhooks".into(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+async fn send(
+    client: Arc<UpstreamClient>,
+    workspace_id: String,
+    outbox: Arc<Outbox>,
+    wake: Arc<Notify>,
+    retry_base: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut last_persist = Instant::now();
+    loop {
+        let Some(ev) = outbox.front() else {
+            housekeeping(&outbox).await;
+            last_persist = Instant::now();
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wake.notified() => continue,
+            }
+        };
+        let body = webhook_body(&workspace_id, &ev);
+        let mut failures: u32 = 0;
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    persist(&outbox).await;
+                    return;
+                }
+                r = client.post(WEBHOOK_PATH, body.clone()) => r,
+            };
+            match result {
+                Ok(_) => {
+                    if failures > 0 {
+                        tracing::info!(id = ev.id, failures, "webhook delivered after retries");
+                    }
+                    break;
+                }
+                Err(e) if e.is_retryable() => {
+                    failures += 1;
+                    let delay = super::backoff(retry_base, failures);
+                    // Loud on the first failure and then sparsely: a backend
+                    // down for days must not flood the journal.
+                    if failures.is_power_of_two() {
+                        tracing::warn!(id = ev.id, r#type = %ev.kind, error = %e, failures, retry_in_ms = delay.as_millis() as u64, "webhook delivery failed; will retry");
+                    } else {
+                        tracing::debug!(id = ev.id, error = %e, failures, "webhook delivery failed; will retry");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            persist(&outbox).await;
+                            return;
+                        }
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    // The bound may have dropped it while we waited.
+                    if !outbox.is_pending(ev.id) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(id = ev.id, r#type = %ev.kind, error = %e, "backend rejected a webhook permanently; skipping it");
+                    break;
+                }
+            }
+        }
+        outbox.ack(ev.id);
+        if last_persist.elapsed() >= CURSOR_PERSIST_INTERVAL {
+            housekeeping(&outbox).await;
+            last_persist = Instant::now();
+        }
+    }
+    persist(&outbox).await;
+}
+
+/// Persist the cursor and compact when worthwhile, off the async threads.
+async fn housekeeping(outbox: &Arc<Outbox>) {
+    let o = outbox.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        if o.needs_compaction() {
+            o.compact()
+        } else {
+            o.persist_cursor()
+        }
+    })
+    .await;
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "could not update the webhook outbox files"),
+        Err(e) => tracing::error!(error = %e, "webhook outbox housekeeping panicked"),
+    }
+}
+
+async fn persist(outbox: &Arc<Outbox>) {
+    let o = outbox.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || o.persist_cursor()).await {
+        tracing::error!(error = %e, "could not persist the webhook cursor");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_types() {
+        for t in [
+            "chat.created",
+            "chat.deleted",
+            "chat.turn.accepted",
+            "chat.turn.delta",
+            "chat.turn.completed",
+            "hooks.completed",
+            "hooks.failed",
+            "error",
+        ] {
+            assert!(is_webhook_type(t), "{t}");
+        }
+        for t in [
+            "engine.ready",
+            "chat.updated",
+            "chat.interrupted",
+            "hooks.progress",
+            "hooks.started",
+            "repo.discovered",
+            "stream.reset",
+        ] {
+            assert!(!is_webhook_type(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn body_embeds_the_envelope() {
+        let line = br#"{"id":"4","ts":"t","type":"error","payload":{"code":"c","message":"m","source":"s"}}"#;
+        let ev = Published::from_line(line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&webhook_body("ws_\"1", &ev)).unwrap();
+        assert_eq!(v["workspaceId"], "ws_\"1");
+        assert_eq!(v["event"]["id"], "4");
+        assert_eq!(v["event"]["payload"]["code"], "c");
+    }
+}
