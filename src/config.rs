@@ -61,6 +61,7 @@ ENVIRONMENT (also read from ./.env when present):
                             paths of the tools. Default: looked up on PATH.
   REPLICAS_MAX_BODY_BYTES   request body cap in bytes. Default 10485760 (10 MiB).
   REPLICAS_EVENTS_MAX_BYTES events.jsonl retention budget in bytes. Default 67108864 (64 MiB).
+  REPLICAS_MAX_DIFF_BYTES   cap of fullDiff in GET /repos?includeDiffs=true. Default 2097152 (2 MiB).
   REPLICAS_TURN_TIMEOUT_SECS
                             a provider turn that runs longer fails. Default 3600.
   RUST_LOG                  log filter. Default info.
@@ -130,6 +131,7 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub events_max_bytes: u64,
     pub turn_timeout: Duration,
+    pub max_diff_bytes: usize,
 }
 
 impl Config {
@@ -140,12 +142,25 @@ impl Config {
 
     /// Load from an explicit variable map (tests use this).
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::load(vars, true)
+    }
+
+    /// Load for `replicas-engine warm`, which never serves and runs before
+    /// the server is configured (pre-warming): the secret may be absent.
+    pub fn from_env_for_warm() -> Result<Self, ConfigError> {
+        Self::load(&std::env::vars().collect(), false)
+    }
+
+    fn load(vars: &HashMap<String, String>, need_secret: bool) -> Result<Self, ConfigError> {
         // An empty value is treated like an unset one: systemd EnvironmentFile
         // lines such as `MONOLITH_URL=` are common.
         let get = |k: &str| vars.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
 
-        let secret = get("REPLICAS_ENGINE_SECRET")
-            .ok_or_else(|| invalid("REPLICAS_ENGINE_SECRET", "is required and must not be empty"))?;
+        let secret = match get("REPLICAS_ENGINE_SECRET") {
+            Some(s) => s,
+            None if !need_secret => "",
+            None => return Err(invalid("REPLICAS_ENGINE_SECRET", "is required and must not be empty")),
+        };
 
         let port = match (get("PORT"), get("REPLICAS_ENGINE_PORT")) {
             (Some(v), _) => parse_port("PORT", v)?,
@@ -215,6 +230,7 @@ impl Config {
                 get("REPLICAS_TURN_TIMEOUT_SECS"),
                 3600,
             )?),
+            max_diff_bytes: parse_num("REPLICAS_MAX_DIFF_BYTES", get("REPLICAS_MAX_DIFF_BYTES"), 2 * 1024 * 1024)?,
         })
     }
 
@@ -314,6 +330,12 @@ mod tests {
             .starts_with("REPLICAS_MAX_BODY_BYTES:"));
         assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("REPLICAS_WORKSPACES_DIR", "rel/dir")])
             .starts_with("REPLICAS_WORKSPACES_DIR:"));
+    }
+
+    #[test]
+    fn warm_needs_no_secret() {
+        let c = Config::load(&vars(&[]), false).unwrap();
+        assert_eq!(c.max_diff_bytes, 2 * 1024 * 1024);
     }
 
     #[test]

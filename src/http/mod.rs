@@ -15,6 +15,8 @@
 pub mod auth;
 pub mod error;
 pub mod events;
+pub mod hooks;
+pub mod repos;
 pub mod system;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
@@ -34,6 +36,8 @@ pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .merge(system::router())
         .merge(events::router())
+        .merge(repos::router())
+        .merge(hooks::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_secret));
 
     let body_limit = state.config.max_body_bytes;

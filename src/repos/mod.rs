@@ -1,0 +1,455 @@
+//! Repositories under the workspace root: discovery, the contract's Repo
+//! object (branch, default branch, HEAD, credential-free remote, dirtiness,
+//! ahead/behind, diff stats against the merge-base with the default branch,
+//! untracked files included, optional full diff, PR URL) and the
+//! `repo.discovered` / `repo.status.changed` events.
+//!
+//! Invariants: git never takes the index lock (see [`git`]); each repo is
+//! examined with its own timeout, in parallel, and a broken or slow repo is
+//! reported with an `error` field instead of failing the listing; remote
+//! URLs are stripped of credentials before they are stored, logged or sent.
+
+pub mod config;
+pub mod git;
+pub mod untracked;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::events::{EventBus, EventKind};
+pub use config::system_prompt_for;
+use git::{FileChange, Git, GitError};
+
+/// How long one repo may take to examine before it is reported as an error.
+const REPO_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long `gh pr view` may take; it talks to GitHub.
+const GH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many repos are examined at once (each runs a few git processes).
+const PARALLEL_REPOS: usize = 8;
+
+/// The contract's Repo object.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Repo {
+    pub name: String,
+    pub path: String,
+    /// `null` for a detached HEAD.
+    pub branch: Option<String>,
+    pub default_branch: String,
+    /// `null` for a repository without commits.
+    pub head_sha: Option<String>,
+    pub remote_url: Option<String>,
+    pub is_dirty: bool,
+    /// Against the upstream when the branch has one, else against the
+    /// default branch.
+    pub ahead: u64,
+    pub behind: u64,
+    pub pr_url: Option<String>,
+    pub start_hooks_completed: bool,
+    pub git_diff: GitDiff,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GitDiff {
+    pub files_changed: usize,
+    pub added: u64,
+    pub removed: u64,
+    pub files: Vec<FileChange>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_diff: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<bool>,
+}
+
+/// What `repo.status.changed` compares between two looks.
+type Fingerprint = (Option<String>, Option<String>, bool, Vec<FileChange>, Option<String>);
+
+fn fingerprint(r: &Repo) -> Fingerprint {
+    (r.branch.clone(), r.head_sha.clone(), r.is_dirty, r.git_diff.files.clone(), r.error.clone())
+}
+
+/// Says whether a repo's start hooks are done (any outcome, or none).
+pub type HooksCompleted = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+#[derive(Clone)]
+pub struct RepoService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    workspaces_dir: PathBuf,
+    git_bin: PathBuf,
+    gh_bin: PathBuf,
+    default_branch: Option<String>,
+    max_diff_bytes: usize,
+    bus: EventBus,
+    hooks_completed: HooksCompleted,
+    /// `gh pr view` answers per repo path, valid for one (branch, HEAD).
+    pr_cache: Mutex<HashMap<PathBuf, (String, String, Option<String>)>>,
+    /// The last look at each repo, for `refresh`. The async lock also
+    /// serialises refreshes so events come out in a consistent order.
+    last: tokio::sync::Mutex<Option<HashMap<String, Fingerprint>>>,
+    limit: tokio::sync::Semaphore,
+}
+
+impl RepoService {
+    pub fn new(config: &Config, bus: EventBus, hooks_completed: HooksCompleted) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                workspaces_dir: config.workspaces_dir.clone(),
+                git_bin: config.git_bin.clone(),
+                gh_bin: config.gh_bin.clone(),
+                default_branch: config.default_branch.clone(),
+                max_diff_bytes: config.max_diff_bytes,
+                bus,
+                hooks_completed,
+                pr_cache: Mutex::new(HashMap::new()),
+                last: tokio::sync::Mutex::new(None),
+                limit: tokio::sync::Semaphore::new(PARALLEL_REPOS),
+            }),
+        }
+    }
+
+    /// How many repositories are under the workspace root (a directory scan,
+    /// no git).
+    pub fn count(&self) -> usize {
+        config::repo_dirs(&self.inner.workspaces_dir).len()
+    }
+
+    /// Every repo, examined in parallel, in name order.
+    #[tracing::instrument(skip_all, fields(include_diffs))]
+    pub async fn list(&self, include_diffs: bool) -> Vec<Repo> {
+        let dirs = config::repo_dirs(&self.inner.workspaces_dir);
+        let reads = dirs.into_iter().map(|(name, dir)| self.examine(name, dir, include_diffs));
+        futures_util::future::join_all(reads).await
+    }
+
+    /// Re-examine every repo and publish `repo.discovered` for repos not
+    /// seen before and `repo.status.changed` for those whose branch, HEAD,
+    /// dirtiness or diff stats changed since the last look. The first call
+    /// (at engine start) discovers everything.
+    #[tracing::instrument(skip_all)]
+    pub async fn refresh(&self) {
+        let mut last = self.inner.last.lock().await;
+        let repos = self.list(false).await;
+        let previous = last.take().unwrap_or_default();
+        let mut next = HashMap::with_capacity(repos.len());
+        for repo in repos {
+            let fp = fingerprint(&repo);
+            let kind = match previous.get(&repo.name) {
+                None => Some(EventKind::RepoDiscovered { repo: to_value(&repo) }),
+                Some(old) if *old != fp => Some(EventKind::RepoStatusChanged { repo: to_value(&repo) }),
+                Some(_) => None,
+            };
+            if let Some(kind) = kind {
+                tracing::debug!(repo = %repo.name, event = kind.type_name(), "repo changed");
+                self.inner.bus.publish(None, kind);
+            }
+            next.insert(repo.name, fp);
+        }
+        *last = Some(next);
+    }
+
+    async fn examine(&self, name: String, dir: PathBuf, include_diffs: bool) -> Repo {
+        // A closed semaphore cannot happen (never closed); run unlimited then.
+        let _permit = self.inner.limit.acquire().await.ok();
+        let git = Git {
+            bin: self.inner.git_bin.clone(),
+            repo: dir.clone(),
+            ceiling: self.inner.workspaces_dir.clone(),
+        };
+        let mut repo = match tokio::time::timeout(REPO_TIMEOUT, self.read(&git, &name, include_diffs)).await {
+            Ok(Ok(repo)) => repo,
+            Ok(Err(e)) => {
+                tracing::warn!(repo = %name, error = %e, "cannot read repository");
+                self.broken(&name, &dir, e.to_string())
+            }
+            Err(_) => {
+                tracing::warn!(repo = %name, timeout_s = REPO_TIMEOUT.as_secs(), "reading repository timed out");
+                self.broken(&name, &dir, format!("reading the repository took longer than {}s", REPO_TIMEOUT.as_secs()))
+            }
+        };
+        repo.start_hooks_completed = (self.inner.hooks_completed)(&name);
+        repo
+    }
+
+    fn broken(&self, name: &str, dir: &Path, error: String) -> Repo {
+        Repo {
+            name: name.to_owned(),
+            path: dir.display().to_string(),
+            branch: None,
+            default_branch: self.inner.default_branch.clone().unwrap_or_else(|| "main".into()),
+            head_sha: None,
+            remote_url: None,
+            is_dirty: false,
+            ahead: 0,
+            behind: 0,
+            pr_url: None,
+            start_hooks_completed: false,
+            git_diff: GitDiff::default(),
+            error: Some(error),
+        }
+    }
+
+    async fn read(&self, git: &Git, name: &str, include_diffs: bool) -> Result<Repo, GitError> {
+        // Phase 1: the worktree scan and the cheap ref lookups, together.
+        let status_args = ["status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"];
+        let (status, remote) = tokio::join!(git.run(&status_args), self.remote_and_default(git));
+        let status = git::parse_status_v2(&status?).map_err(|detail| GitError::Parse {
+            args: "status".into(),
+            detail,
+        })?;
+        let (remote, default_branch) = remote?;
+
+        // Phase 2: the diff base: the merge-base of HEAD with the default
+        // branch (remote-tracking ref first), else HEAD itself; a repo
+        // without commits diffs against the empty tree.
+        let base_ref = self.base_ref(git, remote.as_ref().map(|r| r.0.as_str()), &default_branch).await?;
+        let base = match (&status.head_sha, &base_ref) {
+            (None, _) => empty_tree(git).await?,
+            (Some(head), Some(r)) => match git.try_run(&["merge-base", "HEAD", r]).await? {
+                Some(out) => String::from_utf8_lossy(&out).trim().to_owned(),
+                None => head.clone(),
+            },
+            (Some(head), None) => head.clone(),
+        };
+
+        // Phase 3: diff, ahead/behind and the PR URL, together.
+        let cap = self.inner.max_diff_bytes;
+        let ahead_behind = async {
+            if let Some(ab) = status.ahead_behind {
+                return Ok::<_, GitError>(ab);
+            }
+            match (&status.head_sha, &base_ref) {
+                (Some(_), Some(r)) => {
+                    let range = format!("{r}...HEAD");
+                    let out = git.try_run(&["rev-list", "--left-right", "--count", &range]).await?;
+                    let text = out.map(|o| String::from_utf8_lossy(&o).into_owned()).unwrap_or_default();
+                    let mut it = text.split_whitespace().map(|n| n.parse::<u64>().unwrap_or(0));
+                    let behind = it.next().unwrap_or(0);
+                    Ok((it.next().unwrap_or(0), behind))
+                }
+                _ => Ok((0, 0)),
+            }
+        };
+        let pr = self.pr_url(git, status.branch.as_deref(), status.head_sha.as_deref(), remote.is_some());
+        let (diff, ab, pr_url) = tokio::join!(git.diff(&base, include_diffs, cap), ahead_behind, pr);
+        let diff = diff?;
+        let (ahead, behind) = ab?;
+
+        let repo_dir = git.repo.clone();
+        let untracked = status.untracked.clone();
+        let git_diff = tokio::task::spawn_blocking(move || assemble_diff(&repo_dir, diff, &untracked, cap))
+            .await
+            .map_err(|e| GitError::Parse {
+                args: "diff".into(),
+                detail: e.to_string(),
+            })?;
+
+        Ok(Repo {
+            name: name.to_owned(),
+            path: git.repo.display().to_string(),
+            branch: status.branch,
+            default_branch,
+            head_sha: status.head_sha,
+            remote_url: remote.map(|(_, url)| url),
+            is_dirty: status.dirty,
+            ahead,
+            behind,
+            pr_url,
+            start_hooks_completed: false,
+            git_diff,
+            error: None,
+        })
+    }
+
+    /// The reported remote `(name, credential-free URL)` and the default
+    /// branch: `REPLICAS_DEFAULT_BRANCH`, else the remote's HEAD, else `main`.
+    async fn remote_and_default(&self, git: &Git) -> Result<(Option<(String, String)>, String), GitError> {
+        let out = git.try_run(&["config", "-z", "--get-regexp", r"^remote\..*\.url$"]).await?;
+        // Strip credentials right away: the raw URL is never kept or logged.
+        let remote = out
+            .as_deref()
+            .and_then(git::pick_remote)
+            .map(|(name, url)| (name, git::strip_credentials(&url)));
+        if let Some(b) = &self.inner.default_branch {
+            return Ok((remote, b.clone()));
+        }
+        let mut default = None;
+        if let Some((name, _)) = &remote {
+            let head_ref = format!("refs/remotes/{name}/HEAD");
+            if let Some(out) = git.try_run(&["symbolic-ref", "-q", &head_ref]).await? {
+                let target = String::from_utf8_lossy(&out).trim().to_owned();
+                let prefix = format!("refs/remotes/{name}/");
+                default = target.strip_prefix(&prefix).map(str::to_owned);
+            }
+        }
+        Ok((remote, default.unwrap_or_else(|| "main".into())))
+    }
+
+    /// The ref the diff is based on: `<remote>/<default>` if it exists,
+    /// else the local `<default>` branch, else none.
+    async fn base_ref(&self, git: &Git, remote: Option<&str>, default: &str) -> Result<Option<String>, GitError> {
+        let mut candidates = Vec::new();
+        if let Some(r) = remote {
+            candidates.push(format!("refs/remotes/{r}/{default}"));
+        }
+        candidates.push(format!("refs/heads/{default}"));
+        let mut args = vec!["for-each-ref", "--format=%(refname)"];
+        args.extend(candidates.iter().map(String::as_str));
+        let out = git.try_run(&args).await?.unwrap_or_default();
+        let found: Vec<String> = String::from_utf8_lossy(&out).lines().map(str::to_owned).collect();
+        Ok(candidates.into_iter().find(|c| found.contains(c)))
+    }
+
+    /// `gh pr view <branch> --json url`, cached per (branch, HEAD); `None`
+    /// when there is no branch or remote, or gh is missing or fails.
+    async fn pr_url(&self, git: &Git, branch: Option<&str>, head: Option<&str>, has_remote: bool) -> Option<String> {
+        let (Some(branch), Some(head), true) = (branch, head, has_remote) else {
+            return None;
+        };
+        if let Ok(cache) = self.inner.pr_cache.lock() {
+            if let Some((b, h, url)) = cache.get(&git.repo) {
+                if b == branch && h == head {
+                    return url.clone();
+                }
+            }
+        }
+        let url = self.ask_gh(&git.repo, branch).await;
+        if let Ok(mut cache) = self.inner.pr_cache.lock() {
+            cache.insert(git.repo.clone(), (branch.to_owned(), head.to_owned(), url.clone()));
+        }
+        url
+    }
+
+    async fn ask_gh(&self, dir: &Path, branch: &str) -> Option<String> {
+        let mut cmd = crate::process::command(&self.inner.gh_bin);
+        cmd.args(["pr", "view", branch, "--json", "url"])
+            .current_dir(dir)
+            .env("GH_PROMPT_DISABLED", "1")
+            .env("GH_NO_UPDATE_NOTIFIER", "1")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let out = match tokio::time::timeout(GH_TIMEOUT, cmd.output()).await {
+            Ok(Ok(out)) if out.status.success() => out.stdout,
+            Ok(Ok(out)) => {
+                tracing::debug!(exit = ?out.status.code(), "gh pr view found no PR");
+                return None;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "gh is not available");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(timeout_s = GH_TIMEOUT.as_secs(), "gh pr view timed out");
+                return None;
+            }
+        };
+        let v: serde_json::Value = serde_json::from_slice(&out).ok()?;
+        v.get("url")?.as_str().filter(|u| !u.is_empty()).map(str::to_owned)
+    }
+}
+
+async fn empty_tree(git: &Git) -> Result<String, GitError> {
+    // Not the well-known SHA-1 constant: a SHA-256 repository has another.
+    let out = git.run(&["hash-object", "-t", "tree", "/dev/null"]).await?;
+    Ok(String::from_utf8_lossy(&out).trim().to_owned())
+}
+
+/// Tracked changes plus untracked files, with totals and the capped patch.
+fn assemble_diff(repo: &Path, tracked: git::TrackedDiff, untracked: &[String], cap: usize) -> GitDiff {
+    let mut files = tracked.files;
+    let mut truncated = tracked.truncated;
+    let mut patch = tracked.patch;
+    if let Some(p) = patch.as_mut() {
+        p.truncate(cap);
+    }
+    for rel in untracked {
+        let sink = patch.as_mut().map(|p| (p, cap, &mut truncated));
+        files.push(untracked::untracked_change(repo, rel, sink));
+    }
+    let full_diff = patch.map(|p| {
+        let mut s = String::from_utf8_lossy(&p).into_owned();
+        if s.len() > cap {
+            // Lossy decoding can grow the text; keep the cap a hard limit.
+            let mut end = cap;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+        }
+        s
+    });
+    GitDiff {
+        files_changed: files.len(),
+        added: files.iter().map(|f| f.additions).sum(),
+        removed: files.iter().map(|f| f.deletions).sum(),
+        truncated: full_diff.as_ref().map(|_| truncated),
+        full_diff,
+        files,
+    }
+}
+
+fn to_value(repo: &Repo) -> serde_json::Value {
+    serde_json::to_value(repo).unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn sh(dir: &Path, script: &str) {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "T")
+            .env("GIT_AUTHOR_EMAIL", "t@e")
+            .env("GIT_COMMITTER_NAME", "T")
+            .env("GIT_COMMITTER_EMAIL", "t@e")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{script}");
+    }
+
+    /// `refresh` discovers first, then publishes only real changes.
+    #[tokio::test]
+    async fn refresh_publishes_discovered_then_only_changes() {
+        let home = tempfile::tempdir().unwrap();
+        let config = Config::for_home(home.path(), "s");
+        let ws = &config.workspaces_dir;
+        std::fs::create_dir_all(ws.join("api")).unwrap();
+        sh(&ws.join("api"), "git init -q -b main && echo a > a && git add a && git commit -qm init");
+        let bus = EventBus::open(&config.paths.events_file, 1 << 20).unwrap();
+        let repos = RepoService::new(&config, bus.clone(), Arc::new(|_: &str| true));
+        let types = |bus: &EventBus| -> Vec<String> {
+            let text = std::fs::read_to_string(&config.paths.events_file).unwrap_or_default();
+            let _ = bus;
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .map(|v| v["type"].as_str().unwrap_or("").to_owned())
+                .collect()
+        };
+        repos.refresh().await;
+        assert_eq!(types(&bus), vec!["repo.discovered"]);
+        repos.refresh().await;
+        assert_eq!(types(&bus), vec!["repo.discovered"], "nothing changed, nothing published");
+        std::fs::write(ws.join("api/a"), "b\n").unwrap();
+        repos.refresh().await;
+        assert_eq!(types(&bus), vec!["repo.discovered", "repo.status.changed"]);
+        assert_eq!(repos.count(), 1);
+    }
+}
