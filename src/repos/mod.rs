@@ -77,6 +77,8 @@ fn fingerprint(r: &Repo) -> Fingerprint {
     (r.branch.clone(), r.head_sha.clone(), r.is_dirty, r.git_diff.files.clone(), r.error.clone())
 }
 
+type PrSlot = Arc<tokio::sync::Mutex<Option<(String, String, Option<String>)>>>;
+
 /// Says whether a repo's start hooks are done (any outcome, or none).
 pub type HooksCompleted = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
@@ -94,7 +96,9 @@ struct Inner {
     bus: EventBus,
     hooks_completed: HooksCompleted,
     /// `gh pr view` answers per repo path, valid for one (branch, HEAD).
-    pr_cache: Mutex<HashMap<PathBuf, (String, String, Option<String>)>>,
+    /// The per-repo async lock is held across the gh call so concurrent
+    /// looks (a GET during the start-up refresh) ask gh once.
+    pr_cache: Mutex<HashMap<PathBuf, PrSlot>>,
     /// The last look at each repo, for `refresh`. The async lock also
     /// serialises refreshes so events come out in a consistent order.
     last: tokio::sync::Mutex<Option<HashMap<String, Fingerprint>>>,
@@ -317,17 +321,18 @@ impl RepoService {
         let (Some(branch), Some(head), true) = (branch, head, has_remote) else {
             return None;
         };
-        if let Ok(cache) = self.inner.pr_cache.lock() {
-            if let Some((b, h, url)) = cache.get(&git.repo) {
-                if b == branch && h == head {
-                    return url.clone();
-                }
+        let slot = match self.inner.pr_cache.lock() {
+            Ok(mut cache) => cache.entry(git.repo.clone()).or_default().clone(),
+            Err(_) => return None,
+        };
+        let mut slot = slot.lock().await;
+        if let Some((b, h, url)) = slot.as_ref() {
+            if b == branch && h == head {
+                return url.clone();
             }
         }
         let url = self.ask_gh(&git.repo, branch).await;
-        if let Ok(mut cache) = self.inner.pr_cache.lock() {
-            cache.insert(git.repo.clone(), (branch.to_owned(), head.to_owned(), url.clone()));
-        }
+        *slot = Some((branch.to_owned(), head.to_owned(), url.clone()));
         url
     }
 
