@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{sh, EngineSpec, TestEngine};
+use common::{sh, EngineSpec, SseEvent, TestEngine};
 use serde_json::Value;
 
 const TOKEN: &str = "ghs_TOPSECRET0123456789";
@@ -28,7 +28,9 @@ fn fake_gh(home: &Path) -> String {
 }
 
 fn gh_calls(home: &Path) -> usize {
-    std::fs::read_to_string(home.join("gh-calls.log")).map(|s| s.lines().count()).unwrap_or(0)
+    std::fs::read_to_string(home.join("gh-calls.log"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
 }
 
 /// `api`: a feature branch one commit ahead of `main`, a remote whose URL
@@ -108,10 +110,29 @@ async fn repos_report_branch_remote_diff_stats_and_pr_url() {
     // Against the merge-base with main: the committed line, the working
     // change and the untracked file.
     let diff = &api["gitDiff"];
-    assert_eq!((diff["filesChanged"].as_u64(), diff["added"].as_u64(), diff["removed"].as_u64()), (Some(3), Some(4), Some(1)));
-    assert_eq!((file(api, "a.txt")["status"].as_str(), file(api, "a.txt")["additions"].as_u64()), (Some("modified"), Some(1)));
+    assert_eq!(
+        (
+            diff["filesChanged"].as_u64(),
+            diff["added"].as_u64(),
+            diff["removed"].as_u64()
+        ),
+        (Some(3), Some(4), Some(1))
+    );
+    assert_eq!(
+        (
+            file(api, "a.txt")["status"].as_str(),
+            file(api, "a.txt")["additions"].as_u64()
+        ),
+        (Some("modified"), Some(1))
+    );
     assert_eq!(file(api, "b.txt")["deletions"], 1);
-    assert_eq!((file(api, "new.txt")["status"].as_str(), file(api, "new.txt")["additions"].as_u64()), (Some("untracked"), Some(2)));
+    assert_eq!(
+        (
+            file(api, "new.txt")["status"].as_str(),
+            file(api, "new.txt")["additions"].as_u64()
+        ),
+        (Some("untracked"), Some(2))
+    );
     assert!(diff.get("fullDiff").is_none() && diff.get("truncated").is_none());
 
     let web = repo(&body, "web");
@@ -149,10 +170,20 @@ async fn include_diffs_adds_the_full_diff_capped() {
     let diff = &repo(&body, "api")["gitDiff"];
     let full = diff["fullDiff"].as_str().unwrap();
     assert_eq!(diff["truncated"], false);
-    assert!(full.contains("diff --git a/a.txt b/a.txt") && full.contains("+four\n"), "{full}");
+    assert!(
+        full.contains("diff --git a/a.txt b/a.txt") && full.contains("+four\n"),
+        "{full}"
+    );
     assert!(full.contains("-b2\n+B2\n"), "{full}");
-    assert!(full.contains("--- /dev/null\n+++ b/new.txt\n@@ -0,0 +1,2 @@\n+new line\n+second\n"), "{full}");
-    assert_eq!(repo(&body, "api")["prUrl"], Value::Null, "gh missing: null, not an error");
+    assert!(
+        full.contains("--- /dev/null\n+++ b/new.txt\n@@ -0,0 +1,2 @@\n+new line\n+second\n"),
+        "{full}"
+    );
+    assert_eq!(
+        repo(&body, "api")["prUrl"],
+        Value::Null,
+        "gh missing: null, not an error"
+    );
 
     // Bad query values are 400 in the error shape.
     let res = e.get("/repos?includeDiffs=perhaps").send().await.unwrap();
@@ -182,28 +213,55 @@ async fn odd_repos_get_sensible_values_and_a_broken_one_an_error() {
     std::fs::write(ws.join("notes/readme.md"), "not a repo").unwrap();
     std::fs::create_dir_all(ws.join("broken/.git")).unwrap();
     std::fs::write(ws.join("broken/.git/HEAD"), "garbage").unwrap();
-    sh(&ws.join("local"), "git init -q -b main && echo 1 > f && git add f && git commit -qm 1");
+    sh(
+        &ws.join("local"),
+        "git init -q -b main && echo 1 > f && git add f && git commit -qm 1",
+    );
     let gh = fake_gh(&spec.home);
     let e = TestEngine::start_spec(spec.with("GH_BIN", gh), guard).await;
 
     let body = e.get_json("/repos", 200).await;
-    let names: Vec<&str> = body["repos"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["broken", "detached", "empty", "local"], "name order; the plain folder is ignored");
+    let names: Vec<&str> = body["repos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["broken", "detached", "empty", "local"],
+        "name order; the plain folder is ignored"
+    );
 
     let empty = repo(&body, "empty");
-    assert_eq!((empty["branch"].as_str(), empty["headSha"].clone()), (Some("main"), Value::Null));
-    assert_eq!((empty["isDirty"].as_bool(), empty["gitDiff"]["added"].as_u64()), (Some(true), Some(1)));
+    assert_eq!(
+        (empty["branch"].as_str(), empty["headSha"].clone()),
+        (Some("main"), Value::Null)
+    );
+    assert_eq!(
+        (empty["isDirty"].as_bool(), empty["gitDiff"]["added"].as_u64()),
+        (Some(true), Some(1))
+    );
     assert!(empty.get("error").is_none(), "{empty}");
 
     let detached = repo(&body, "detached");
     assert_eq!(detached["branch"], Value::Null);
-    assert_eq!(detached["headSha"], sh(&ws.join("detached"), "git rev-parse HEAD").trim());
+    assert_eq!(
+        detached["headSha"],
+        sh(&ws.join("detached"), "git rev-parse HEAD").trim()
+    );
     assert_eq!(detached["prUrl"], Value::Null);
     assert!(detached.get("error").is_none(), "{detached}");
 
     let local = repo(&body, "local");
-    assert_eq!((local["remoteUrl"].clone(), local["prUrl"].clone()), (Value::Null, Value::Null));
-    assert_eq!((local["isDirty"].as_bool(), local["gitDiff"]["filesChanged"].as_u64()), (Some(false), Some(0)));
+    assert_eq!(
+        (local["remoteUrl"].clone(), local["prUrl"].clone()),
+        (Value::Null, Value::Null)
+    );
+    assert_eq!(
+        (local["isDirty"].as_bool(), local["gitDiff"]["filesChanged"].as_u64()),
+        (Some(false), Some(0))
+    );
     assert_eq!(gh_calls(e.home()), 0, "no remote, no branch: gh is not asked");
 
     let broken = repo(&body, "broken");
@@ -227,7 +285,10 @@ async fn repo_events_discovered_at_start_and_changed_after_hooks() {
         .to_string(),
     )
     .unwrap();
-    sh(&dir, "git init -q -b main && echo a > a.txt && git add . && git commit -qm init");
+    sh(
+        &dir,
+        "git init -q -b main && echo a > a.txt && git add . && git commit -qm init",
+    );
     let e = TestEngine::start_spec(spec.with("GH_BIN", "/nonexistent/gh"), guard).await;
     let mut events = e.events("since=0&types=repo.*,hooks.completed,hooks.failed").await;
 
@@ -239,11 +300,16 @@ async fn repo_events_discovered_at_start_and_changed_after_hooks() {
 
     std::fs::write(&go, "").unwrap();
     let (changed, before) = events
-        .wait_for(Duration::from_secs(30), |e| e.event.as_deref() == Some("repo.status.changed"))
+        .wait_for(Duration::from_secs(30), |e: &SseEvent| {
+            e.event.as_deref() == Some("repo.status.changed")
+        })
         .await;
     assert!(before.iter().any(|e| e.event.as_deref() == Some("hooks.completed")));
     let r = &changed.json()["payload"]["repo"];
-    assert_eq!((r["isDirty"].as_bool(), r["gitDiff"]["added"].as_u64()), (Some(true), Some(1)));
+    assert_eq!(
+        (r["isDirty"].as_bool(), r["gitDiff"]["added"].as_u64()),
+        (Some(true), Some(1))
+    );
     assert_eq!(r["startHooksCompleted"], true);
     e.shutdown().await;
 }

@@ -165,7 +165,12 @@ impl HookService {
             s.status = "running".into();
             s.started_at = Some(crate::util::now_ts());
         });
-        inner.bus.publish(None, EventKind::HooksStarted { status: self.status_value() });
+        inner.bus.publish(
+            None,
+            EventKind::HooksStarted {
+                status: self.status_value(),
+            },
+        );
         tracing::info!(repos = plan.len(), "start hooks running");
         let log = open_log(&inner.config.paths.start_hooks_log);
 
@@ -370,10 +375,14 @@ fn open_log(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    std::fs::OpenOptions::new().create(true).append(true).open(path).or_else(|e| {
-        tracing::error!(error = %e, file = %path.display(), "cannot open the start hooks log; output is discarded");
-        std::fs::OpenOptions::new().write(true).open("/dev/null")
-    })
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .or_else(|e| {
+            tracing::error!(error = %e, file = %path.display(), "cannot open the start hooks log; output is discarded");
+            std::fs::OpenOptions::new().write(true).open("/dev/null")
+        })
 }
 
 #[cfg(test)]
@@ -411,7 +420,10 @@ mod tests {
         assert!(!hooks.repo_completed("a"));
         let repos = RepoService::new(&config, bus.clone(), Arc::new(|_: &str| true));
         hooks.start(repos, CancellationToken::new());
-        tokio::time::timeout(Duration::from_secs(20), done.wait_for(|d| *d)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(20), done.wait_for(|d| *d))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(hooks.status().status, "completed");
         assert!(hooks.repo_completed("a"));
         // A second service (a restarted engine) sees the record: done at once.

@@ -21,8 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::repos::config::Hook;
 
-/// Grace between TERM and KILL when a hook's group is stopped.
+/// Grace between TERM and KILL when a timed-out hook's group is stopped.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Shorter on shutdown: the runtime is torn down about a second after the
+/// server stops, and the KILL must be sent before that.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -102,7 +105,10 @@ pub async fn run_step(
         "----- repo={repo} command={:?} status={} exit={} duration={}ms",
         step.label,
         state_name(outcome.state),
-        outcome.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "none".into()),
+        outcome
+            .exit_code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "none".into()),
         outcome.duration.as_millis()
     );
     outcome
@@ -151,7 +157,7 @@ async fn run_inner(
             Outcome { state: CommandState::TimedOut, exit_code: None, duration: started.elapsed() }
         }
         _ = cancel.cancelled() => {
-            let _ = crate::process::stop_group(&mut child, STOP_GRACE).await;
+            let _ = crate::process::stop_group(&mut child, SHUTDOWN_GRACE).await;
             failed(None)
         }
     }
@@ -183,14 +189,21 @@ mod tests {
     async fn one_script_shares_shell_state_and_reports_any_failure() {
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let h = hook(&["export FOO=bar", "false", "mkdir s && cd s", "echo $FOO > foo"], false, 10_000);
+        let h = hook(
+            &["export FOO=bar", "false", "mkdir s && cd s", "echo $FOO > foo"],
+            false,
+            10_000,
+        );
         let st = steps(&h);
         assert_eq!(st.len(), 1);
         let o = run_step("r", dir.path(), &st[0], h.timeout(), &log, &CancellationToken::new()).await;
         assert_eq!((o.state, o.exit_code), (CommandState::Failed, Some(1)));
         assert_eq!(std::fs::read_to_string(dir.path().join("s/foo")).unwrap(), "bar\n");
         let text = std::fs::read_to_string(dir.path().join("log")).unwrap();
-        assert!(text.contains("repo=r") && text.contains("status=failed exit=1"), "{text}");
+        assert!(
+            text.contains("repo=r") && text.contains("status=failed exit=1"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -198,7 +211,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
         let st = steps(&hook(&["sleep 30"], true, 100));
-        let o = run_step("r", dir.path(), &st[0], Duration::from_millis(100), &log, &CancellationToken::new()).await;
+        let o = run_step(
+            "r",
+            dir.path(),
+            &st[0],
+            Duration::from_millis(100),
+            &log,
+            &CancellationToken::new(),
+        )
+        .await;
         assert_eq!(o.state, CommandState::TimedOut);
         let cancel = CancellationToken::new();
         cancel.cancel();

@@ -164,9 +164,13 @@ mod tests {
         let c = parse("replicas.json", r#"{"startHook":{"commands":["a"]},"extra":1}"#).unwrap();
         let h = c.start_hook.unwrap();
         assert_eq!((h.timeout, h.separate), (300_000, true));
-        let c = parse("replicas.yaml", "systemPrompt: hi\nwarmHook:\n  commands: [b]\n  timeout: 5\n  separate: false\n").unwrap();
+        let c = parse(
+            "replicas.yaml",
+            "systemPrompt: hi\nwarmHook:\n  commands: [b]\n  timeout: 5\n  separate: false\n",
+        )
+        .unwrap();
         assert_eq!(c.system_prompt.as_deref(), Some("hi"));
-        assert_eq!(c.warm_hook.unwrap().separate, false);
+        assert!(!c.warm_hook.unwrap().separate);
         assert_eq!(parse("replicas.yml", "  \n").unwrap(), ReplicasConfig::default());
     }
 
@@ -181,7 +185,11 @@ mod tests {
     #[test]
     fn prompt_for_repo_and_root() {
         let root = tempfile::tempdir().unwrap();
-        for (name, prompt) in [("web", Some("Use pnpm.")), ("api", Some("Run cargo test.")), ("docs", None)] {
+        for (name, prompt) in [
+            ("web", Some("Use pnpm.")),
+            ("api", Some("Run cargo test.")),
+            ("docs", None),
+        ] {
             let d = root.path().join(name);
             std::fs::create_dir_all(d.join(".git")).unwrap();
             std::fs::create_dir_all(d.join("src")).unwrap();
@@ -191,11 +199,17 @@ mod tests {
         }
         std::fs::create_dir_all(root.path().join("notes")).unwrap();
         let r = root.path();
-        assert_eq!(system_prompt_for(r, &r.join("api/src")).as_deref(), Some("Run cargo test."));
+        assert_eq!(
+            system_prompt_for(r, &r.join("api/src")).as_deref(),
+            Some("Run cargo test.")
+        );
         assert_eq!(system_prompt_for(r, &r.join("docs")), None);
         assert_eq!(system_prompt_for(r, &r.join("notes")), None);
         assert_eq!(system_prompt_for(r, Path::new("/")), None);
         let all = system_prompt_for(r, r).unwrap();
-        assert_eq!(all, "## Repository `api`\n\nRun cargo test.\n\n## Repository `web`\n\nUse pnpm.");
+        assert_eq!(
+            all,
+            "## Repository `api`\n\nRun cargo test.\n\n## Repository `web`\n\nUse pnpm."
+        );
     }
 }

@@ -35,7 +35,13 @@ impl Git {
         let mut cmd = crate::process::command(&self.bin);
         cmd.arg("-C")
             .arg(&self.repo)
-            .args(["--no-optional-locks", "-c", "core.quotePath=false", "-c", "color.ui=false"])
+            .args([
+                "--no-optional-locks",
+                "-c",
+                "core.quotePath=false",
+                "-c",
+                "color.ui=false",
+            ])
             .args(args)
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CEILING_DIRECTORIES", &self.ceiling)
@@ -176,9 +182,11 @@ pub fn parse_raw_numstat(tokens: &[Vec<u8>]) -> Result<Vec<FileChange>, String> 
     let mut i = 0;
     while i < tokens.len() && tokens[i].first() == Some(&b':') {
         let header = text(&tokens[i]);
-        let letter = header.split_whitespace().nth(4).and_then(|s| s.chars().next()).ok_or(format!(
-            "raw record without a status: {header:?}"
-        ))?;
+        let letter = header
+            .split_whitespace()
+            .nth(4)
+            .and_then(|s| s.chars().next())
+            .ok_or(format!("raw record without a status: {header:?}"))?;
         let (status, paths) = match letter {
             'A' | 'C' => ("added", if letter == 'C' { 2 } else { 1 }),
             'D' => ("deleted", 1),
@@ -196,7 +204,13 @@ pub fn parse_raw_numstat(tokens: &[Vec<u8>]) -> Result<Vec<FileChange>, String> 
         let (Some(a), Some(d), Some(p)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(format!("numstat record {rec:?}"));
         };
-        let num = |s: &str| if s == "-" { Ok(0) } else { s.parse::<u64>().map_err(|_| format!("count {s:?}")) };
+        let num = |s: &str| {
+            if s == "-" {
+                Ok(0)
+            } else {
+                s.parse::<u64>().map_err(|_| format!("count {s:?}"))
+            }
+        };
         let (additions, deletions) = (num(a)?, num(d)?);
         let path = if p.is_empty() {
             // Rename: source and destination follow as their own records.
@@ -340,10 +354,19 @@ mod tests {
             strip_credentials("https://x-access-token:ghs_SECRET@github.com/acme/api.git"),
             "https://github.com/acme/api.git"
         );
-        assert_eq!(strip_credentials("https://tok@github.com/a/b"), "https://github.com/a/b");
-        assert_eq!(strip_credentials("git@github.com:acme/api.git"), "git@github.com:acme/api.git");
+        assert_eq!(
+            strip_credentials("https://tok@github.com/a/b"),
+            "https://github.com/a/b"
+        );
+        assert_eq!(
+            strip_credentials("git@github.com:acme/api.git"),
+            "git@github.com:acme/api.git"
+        );
         assert_eq!(strip_credentials("/srv/git/api.git"), "/srv/git/api.git");
-        assert_eq!(strip_credentials("https://github.com/a/b.git"), "https://github.com/a/b.git");
+        assert_eq!(
+            strip_credentials("https://github.com/a/b.git"),
+            "https://github.com/a/b.git"
+        );
         assert_eq!(strip_credentials("ssh://git@host:22/a/b.git"), "ssh://host:22/a/b.git");
         assert!(!strip_credentials("weird://u:p@ss@host/x").contains("ss@"));
     }
@@ -369,8 +392,18 @@ mod tests {
     #[test]
     fn parses_raw_and_numstat_with_renames_and_binaries() {
         let toks: Vec<Vec<u8>> = [
-            ":100644 100644 1 0 M", "a", ":000000 100644 0 0 A", "bin", ":100644 100644 6 6 R100", "b", "c",
-            "1\t0\ta", "-\t-\tbin", "0\t0\t", "b", "c",
+            ":100644 100644 1 0 M",
+            "a",
+            ":000000 100644 0 0 A",
+            "bin",
+            ":100644 100644 6 6 R100",
+            "b",
+            "c",
+            "1\t0\ta",
+            "-\t-\tbin",
+            "0\t0\t",
+            "b",
+            "c",
         ]
         .iter()
         .map(|s| s.as_bytes().to_vec())

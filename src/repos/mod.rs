@@ -74,7 +74,13 @@ pub struct GitDiff {
 type Fingerprint = (Option<String>, Option<String>, bool, Vec<FileChange>, Option<String>);
 
 fn fingerprint(r: &Repo) -> Fingerprint {
-    (r.branch.clone(), r.head_sha.clone(), r.is_dirty, r.git_diff.files.clone(), r.error.clone())
+    (
+        r.branch.clone(),
+        r.head_sha.clone(),
+        r.is_dirty,
+        r.git_diff.files.clone(),
+        r.error.clone(),
+    )
 }
 
 type PrSlot = Arc<tokio::sync::Mutex<Option<(String, String, Option<String>)>>>;
@@ -133,7 +139,9 @@ impl RepoService {
     #[tracing::instrument(skip_all, fields(include_diffs))]
     pub async fn list(&self, include_diffs: bool) -> Vec<Repo> {
         let dirs = config::repo_dirs(&self.inner.workspaces_dir);
-        let reads = dirs.into_iter().map(|(name, dir)| self.examine(name, dir, include_diffs));
+        let reads = dirs
+            .into_iter()
+            .map(|(name, dir)| self.examine(name, dir, include_diffs));
         futures_util::future::join_all(reads).await
     }
 
@@ -179,7 +187,11 @@ impl RepoService {
             }
             Err(_) => {
                 tracing::warn!(repo = %name, timeout_s = REPO_TIMEOUT.as_secs(), "reading repository timed out");
-                self.broken(&name, &dir, format!("reading the repository took longer than {}s", REPO_TIMEOUT.as_secs()))
+                self.broken(
+                    &name,
+                    &dir,
+                    format!("reading the repository took longer than {}s", REPO_TIMEOUT.as_secs()),
+                )
             }
         };
         repo.start_hooks_completed = (self.inner.hooks_completed)(&name);
@@ -217,7 +229,9 @@ impl RepoService {
         // Phase 2: the diff base: the merge-base of HEAD with the default
         // branch (remote-tracking ref first), else HEAD itself; a repo
         // without commits diffs against the empty tree.
-        let base_ref = self.base_ref(git, remote.as_ref().map(|r| r.0.as_str()), &default_branch).await?;
+        let base_ref = self
+            .base_ref(git, remote.as_ref().map(|r| r.0.as_str()), &default_branch)
+            .await?;
         let base = match (&status.head_sha, &base_ref) {
             (None, _) => empty_tree(git).await?,
             (Some(head), Some(r)) => match git.try_run(&["merge-base", "HEAD", r]).await? {
@@ -237,7 +251,9 @@ impl RepoService {
                 (Some(_), Some(r)) => {
                     let range = format!("{r}...HEAD");
                     let out = git.try_run(&["rev-list", "--left-right", "--count", &range]).await?;
-                    let text = out.map(|o| String::from_utf8_lossy(&o).into_owned()).unwrap_or_default();
+                    let text = out
+                        .map(|o| String::from_utf8_lossy(&o).into_owned())
+                        .unwrap_or_default();
                     let mut it = text.split_whitespace().map(|n| n.parse::<u64>().unwrap_or(0));
                     let behind = it.next().unwrap_or(0);
                     Ok((it.next().unwrap_or(0), behind))
@@ -245,7 +261,12 @@ impl RepoService {
                 _ => Ok((0, 0)),
             }
         };
-        let pr = self.pr_url(git, status.branch.as_deref(), status.head_sha.as_deref(), remote.is_some());
+        let pr = self.pr_url(
+            git,
+            status.branch.as_deref(),
+            status.head_sha.as_deref(),
+            remote.is_some(),
+        );
         let (diff, ab, pr_url) = tokio::join!(git.diff(&base, include_diffs, cap), ahead_behind, pr);
         let diff = diff?;
         let (ahead, behind) = ab?;
@@ -279,7 +300,9 @@ impl RepoService {
     /// The reported remote `(name, credential-free URL)` and the default
     /// branch: `REPLICAS_DEFAULT_BRANCH`, else the remote's HEAD, else `main`.
     async fn remote_and_default(&self, git: &Git) -> Result<(Option<(String, String)>, String), GitError> {
-        let out = git.try_run(&["config", "-z", "--get-regexp", r"^remote\..*\.url$"]).await?;
+        let out = git
+            .try_run(&["config", "-z", "--get-regexp", r"^remote\..*\.url$"])
+            .await?;
         // Strip credentials right away: the raw URL is never kept or logged.
         let remote = out
             .as_deref()
@@ -437,7 +460,10 @@ mod tests {
         let config = Config::for_home(home.path(), "s");
         let ws = &config.workspaces_dir;
         std::fs::create_dir_all(ws.join("api")).unwrap();
-        sh(&ws.join("api"), "git init -q -b main && echo a > a && git add a && git commit -qm init");
+        sh(
+            &ws.join("api"),
+            "git init -q -b main && echo a > a && git add a && git commit -qm init",
+        );
         let bus = EventBus::open(&config.paths.events_file, 1 << 20).unwrap();
         let repos = RepoService::new(&config, bus.clone(), Arc::new(|_: &str| true));
         let types = |bus: &EventBus| -> Vec<String> {
@@ -451,7 +477,11 @@ mod tests {
         repos.refresh().await;
         assert_eq!(types(&bus), vec!["repo.discovered"]);
         repos.refresh().await;
-        assert_eq!(types(&bus), vec!["repo.discovered"], "nothing changed, nothing published");
+        assert_eq!(
+            types(&bus),
+            vec!["repo.discovered"],
+            "nothing changed, nothing published"
+        );
         std::fs::write(ws.join("api/a"), "b\n").unwrap();
         repos.refresh().await;
         assert_eq!(types(&bus), vec!["repo.discovered", "repo.status.changed"]);

@@ -18,11 +18,7 @@ const BINARY_SNIFF: usize = 8000;
 /// Stats for one untracked path, and, if `patch` is given, its "new file"
 /// diff appended while `patch` stays within `cap` bytes (`truncated` is set
 /// when it would not).
-pub fn untracked_change(
-    repo: &Path,
-    rel: &str,
-    patch: Option<(&mut Vec<u8>, usize, &mut bool)>,
-) -> FileChange {
+pub fn untracked_change(repo: &Path, rel: &str, patch: Option<(&mut Vec<u8>, usize, &mut bool)>) -> FileChange {
     let path = repo.join(rel);
     let mut change = FileChange {
         path: rel.trim_end_matches('/').to_owned(),
@@ -39,10 +35,16 @@ pub fn untracked_change(
         return change;
     };
     let (content, mode, binary) = if meta.file_type().is_symlink() {
-        let target = std::fs::read_link(&path).map(|t| t.into_os_string().into_encoded_bytes()).unwrap_or_default();
+        let target = std::fs::read_link(&path)
+            .map(|t| t.into_os_string().into_encoded_bytes())
+            .unwrap_or_default();
         (Some(target), "120000", false)
     } else if meta.is_file() {
-        let mode = if meta.permissions().mode() & 0o111 != 0 { "100755" } else { "100644" };
+        let mode = if meta.permissions().mode() & 0o111 != 0 {
+            "100755"
+        } else {
+            "100644"
+        };
         if meta.len() > MAX_PATCH_FILE_BYTES || patch.is_none() {
             let (lines, binary) = count_lines(&path);
             change.additions = if binary { 0 } else { lines };
@@ -163,7 +165,10 @@ mod tests {
         let c = untracked_change(dir.path(), "n.txt", Some((&mut out, 1 << 20, &mut truncated)));
         assert_eq!((c.additions, c.status), (2, "untracked"));
         let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("+++ b/n.txt\n@@ -0,0 +1,2 @@\n+a\n+b\n\\ No newline at end of file\n"), "{text}");
+        assert!(
+            text.contains("+++ b/n.txt\n@@ -0,0 +1,2 @@\n+a\n+b\n\\ No newline at end of file\n"),
+            "{text}"
+        );
         assert!(!truncated);
     }
 
