@@ -217,32 +217,43 @@ impl RepoService {
     }
 
     async fn read(&self, git: &Git, name: &str, include_diffs: bool) -> Result<Repo, GitError> {
-        // Phase 1: the worktree scan and the cheap ref lookups, together.
-        let status_args = ["status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"];
-        let (status, remote) = tokio::join!(git.run(&status_args), self.remote_and_default(git));
-        let status = git::parse_status_v2(&status?).map_err(|detail| GitError::Parse {
-            args: "status".into(),
-            detail,
-        })?;
-        let (remote, default_branch) = remote?;
-
-        // Phase 2: the diff base: the merge-base of HEAD with the default
-        // branch (remote-tracking ref first), else HEAD itself; a repo
-        // without commits diffs against the empty tree.
-        let base_ref = self
-            .base_ref(git, remote.as_ref().map(|r| r.0.as_str()), &default_branch)
-            .await?;
-        let base = match (&status.head_sha, &base_ref) {
-            (None, _) => empty_tree(git).await?,
-            (Some(head), Some(r)) => match git.try_run(&["merge-base", "HEAD", r]).await? {
-                Some(out) => String::from_utf8_lossy(&out).trim().to_owned(),
-                None => head.clone(),
-            },
-            (Some(head), None) => head.clone(),
-        };
-
-        // Phase 3: diff, ahead/behind and the PR URL, together.
+        // Two worktree scans, run side by side: `git status` (branch, HEAD,
+        // dirtiness, untracked files) and, after the cheap ref lookups that
+        // find its base, `git diff`.
         let cap = self.inner.max_diff_bytes;
+        let status_args = ["status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"];
+        let status = async {
+            let out = git.run(&status_args).await?;
+            git::parse_status_v2(&out).map_err(|detail| GitError::Parse {
+                args: "status".into(),
+                detail,
+            })
+        };
+        let diff_side = async {
+            let (remote, default_branch) = self.remote_and_default(git).await?;
+            let base_ref = self
+                .base_ref(git, remote.as_ref().map(|r| r.0.as_str()), &default_branch)
+                .await?;
+            // The diff base: the merge-base of HEAD with the default branch
+            // (remote-tracking ref first), else HEAD itself; a repository
+            // without commits diffs against the empty tree.
+            let head = git.try_run(&["rev-parse", "-q", "--verify", "HEAD^{commit}"]).await?;
+            let base = match (&head, &base_ref) {
+                (None, _) => empty_tree(git).await?,
+                (Some(_), Some(r)) => match git.try_run(&["merge-base", "HEAD", r]).await? {
+                    Some(out) => String::from_utf8_lossy(&out).trim().to_owned(),
+                    None => "HEAD".to_owned(),
+                },
+                (Some(_), None) => "HEAD".to_owned(),
+            };
+            let diff = git.diff(&base, include_diffs, cap).await?;
+            Ok::<_, GitError>((remote, default_branch, base_ref, diff))
+        };
+        let (status, diff_side) = tokio::join!(status, diff_side);
+        let status = status?;
+        let (remote, default_branch, base_ref, diff) = diff_side?;
+
+        // Then ahead/behind (when there is no upstream) and the PR URL.
         let ahead_behind = async {
             if let Some(ab) = status.ahead_behind {
                 return Ok::<_, GitError>(ab);
@@ -267,8 +278,7 @@ impl RepoService {
             status.head_sha.as_deref(),
             remote.is_some(),
         );
-        let (diff, ab, pr_url) = tokio::join!(git.diff(&base, include_diffs, cap), ahead_behind, pr);
-        let diff = diff?;
+        let (ab, pr_url) = tokio::join!(ahead_behind, pr);
         let (ahead, behind) = ab?;
 
         let repo_dir = git.repo.clone();
