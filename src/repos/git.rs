@@ -83,7 +83,7 @@ impl Git {
     /// working tree against `base`, and with `patch` the unified diff, kept
     /// up to `cap` bytes (the rest is not read: git is killed on drop).
     pub async fn diff(&self, base: &str, patch: bool, cap: usize) -> Result<TrackedDiff, GitError> {
-        let mut args = vec!["diff", "--raw", "--numstat", "-z"];
+        let mut args = vec!["diff", "--no-ext-diff", "--no-textconv", "--raw", "--numstat", "-z"];
         if patch {
             args.push("-p");
         }
