@@ -56,6 +56,19 @@ fn alive(pid: i32) -> bool {
     }
 }
 
+/// Whether `pid` is gone within a deadline (a KILLed process needs to be
+/// scheduled once to die).
+async fn gone(pid: i32) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
 async fn wait_file(path: &Path) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -161,7 +174,7 @@ async fn a_timed_out_command_loses_its_backgrounded_grandchild_and_later_ones_ru
         .trim()
         .parse()
         .unwrap();
-    assert!(!alive(pid), "the backgrounded sleep was killed with its group");
+    assert!(gone(pid).await, "the backgrounded sleep was killed with its group");
     assert!(ws.join("a/after.txt").exists());
     e.shutdown().await;
 }
@@ -263,7 +276,7 @@ async fn engine_shutdown_kills_a_running_hook_and_does_not_record_it() {
     assert_eq!(e.get_json("/hooks/status", 200).await["status"], "running");
     let home = e.home().to_path_buf();
     e.shutdown().await;
-    assert!(!alive(pid), "shutdown ended the hook's process group");
+    assert!(gone(pid).await, "shutdown ended the hook's process group");
     assert!(
         !home.join(".replicas/engine-state.json").exists(),
         "an interrupted run is not recorded"

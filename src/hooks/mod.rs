@@ -217,15 +217,16 @@ impl HookService {
             self.set_repo(repo_idx, if ok { "completed" } else { "failed" });
         }
 
-        inner.status.send_modify(|s| {
-            let failed = s.repos.iter().any(|r| r.status == "failed");
-            s.status = if failed { "failed" } else { "completed" }.into();
-            s.finished_at = Some(crate::util::now_ts());
-        });
-        let status = self.status();
+        // Record first, then show: whoever sees `completed` can rely on a
+        // restarted engine not running the hooks again.
+        let mut status = self.status();
+        let failed = status.repos.iter().any(|r| r.status == "failed");
+        status.status = if failed { "failed" } else { "completed" }.into();
+        status.finished_at = Some(crate::util::now_ts());
         if let Err(e) = write_record(&inner.config, &status) {
             tracing::error!(error = %e, file = %inner.config.paths.engine_state_file.display(), "cannot record start hook completion");
         }
+        inner.status.send_replace(status.clone());
         let value = self.status_value();
         let kind = if status.status == "failed" {
             EventKind::HooksFailed { status: value }

@@ -146,7 +146,12 @@ async fn run_inner(
             return failed(None);
         }
     };
-    tokio::select! {
+    // If this future is dropped mid-run (the runtime shutting down after
+    // the server stopped, before the cancel branch below got to run), the
+    // guard KILLs the whole group; `kill_on_drop` alone would reach only
+    // the shell, not what it backgrounded.
+    let mut guard = GroupGuard(child.id());
+    let outcome = tokio::select! {
         status = child.wait() => match status {
             Ok(s) if s.success() => Outcome { state: CommandState::Succeeded, exit_code: Some(0), duration: started.elapsed() },
             Ok(s) => failed(s.code()),
@@ -159,6 +164,21 @@ async fn run_inner(
         _ = cancel.cancelled() => {
             let _ = crate::process::stop_group(&mut child, SHUTDOWN_GRACE).await;
             failed(None)
+        }
+    };
+    // Finished or stopped: a command that exited normally keeps whatever
+    // it started in the background.
+    guard.0 = None;
+    outcome
+}
+
+/// KILLs a hook's process group when dropped while armed.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = crate::process::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
