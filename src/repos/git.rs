@@ -79,15 +79,15 @@ impl Git {
         Ok(out.status.success().then_some(out.stdout))
     }
 
-    /// `git diff --raw --numstat -z [-p] <base>`: per-file stats of the
+    /// `git diff --raw --numstat -z [-p] <base…>`: per-file stats of the
     /// working tree against `base`, and with `patch` the unified diff, kept
     /// up to `cap` bytes (the rest is not read: git is killed on drop).
-    pub async fn diff(&self, base: &str, patch: bool, cap: usize) -> Result<TrackedDiff, GitError> {
+    pub async fn diff(&self, base: &[&str], patch: bool, cap: usize) -> Result<TrackedDiff, GitError> {
         let mut args = vec!["diff", "--no-ext-diff", "--no-textconv", "--raw", "--numstat", "-z"];
         if patch {
             args.push("-p");
         }
-        args.push(base);
+        args.extend_from_slice(base);
         args.push("--");
         let mut child = self.command(&args).spawn().map_err(|e| self.spawn_error(e))?;
         let Some(stdout) = child.stdout.take() else {

@@ -85,6 +85,13 @@ fn fingerprint(r: &Repo) -> Fingerprint {
 
 type PrSlot = Arc<tokio::sync::Mutex<Option<(String, String, Option<String>)>>>;
 
+/// What the refs say about a repo.
+struct Refs {
+    remote: Option<(String, String)>,
+    default_branch: String,
+    base_ref: Option<String>,
+}
+
 /// Says whether a repo's start hooks are done (any outcome, or none).
 pub type HooksCompleted = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
@@ -230,28 +237,22 @@ impl RepoService {
             })
         };
         let diff_side = async {
-            let (remote, default_branch) = self.remote_and_default(git).await?;
-            let base_ref = self
-                .base_ref(git, remote.as_ref().map(|r| r.0.as_str()), &default_branch)
+            let refs = self.refs(git).await?;
+            let diff = self
+                .diff_against_base(git, refs.base_ref.as_deref(), include_diffs, cap)
                 .await?;
-            // The diff base: the merge-base of HEAD with the default branch
-            // (remote-tracking ref first), else HEAD itself; a repository
-            // without commits diffs against the empty tree.
-            let head = git.try_run(&["rev-parse", "-q", "--verify", "HEAD^{commit}"]).await?;
-            let base = match (&head, &base_ref) {
-                (None, _) => empty_tree(git).await?,
-                (Some(_), Some(r)) => match git.try_run(&["merge-base", "HEAD", r]).await? {
-                    Some(out) => String::from_utf8_lossy(&out).trim().to_owned(),
-                    None => "HEAD".to_owned(),
-                },
-                (Some(_), None) => "HEAD".to_owned(),
-            };
-            let diff = git.diff(&base, include_diffs, cap).await?;
-            Ok::<_, GitError>((remote, default_branch, base_ref, diff))
+            Ok::<_, GitError>((refs, diff))
         };
         let (status, diff_side) = tokio::join!(status, diff_side);
         let status = status?;
-        let (remote, default_branch, base_ref, diff) = diff_side?;
+        let (
+            Refs {
+                remote,
+                default_branch,
+                base_ref,
+            },
+            diff,
+        ) = diff_side?;
 
         // Then ahead/behind (when there is no upstream) and the PR URL.
         let ahead_behind = async {
@@ -307,45 +308,73 @@ impl RepoService {
         })
     }
 
-    /// The reported remote `(name, credential-free URL)` and the default
-    /// branch: `REPLICAS_DEFAULT_BRANCH`, else the remote's HEAD, else `main`.
-    async fn remote_and_default(&self, git: &Git) -> Result<(Option<(String, String)>, String), GitError> {
-        let out = git
-            .try_run(&["config", "-z", "--get-regexp", r"^remote\..*\.url$"])
-            .await?;
+    /// The reported remote, the default branch (`REPLICAS_DEFAULT_BRANCH`,
+    /// else the remote's HEAD, else `main`) and the ref the diff is based on
+    /// (`<remote>/<default>` if it exists, else the local `<default>`),
+    /// from two git calls run together.
+    async fn refs(&self, git: &Git) -> Result<Refs, GitError> {
+        let (config, refs) = tokio::join!(
+            git.try_run(&["config", "-z", "--get-regexp", r"^remote\..*\.url$"]),
+            git.try_run(&[
+                "for-each-ref",
+                "--format=%(refname) %(symref)",
+                "refs/remotes",
+                "refs/heads"
+            ]),
+        );
         // Strip credentials right away: the raw URL is never kept or logged.
-        let remote = out
+        let remote = config?
             .as_deref()
             .and_then(git::pick_remote)
             .map(|(name, url)| (name, git::strip_credentials(&url)));
-        if let Some(b) = &self.inner.default_branch {
-            return Ok((remote, b.clone()));
+        let refs = String::from_utf8_lossy(&refs?.unwrap_or_default()).into_owned();
+        let refs: HashMap<&str, &str> = refs.lines().filter_map(|l| l.split_once(' ')).collect();
+        let remote_name = remote.as_ref().map(|r| r.0.as_str());
+        let default_branch = match &self.inner.default_branch {
+            Some(b) => b.clone(),
+            None => remote_name
+                .and_then(|r| {
+                    let target = refs.get(format!("refs/remotes/{r}/HEAD").as_str())?;
+                    target.strip_prefix(&format!("refs/remotes/{r}/")).map(str::to_owned)
+                })
+                .unwrap_or_else(|| "main".into()),
+        };
+        let mut candidates = Vec::new();
+        if let Some(r) = remote_name {
+            candidates.push(format!("refs/remotes/{r}/{default_branch}"));
         }
-        let mut default = None;
-        if let Some((name, _)) = &remote {
-            let head_ref = format!("refs/remotes/{name}/HEAD");
-            if let Some(out) = git.try_run(&["symbolic-ref", "-q", &head_ref]).await? {
-                let target = String::from_utf8_lossy(&out).trim().to_owned();
-                let prefix = format!("refs/remotes/{name}/");
-                default = target.strip_prefix(&prefix).map(str::to_owned);
-            }
-        }
-        Ok((remote, default.unwrap_or_else(|| "main".into())))
+        candidates.push(format!("refs/heads/{default_branch}"));
+        let base_ref = candidates.into_iter().find(|c| refs.contains_key(c.as_str()));
+        Ok(Refs {
+            remote,
+            default_branch,
+            base_ref,
+        })
     }
 
-    /// The ref the diff is based on: `<remote>/<default>` if it exists,
-    /// else the local `<default>` branch, else none.
-    async fn base_ref(&self, git: &Git, remote: Option<&str>, default: &str) -> Result<Option<String>, GitError> {
-        let mut candidates = Vec::new();
-        if let Some(r) = remote {
-            candidates.push(format!("refs/remotes/{r}/{default}"));
+    /// The working tree against the merge-base of HEAD and `base_ref`
+    /// (`git diff --merge-base`); against HEAD when there is no base or no
+    /// common ancestor; against the empty tree in a repository without
+    /// commits. The fallbacks cost a process only in those rare cases.
+    async fn diff_against_base(
+        &self,
+        git: &Git,
+        base_ref: Option<&str>,
+        include_diffs: bool,
+        cap: usize,
+    ) -> Result<git::TrackedDiff, GitError> {
+        if let Some(r) = base_ref {
+            if let Ok(d) = git.diff(&["--merge-base", r], include_diffs, cap).await {
+                return Ok(d);
+            }
         }
-        candidates.push(format!("refs/heads/{default}"));
-        let mut args = vec!["for-each-ref", "--format=%(refname)"];
-        args.extend(candidates.iter().map(String::as_str));
-        let out = git.try_run(&args).await?.unwrap_or_default();
-        let found: Vec<String> = String::from_utf8_lossy(&out).lines().map(str::to_owned).collect();
-        Ok(candidates.into_iter().find(|c| found.contains(c)))
+        match git.diff(&["HEAD"], include_diffs, cap).await {
+            Ok(d) => Ok(d),
+            Err(e) => match git.try_run(&["rev-parse", "-q", "--verify", "HEAD^{commit}"]).await? {
+                Some(_) => Err(e),
+                None => git.diff(&[empty_tree(git).await?.as_str()], include_diffs, cap).await,
+            },
+        }
     }
 
     /// `gh pr view <branch> --json url`, cached per (branch, HEAD); `None`
