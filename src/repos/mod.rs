@@ -83,13 +83,15 @@ fn fingerprint(r: &Repo) -> Fingerprint {
     )
 }
 
+type AbEntry = ((String, String), (u64, u64));
 type PrSlot = Arc<tokio::sync::Mutex<Option<(String, String, Option<String>)>>>;
 
 /// What the refs say about a repo.
 struct Refs {
     remote: Option<(String, String)>,
     default_branch: String,
-    base_ref: Option<String>,
+    /// `(ref name, commit)` the diff is based on.
+    base_ref: Option<(String, String)>,
 }
 
 /// Says whether a repo's start hooks are done (any outcome, or none).
@@ -108,6 +110,8 @@ struct Inner {
     max_diff_bytes: usize,
     bus: EventBus,
     hooks_completed: HooksCompleted,
+    /// ahead/behind per repo path, valid for one (base commit, HEAD).
+    ab_cache: Mutex<HashMap<PathBuf, AbEntry>>,
     /// `gh pr view` answers per repo path, valid for one (branch, HEAD).
     /// The per-repo async lock is held across the gh call so concurrent
     /// looks (a GET during the start-up refresh) ask gh once.
@@ -130,6 +134,7 @@ impl RepoService {
                 bus,
                 hooks_completed,
                 pr_cache: Mutex::new(HashMap::new()),
+                ab_cache: Mutex::new(HashMap::new()),
                 last: tokio::sync::Mutex::new(None),
                 limit: tokio::sync::Semaphore::new(PARALLEL_REPOS),
             }),
@@ -239,7 +244,7 @@ impl RepoService {
         let diff_side = async {
             let refs = self.refs(git).await?;
             let diff = self
-                .diff_against_base(git, refs.base_ref.as_deref(), include_diffs, cap)
+                .diff_against_base(git, refs.base_ref.as_ref().map(|(r, _)| r.as_str()), include_diffs, cap)
                 .await?;
             Ok::<_, GitError>((refs, diff))
         };
@@ -259,19 +264,33 @@ impl RepoService {
             if let Some(ab) = status.ahead_behind {
                 return Ok::<_, GitError>(ab);
             }
-            match (&status.head_sha, &base_ref) {
-                (Some(_), Some(r)) => {
-                    let range = format!("{r}...HEAD");
-                    let out = git.try_run(&["rev-list", "--left-right", "--count", &range]).await?;
-                    let text = out
-                        .map(|o| String::from_utf8_lossy(&o).into_owned())
-                        .unwrap_or_default();
-                    let mut it = text.split_whitespace().map(|n| n.parse::<u64>().unwrap_or(0));
-                    let behind = it.next().unwrap_or(0);
-                    Ok((it.next().unwrap_or(0), behind))
-                }
-                _ => Ok((0, 0)),
+            let (Some(head), Some((r, base_sha))) = (&status.head_sha, &base_ref) else {
+                return Ok((0, 0));
+            };
+            // The counts depend only on the two commits: cached, so a
+            // dashboard polling /repos costs no history walk.
+            let key = (base_sha.clone(), head.clone());
+            if let Some(ab) = self
+                .inner
+                .ab_cache
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&git.repo).filter(|(k, _)| *k == key).map(|(_, ab)| *ab))
+            {
+                return Ok(ab);
             }
+            let range = format!("{r}...HEAD");
+            let out = git.try_run(&["rev-list", "--left-right", "--count", &range]).await?;
+            let text = out
+                .map(|o| String::from_utf8_lossy(&o).into_owned())
+                .unwrap_or_default();
+            let mut it = text.split_whitespace().map(|n| n.parse::<u64>().unwrap_or(0));
+            let behind = it.next().unwrap_or(0);
+            let ab = (it.next().unwrap_or(0), behind);
+            if let Ok(mut c) = self.inner.ab_cache.lock() {
+                c.insert(git.repo.clone(), (key, ab));
+            }
+            Ok(ab)
         };
         let pr = self.pr_url(
             git,
@@ -317,7 +336,7 @@ impl RepoService {
             git.try_run(&["config", "-z", "--get-regexp", r"^remote\..*\.url$"]),
             git.try_run(&[
                 "for-each-ref",
-                "--format=%(refname) %(symref)",
+                "--format=%(refname) %(objectname) %(symref)",
                 "refs/remotes",
                 "refs/heads"
             ]),
@@ -328,13 +347,20 @@ impl RepoService {
             .and_then(git::pick_remote)
             .map(|(name, url)| (name, git::strip_credentials(&url)));
         let refs = String::from_utf8_lossy(&refs?.unwrap_or_default()).into_owned();
-        let refs: HashMap<&str, &str> = refs.lines().filter_map(|l| l.split_once(' ')).collect();
+        // refname -> (commit, symref target or "")
+        let refs: HashMap<&str, (&str, &str)> = refs
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.splitn(3, ' ');
+                Some((it.next()?, (it.next()?, it.next().unwrap_or(""))))
+            })
+            .collect();
         let remote_name = remote.as_ref().map(|r| r.0.as_str());
         let default_branch = match &self.inner.default_branch {
             Some(b) => b.clone(),
             None => remote_name
                 .and_then(|r| {
-                    let target = refs.get(format!("refs/remotes/{r}/HEAD").as_str())?;
+                    let (_, target) = refs.get(format!("refs/remotes/{r}/HEAD").as_str())?;
                     target.strip_prefix(&format!("refs/remotes/{r}/")).map(str::to_owned)
                 })
                 .unwrap_or_else(|| "main".into()),
@@ -344,7 +370,10 @@ impl RepoService {
             candidates.push(format!("refs/remotes/{r}/{default_branch}"));
         }
         candidates.push(format!("refs/heads/{default_branch}"));
-        let base_ref = candidates.into_iter().find(|c| refs.contains_key(c.as_str()));
+        let base_ref = candidates
+            .into_iter()
+            .find_map(|c| refs.get(c.as_str()).map(|(sha, _)| (sha.to_string(), c)))
+            .map(|(sha, c)| (c, sha));
         Ok(Refs {
             remote,
             default_branch,
