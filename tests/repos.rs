@@ -152,6 +152,7 @@ async fn repos_report_branch_remote_diff_stats_and_pr_url() {
     let body = e.get_json("/repos", 200).await;
     assert_eq!(gh_calls(e.home()), calls + 1, "HEAD moved: asked again");
     assert_eq!(repo(&body, "api")["prUrl"], "https://github.com/acme/api/pull/7");
+    assert_eq!(repo(&body, "api")["ahead"], 2, "ahead/behind follow the new HEAD");
 
     let status = e.get_json("/status", 200).await;
     assert_eq!(status["repos"]["count"], 2);
