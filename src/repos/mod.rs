@@ -174,6 +174,11 @@ impl RepoService {
                 Some(old) if *old != fp => Some(EventKind::RepoStatusChanged { repo: to_value(&repo) }),
                 Some(_) => None,
             };
+            if let Some(error) = &repo.error {
+                if previous.get(&repo.name).and_then(|old| old.4.as_ref()) != Some(error) {
+                    tracing::warn!(repo = %repo.name, error = %error, "cannot read repository");
+                }
+            }
             if let Some(kind) = kind {
                 tracing::debug!(repo = %repo.name, event = kind.type_name(), "repo changed");
                 self.inner.bus.publish(None, kind);
@@ -194,11 +199,13 @@ impl RepoService {
         let mut repo = match tokio::time::timeout(REPO_TIMEOUT, self.read(&git, &name, include_diffs)).await {
             Ok(Ok(repo)) => repo,
             Ok(Err(e)) => {
-                tracing::warn!(repo = %name, error = %e, "cannot read repository");
+                // Debug here (a dashboard polls); `refresh` warns once when
+                // the error appears or changes.
+                tracing::debug!(repo = %name, error = %e, "cannot read repository");
                 self.broken(&name, &dir, e.to_string())
             }
             Err(_) => {
-                tracing::warn!(repo = %name, timeout_s = REPO_TIMEOUT.as_secs(), "reading repository timed out");
+                tracing::debug!(repo = %name, timeout_s = REPO_TIMEOUT.as_secs(), "reading repository timed out");
                 self.broken(
                     &name,
                     &dir,
