@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::events::{EventBus, EventKind};
+use crate::hooks::HookService;
+use crate::repos::RepoService;
 use crate::upstream::Upstream;
 
 #[derive(Clone)]
@@ -26,6 +28,8 @@ pub struct AppState {
     /// Cancelled when the engine begins shutting down; long-lived work (SSE
     /// streams, turn runners, hooks) watches it.
     pub shutdown: CancellationToken,
+    pub repos: RepoService,
+    pub hooks: HookService,
 }
 
 impl AppState {
@@ -39,7 +43,14 @@ impl AppState {
         let bus = EventBus::open(&paths.events_file, config.events_max_bytes)
             .with_context(|| format!("opening {}", paths.events_file.display()))?;
         let upstream = Upstream::start(&config, &bus, shutdown.clone())?;
+        let hooks = HookService::new(config.clone(), bus.clone());
+        let repos = RepoService::new(&config, bus.clone(), {
+            let hooks = hooks.clone();
+            Arc::new(move |repo: &str| hooks.repo_completed(repo))
+        });
         let state = Self {
+            repos,
+            hooks,
             config,
             bus,
             upstream,
@@ -54,6 +65,15 @@ impl AppState {
                 pid: std::process::id(),
             },
         );
+        // Background work: discover repos (publishes `repo.discovered`) and
+        // run start hooks; the engine serves meanwhile.
+        tokio::spawn({
+            let repos = state.repos.clone();
+            async move { repos.refresh().await }
+        });
+        state
+            .hooks
+            .start(state.repos.clone(), state.shutdown.clone());
         Ok(state)
     }
 }

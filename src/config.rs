@@ -61,6 +61,7 @@ ENVIRONMENT (also read from ./.env when present):
                             paths of the tools. Default: looked up on PATH.
   REPLICAS_MAX_BODY_BYTES   request body cap in bytes. Default 10485760 (10 MiB).
   REPLICAS_EVENTS_MAX_BYTES events.jsonl retention budget in bytes. Default 67108864 (64 MiB).
+  REPLICAS_MAX_DIFF_BYTES   cap of fullDiff in GET /repos?includeDiffs=true. Default 2097152 (2 MiB).
   REPLICAS_TURN_TIMEOUT_SECS
                             a provider turn that runs longer fails. Default 3600.
   REPLICAS_SSE_KEEPALIVE_SECS
@@ -155,6 +156,7 @@ pub struct Config {
     /// Bounds of the webhook outbox (undelivered events).
     pub webhook_outbox_max_events: usize,
     pub webhook_outbox_max_bytes: u64,
+    pub max_diff_bytes: usize,
 }
 
 impl Config {
@@ -165,16 +167,30 @@ impl Config {
 
     /// Load from an explicit variable map (tests use this).
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::load(vars, true)
+    }
+
+    /// Load for `replicas-engine warm`, which never serves and runs before
+    /// the server is configured (pre-warming): the secret may be absent.
+    pub fn from_env_for_warm() -> Result<Self, ConfigError> {
+        Self::load(&std::env::vars().collect(), false)
+    }
+
+    fn load(vars: &HashMap<String, String>, need_secret: bool) -> Result<Self, ConfigError> {
         // An empty value is treated like an unset one: systemd EnvironmentFile
         // lines such as `MONOLITH_URL=` are common.
         let get = |k: &str| vars.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
 
-        let secret = get("REPLICAS_ENGINE_SECRET").ok_or_else(|| {
-            invalid(
-                "REPLICAS_ENGINE_SECRET",
-                "is required and must not be empty",
-            )
-        })?;
+        let secret = match get("REPLICAS_ENGINE_SECRET") {
+            Some(s) => s,
+            None if !need_secret => "",
+            None => {
+                return Err(invalid(
+                    "REPLICAS_ENGINE_SECRET",
+                    "is required and must not be empty",
+                ))
+            }
+        };
 
         let port = match (get("PORT"), get("REPLICAS_ENGINE_PORT")) {
             (Some(v), _) => parse_port("PORT", v)?,
@@ -287,6 +303,11 @@ impl Config {
                 "REPLICAS_WEBHOOK_OUTBOX_MAX_BYTES",
                 get("REPLICAS_WEBHOOK_OUTBOX_MAX_BYTES"),
                 64 * 1024 * 1024,
+            )?,
+            max_diff_bytes: parse_num(
+                "REPLICAS_MAX_DIFF_BYTES",
+                get("REPLICAS_MAX_DIFF_BYTES"),
+                2 * 1024 * 1024,
             )?,
         })
     }
@@ -419,6 +440,12 @@ mod tests {
             ("REPLICAS_WORKSPACES_DIR", "rel/dir")
         ])
         .starts_with("REPLICAS_WORKSPACES_DIR:"));
+    }
+
+    #[test]
+    fn warm_needs_no_secret() {
+        let c = Config::load(&vars(&[]), false).unwrap();
+        assert_eq!(c.max_diff_bytes, 2 * 1024 * 1024);
     }
 
     #[test]

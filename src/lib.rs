@@ -5,6 +5,8 @@
 //! - [`app`]: [`app::AppState`] (service handles), `build()`, and `run(state, listener)`.
 //! - [`http`]: the only module that knows HTTP: router, layers, auth, error shape, one file per resource.
 //! - [`events`]: the typed `EngineEvent`, the gapless bus, the bounded JSONL journal.
+//! - [`repos`]: repos under the workspace root: git status, diffs, PR URL, repo events; the replicas config.
+//! - [`hooks`]: start hooks (once per workspace, in the background), `/hooks/status`, `warm`.
 //! - [`process`]: every subprocess: own process group, parent-death signal, TERM→KILL of the group.
 //! - [`util`]: timestamps, ids, atomic file writes.
 //! - [`plans`]: plan files from `~/.claude/plans` and `~/.replicas/plans`, with path-escape checks.
@@ -13,8 +15,10 @@
 pub mod app;
 pub mod config;
 pub mod events;
+pub mod hooks;
 pub mod http;
 pub mod plans;
 pub mod process;
+pub mod repos;
 pub mod upstream;
 pub mod util;

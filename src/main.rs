@@ -44,7 +44,13 @@ fn main() -> ExitCode {
         }
     }
     init_tracing();
-    let config = match Config::from_env() {
+    let command = cli.command.unwrap_or(Command::Serve);
+    // `warm` runs before the server is configured (pre-warming): no secret needed.
+    let loaded = match command {
+        Command::Serve => Config::from_env(),
+        Command::Warm => Config::from_env_for_warm(),
+    };
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             // One clear line naming the variable; journald shows it as is.
@@ -62,7 +68,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command.unwrap_or(Command::Serve) {
+    let result = match command {
         Command::Serve => runtime.block_on(serve(config)),
         Command::Warm => runtime.block_on(warm(config)),
     };
@@ -135,6 +141,15 @@ async fn watch_signals(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-async fn warm(_config: Config) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("warm hooks are not available in this build yet")
+/// Run every repo's warmHook; exit 1 if any command failed, timed out or a
+/// config was invalid. Ctrl-C/TERM stops the running command's group.
+async fn warm(config: Config) -> anyhow::Result<ExitCode> {
+    let cancel = CancellationToken::new();
+    tokio::spawn(watch_signals(cancel.clone()));
+    let ok = replicas_engine::hooks::warm::run(&config, &cancel).await?;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

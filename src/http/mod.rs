@@ -15,7 +15,9 @@
 pub mod auth;
 pub mod error;
 pub mod events;
+pub mod hooks;
 pub mod plans;
+pub mod repos;
 pub mod system;
 pub mod token_refresh;
 
@@ -46,6 +48,8 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
         .merge(events::router())
         .merge(plans::router())
         .merge(token_refresh::router())
+        .merge(repos::router())
+        .merge(hooks::router())
         .merge(extra)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

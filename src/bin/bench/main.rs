@@ -5,6 +5,7 @@
 //! Usage: `replicas-bench [area ...]` (default: all areas).
 
 mod events;
+mod repos;
 mod upstream;
 
 use std::time::Duration;
@@ -22,6 +23,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if want("upstream") {
         upstream::run().await?;
+    }
+    if want("repos") {
+        repos::run().await?;
     }
     Ok(())
 }
