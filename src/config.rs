@@ -144,8 +144,12 @@ impl Config {
         // lines such as `MONOLITH_URL=` are common.
         let get = |k: &str| vars.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
 
-        let secret = get("REPLICAS_ENGINE_SECRET")
-            .ok_or_else(|| invalid("REPLICAS_ENGINE_SECRET", "is required and must not be empty"))?;
+        let secret = get("REPLICAS_ENGINE_SECRET").ok_or_else(|| {
+            invalid(
+                "REPLICAS_ENGINE_SECRET",
+                "is required and must not be empty",
+            )
+        })?;
 
         let port = match (get("PORT"), get("REPLICAS_ENGINE_PORT")) {
             (Some(v), _) => parse_port("PORT", v)?,
@@ -164,7 +168,10 @@ impl Config {
                 let url = url::Url::parse(v)
                     .map_err(|e| invalid("MONOLITH_URL", format!("{v:?} is not a URL ({e})")))?;
                 if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-                    return Err(invalid("MONOLITH_URL", format!("{v:?} must be an http(s) URL")));
+                    return Err(invalid(
+                        "MONOLITH_URL",
+                        format!("{v:?} must be an http(s) URL"),
+                    ));
                 }
                 Some(url)
             }
@@ -172,13 +179,17 @@ impl Config {
         };
         let workspace_id = get("WORKSPACE_ID").map(str::to_owned);
         if monolith_url.is_some() && workspace_id.is_none() {
-            return Err(invalid("WORKSPACE_ID", "is required when MONOLITH_URL is set"));
+            return Err(invalid(
+                "WORKSPACE_ID",
+                "is required when MONOLITH_URL is set",
+            ));
         }
 
         let home = match get("WORKSPACE_HOME").or_else(|| get("HOME")) {
             Some(v) => PathBuf::from(v),
-            None => dirs::home_dir()
-                .ok_or_else(|| invalid("WORKSPACE_HOME", "is unset and no home directory is known"))?,
+            None => dirs::home_dir().ok_or_else(|| {
+                invalid("WORKSPACE_HOME", "is unset and no home directory is known")
+            })?,
         };
         if !home.is_absolute() {
             return Err(invalid("WORKSPACE_HOME", "must be an absolute path"));
@@ -192,7 +203,11 @@ impl Config {
             None => PathBuf::from("/var/log/cloud-init-output.log"),
         };
 
-        let tool = |var: &'static str, name: &str| get(var).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(name));
+        let tool = |var: &'static str, name: &str| {
+            get(var)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(name))
+        };
 
         Ok(Self {
             secret: Secret::new(secret),
@@ -208,8 +223,16 @@ impl Config {
             codex_bin: tool("CODEX_BIN", "codex"),
             gh_bin: tool("GH_BIN", "gh"),
             git_bin: tool("GIT_BIN", "git"),
-            max_body_bytes: parse_num("REPLICAS_MAX_BODY_BYTES", get("REPLICAS_MAX_BODY_BYTES"), 10 * 1024 * 1024)?,
-            events_max_bytes: parse_num("REPLICAS_EVENTS_MAX_BYTES", get("REPLICAS_EVENTS_MAX_BYTES"), 64 * 1024 * 1024)?,
+            max_body_bytes: parse_num(
+                "REPLICAS_MAX_BODY_BYTES",
+                get("REPLICAS_MAX_BODY_BYTES"),
+                10 * 1024 * 1024,
+            )?,
+            events_max_bytes: parse_num(
+                "REPLICAS_EVENTS_MAX_BYTES",
+                get("REPLICAS_EVENTS_MAX_BYTES"),
+                64 * 1024 * 1024,
+            )?,
             turn_timeout: Duration::from_secs(parse_num(
                 "REPLICAS_TURN_TIMEOUT_SECS",
                 get("REPLICAS_TURN_TIMEOUT_SECS"),
@@ -223,7 +246,10 @@ impl Config {
         let mut vars = HashMap::new();
         vars.insert("REPLICAS_ENGINE_SECRET".into(), secret.into());
         vars.insert("WORKSPACE_HOME".into(), home.display().to_string());
-        vars.insert("REPLICAS_READY_FILE".into(), home.join("ready").display().to_string());
+        vars.insert(
+            "REPLICAS_READY_FILE".into(),
+            home.join("ready").display().to_string(),
+        );
         Self::from_vars(&vars).expect("test config is valid")
     }
 }
@@ -261,8 +287,12 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        let mut m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        m.entry("WORKSPACE_HOME".into()).or_insert_with(|| "/home/u".into());
+        let mut m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.entry("WORKSPACE_HOME".into())
+            .or_insert_with(|| "/home/u".into());
         m
     }
 
@@ -282,14 +312,21 @@ mod tests {
         assert_eq!(c.port, 3737);
         assert_eq!(c.host.to_string(), "0.0.0.0");
         assert_eq!(c.workspaces_dir, PathBuf::from("/home/u/workspaces"));
-        assert_eq!(c.paths.events_file, PathBuf::from("/home/u/.replicas/engine/events.jsonl"));
+        assert_eq!(
+            c.paths.events_file,
+            PathBuf::from("/home/u/.replicas/engine/events.jsonl")
+        );
         assert_eq!(c.max_body_bytes, 10 * 1024 * 1024);
         assert!(c.monolith_url.is_none());
     }
 
     #[test]
     fn port_alias_and_precedence() {
-        let c = Config::from_vars(&vars(&[("REPLICAS_ENGINE_SECRET", "s"), ("REPLICAS_ENGINE_PORT", "4000")])).unwrap();
+        let c = Config::from_vars(&vars(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_ENGINE_PORT", "4000"),
+        ]))
+        .unwrap();
         assert_eq!(c.port, 4000);
         let c = Config::from_vars(&vars(&[
             ("REPLICAS_ENGINE_SECRET", "s"),
@@ -305,15 +342,33 @@ mod tests {
         assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("PORT", "abc")]).starts_with("PORT:"));
         assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("PORT", "70000")]).starts_with("PORT:"));
         assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("HOST", "nope")]).starts_with("HOST:"));
-        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("MONOLITH_URL", "not a url"), ("WORKSPACE_ID", "w")])
-            .starts_with("MONOLITH_URL:"));
-        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("MONOLITH_URL", "ftp://x"), ("WORKSPACE_ID", "w")])
-            .starts_with("MONOLITH_URL:"));
-        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("MONOLITH_URL", "http://x")]).starts_with("WORKSPACE_ID:"));
-        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("REPLICAS_MAX_BODY_BYTES", "-1")])
-            .starts_with("REPLICAS_MAX_BODY_BYTES:"));
-        assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), ("REPLICAS_WORKSPACES_DIR", "rel/dir")])
-            .starts_with("REPLICAS_WORKSPACES_DIR:"));
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("MONOLITH_URL", "not a url"),
+            ("WORKSPACE_ID", "w")
+        ])
+        .starts_with("MONOLITH_URL:"));
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("MONOLITH_URL", "ftp://x"),
+            ("WORKSPACE_ID", "w")
+        ])
+        .starts_with("MONOLITH_URL:"));
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("MONOLITH_URL", "http://x")
+        ])
+        .starts_with("WORKSPACE_ID:"));
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_MAX_BODY_BYTES", "-1")
+        ])
+        .starts_with("REPLICAS_MAX_BODY_BYTES:"));
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_WORKSPACES_DIR", "rel/dir")
+        ])
+        .starts_with("REPLICAS_WORKSPACES_DIR:"));
     }
 
     #[test]

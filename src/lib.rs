@@ -6,6 +6,7 @@
 //! - [`http`]: the only module that knows HTTP: router, layers, auth, error shape, one file per resource.
 //! - [`events`]: the typed `EngineEvent`, the gapless bus, the bounded JSONL journal.
 //! - [`process`]: every subprocess: own process group, parent-death signal, TERM→KILL of the group.
+//! - [`providers`]: the agent CLIs (claude, codex) run headless per chat: command building, line parsers, turn supervision.
 //! - [`util`]: timestamps, ids, atomic file writes.
 
 pub mod app;
@@ -13,4 +14,5 @@ pub mod config;
 pub mod events;
 pub mod http;
 pub mod process;
+pub mod providers;
 pub mod util;

@@ -52,7 +52,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("replicas-engine: cannot start the async runtime: {e}");
@@ -95,7 +98,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let state = AppState::build(config, shutdown.clone()).await?;
     // Tests and operators look for this exact line.
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "listening on http://{local}");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        "listening on http://{local}"
+    );
 
     tokio::spawn(watch_signals(shutdown.clone()));
     let server = tokio::spawn(app::run(state.clone(), listener));
@@ -105,7 +111,9 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => return Err(e),
         Ok(Err(e)) => return Err(e.into()),
-        Err(_) => tracing::warn!("connections still open after {SHUTDOWN_DEADLINE:?}; exiting anyway"),
+        Err(_) => {
+            tracing::warn!("connections still open after {SHUTDOWN_DEADLINE:?}; exiting anyway")
+        }
     }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -113,7 +121,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
 
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

@@ -164,12 +164,23 @@ mod tests {
         let pgid = child.id().unwrap();
         let mut out = child.stdout.take().unwrap();
         let mut buf = [0u8; 32];
-        let n = tokio::io::AsyncReadExt::read(&mut out, &mut buf).await.unwrap();
-        let grandchild: i32 = std::str::from_utf8(&buf[..n]).unwrap().trim().parse().unwrap();
+        let n = tokio::io::AsyncReadExt::read(&mut out, &mut buf)
+            .await
+            .unwrap();
+        let grandchild: i32 = std::str::from_utf8(&buf[..n])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         assert!(group_alive(pgid));
-        stop_group(&mut child, Duration::from_millis(200)).await.unwrap();
+        stop_group(&mut child, Duration::from_millis(200))
+            .await
+            .unwrap();
         assert!(!group_alive(pgid));
-        assert!(matches!(stat_fields(grandchild as u32), None | Some(('Z', _))));
+        assert!(matches!(
+            stat_fields(grandchild as u32),
+            None | Some(('Z', _))
+        ));
     }
 
     #[test]

@@ -29,11 +29,10 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: Option<u32>) -> std::io:
     use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
     if let Some(mode) = mode {
-        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))?;
     }
     tmp.write_all(contents)?;
     tmp.as_file().sync_all()?;
@@ -50,7 +49,9 @@ mod tests {
 
     #[test]
     fn ts_has_millis_and_z() {
-        let t = DateTime::parse_from_rfc3339("2026-11-21T23:00:00.123456Z").unwrap().with_timezone(&Utc);
+        let t = DateTime::parse_from_rfc3339("2026-11-21T23:00:00.123456Z")
+            .unwrap()
+            .with_timezone(&Utc);
         assert_eq!(ts(t), "2026-11-21T23:00:00.123Z");
     }
 
@@ -62,7 +63,10 @@ mod tests {
         write_atomic(&p, b"one", Some(0o600)).unwrap();
         write_atomic(&p, b"two", Some(0o600)).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // No temp files left behind.
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
     }

@@ -23,6 +23,9 @@ async fn health_is_public_and_follows_the_readiness_file() {
     assert_eq!(res.json::<Value>().await.unwrap()["status"], "initializing");
 
     std::fs::write(e.home().join("ready"), "done").unwrap();
-    assert_eq!(plain.get(e.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        plain.get(e.url("/health")).send().await.unwrap().status(),
+        200
+    );
     e.shutdown().await;
 }

@@ -53,7 +53,9 @@ impl Published {
 pub enum SubscriptionItem {
     /// The requested position is older than what is retained (or unknown);
     /// the client should refetch snapshots. Never persisted.
-    Reset { oldest_available_id: u64 },
+    Reset {
+        oldest_available_id: u64,
+    },
     Event(Arc<Published>),
 }
 
@@ -147,11 +149,20 @@ impl EventBus {
     }
 
     pub fn last_id(&self) -> u64 {
-        self.inner.state.lock().unwrap_or_else(|e| e.into_inner()).last_id
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_id
     }
 
     pub fn oldest_id(&self) -> Option<u64> {
-        self.inner.state.lock().unwrap_or_else(|e| e.into_inner()).journal.oldest_id()
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .journal
+            .oldest_id()
     }
 
     /// Open SSE streams right now.
@@ -231,7 +242,10 @@ impl EventBus {
 
 /// Read a replay plan off the async threads, in batches so a long replay
 /// streams while it reads. Returns what it read and any read error.
-async fn read_replay(plan: ReplayPlan, after: u64) -> (Vec<Arc<Published>>, Option<std::io::Error>) {
+async fn read_replay(
+    plan: ReplayPlan,
+    after: u64,
+) -> (Vec<Arc<Published>>, Option<std::io::Error>) {
     let res = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         let r = journal::read_plan(&plan, |line| {
@@ -370,13 +384,18 @@ mod tests {
         assert!(oldest > 1);
         let mut sub = bus.subscribe(Some(0));
         match sub.next().await.unwrap() {
-            SubscriptionItem::Reset { oldest_available_id } => assert_eq!(oldest_available_id, oldest),
+            SubscriptionItem::Reset {
+                oldest_available_id,
+            } => assert_eq!(oldest_available_id, oldest),
             other => panic!("{other:?}"),
         }
         assert_eq!(take_ids(&mut sub, 1).await, vec![oldest]);
 
         let mut sub = bus.subscribe(Some(10_000));
-        assert!(matches!(sub.next().await.unwrap(), SubscriptionItem::Reset { .. }));
+        assert!(matches!(
+            sub.next().await.unwrap(),
+            SubscriptionItem::Reset { .. }
+        ));
         assert_eq!(take_ids(&mut sub, 1).await, vec![oldest]);
     }
 }

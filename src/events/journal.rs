@@ -86,11 +86,17 @@ impl Journal {
         // Drop lines of the current segment that do not continue the old one
         // (cannot happen unless someone edited the files, but ids must stay
         // strictly increasing for the index to be right).
-        if let (Some(old_last), Some(first)) = (old.as_ref().and_then(Segment::last_id), current.first_id()) {
+        if let (Some(old_last), Some(first)) =
+            (old.as_ref().and_then(Segment::last_id), current.first_id())
+        {
             if first <= old_last {
                 let keep = current.index.partition_point(|(id, _)| *id <= old_last);
                 for (id, offset) in current.index.drain(..keep) {
-                    warnings.push(LoadWarning::OutOfOrder { path: current.path.clone(), offset, id });
+                    warnings.push(LoadWarning::OutOfOrder {
+                        path: current.path.clone(),
+                        offset,
+                        id,
+                    });
                 }
             }
         }
@@ -184,12 +190,19 @@ impl Journal {
 
 /// `events.jsonl` → `events.1.jsonl`.
 pub fn rotated_path(events_file: &Path) -> PathBuf {
-    let stem = events_file.file_stem().and_then(|s| s.to_str()).unwrap_or("events");
+    let stem = events_file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("events");
     events_file.with_file_name(format!("{stem}.1.jsonl"))
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).read(true).append(true).open(path)
+    OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
 }
 
 /// Parse the id of one journal line. Lines written by the engine start with
@@ -199,7 +212,10 @@ pub fn line_id(line: &[u8]) -> Option<u64> {
     const PREFIX: &[u8] = br#"{"id":""#;
     if let Some(rest) = line.strip_prefix(PREFIX) {
         let end = memchr::memchr(b'"', rest)?;
-        if let Some(id) = std::str::from_utf8(&rest[..end]).ok().and_then(|s| s.parse().ok()) {
+        if let Some(id) = std::str::from_utf8(&rest[..end])
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
             // Cheap sanity check that the line is a complete object; a full
             // parse happens when the line is replayed.
             if line.last() == Some(&b'}') {
@@ -212,7 +228,11 @@ pub fn line_id(line: &[u8]) -> Option<u64> {
     header.id.parse().ok()
 }
 
-fn load_segment(path: &Path, is_current: bool, warnings: &mut Vec<LoadWarning>) -> io::Result<Segment> {
+fn load_segment(
+    path: &Path,
+    is_current: bool,
+    warnings: &mut Vec<LoadWarning>,
+) -> io::Result<Segment> {
     let file = open_append(path)?;
     let data = std::fs::read(path)?;
     let mut index = Vec::new();
@@ -311,7 +331,9 @@ mod tests {
     use super::*;
 
     fn line(id: u64) -> String {
-        format!(r#"{{"id":"{id}","ts":"t","type":"error","payload":{{"code":"c","message":"m","source":"s"}}}}"#)
+        format!(
+            r#"{{"id":"{id}","ts":"t","type":"error","payload":{{"code":"c","message":"m","source":"s"}}}}"#
+        )
     }
 
     fn ids(j: &Journal, after: u64) -> Vec<u64> {
@@ -354,7 +376,10 @@ mod tests {
         f.write_all(br#"{"id":"3","ts":"t","ty"#).unwrap();
         drop(f);
         let (mut j, w) = Journal::open(&p, 1 << 20).unwrap();
-        assert!(matches!(w.as_slice(), [LoadWarning::TornTail { .. }]), "{w:?}");
+        assert!(
+            matches!(w.as_slice(), [LoadWarning::TornTail { .. }]),
+            "{w:?}"
+        );
         assert_eq!(j.last_id(), 2);
         j.append(3, &line(3)).unwrap();
         drop(j);
@@ -369,7 +394,10 @@ mod tests {
         let p = dir.path().join("events.jsonl");
         std::fs::write(&p, format!("{}\nnot json at all\n{}\n", line(1), line(2))).unwrap();
         let (j, w) = Journal::open(&p, 1 << 20).unwrap();
-        assert!(matches!(w.as_slice(), [LoadWarning::BadLine { .. }]), "{w:?}");
+        assert!(
+            matches!(w.as_slice(), [LoadWarning::BadLine { .. }]),
+            "{w:?}"
+        );
         assert_eq!(ids(&j, 0), vec![1, 2]);
     }
 
@@ -393,7 +421,8 @@ mod tests {
         for id in 1..=2000 {
             j.append(id, &line(id)).unwrap();
         }
-        let total = std::fs::metadata(&p).unwrap().len() + std::fs::metadata(rotated_path(&p)).unwrap().len();
+        let total = std::fs::metadata(&p).unwrap().len()
+            + std::fs::metadata(rotated_path(&p)).unwrap().len();
         assert!(total <= budget + 200, "{total}");
         let oldest = j.oldest_id().unwrap();
         assert!(oldest > 1);

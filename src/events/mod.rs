@@ -211,17 +211,29 @@ mod tests {
     #[test]
     fn engine_level_events_have_no_chat_id_and_type_names_agree() {
         let kinds = vec![
-            EventKind::EngineReady { version: "0.1.0".into(), pid: 1 },
+            EventKind::EngineReady {
+                version: "0.1.0".into(),
+                pid: 1,
+            },
             EventKind::ChatDeleted {},
             EventKind::TurnDelta(TurnDelta::Text {
                 turn_id: "t".into(),
                 item_id: "i".into(),
                 text_delta: "hi".into(),
             }),
-            EventKind::Error { code: "x".into(), message: "y".into(), source: "z".into() },
+            EventKind::Error {
+                code: "x".into(),
+                message: "y".into(),
+                source: "z".into(),
+            },
         ];
         for kind in kinds {
-            let ev = EngineEvent { id: "1".into(), ts: "t".into(), chat_id: None, kind: kind.clone() };
+            let ev = EngineEvent {
+                id: "1".into(),
+                ts: "t".into(),
+                chat_id: None,
+                kind: kind.clone(),
+            };
             let v: Value = serde_json::to_value(&ev).unwrap();
             assert_eq!(v["type"], kind.type_name());
             assert!(v.get("chatId").is_none());

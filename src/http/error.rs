@@ -48,7 +48,11 @@ impl ApiError {
     /// Log the real cause once; the client gets a generic message.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the engine log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the engine log",
+        )
     }
 }
 
@@ -99,7 +103,9 @@ where
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large("request body is larger than the configured limit"),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::too_large("request body is larger than the configured limit")
+        }
         _ => match rejection {
             JsonRejection::MissingJsonContentType(_) => {
                 ApiError::bad_request("expected a JSON body with Content-Type: application/json")
@@ -122,7 +128,9 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(Self(v)),
-            Err(e @ QueryRejection::FailedToDeserializeQueryString(_)) => Err(ApiError::bad_request(e.body_text())),
+            Err(e @ QueryRejection::FailedToDeserializeQueryString(_)) => {
+                Err(ApiError::bad_request(e.body_text()))
+            }
             Err(e) => Err(ApiError::bad_request(e.body_text())),
         }
     }
@@ -146,7 +154,9 @@ pub async fn json_error_bodies(req: Request, next: axum::middleware::Next) -> Re
         return res;
     }
     let (parts, body) = res.into_parts();
-    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
     let mut message = String::from_utf8_lossy(&text).trim().to_owned();
     if message.is_empty() {
         message = status.canonical_reason().unwrap_or("error").to_owned();

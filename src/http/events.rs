@@ -82,10 +82,14 @@ async fn stream_events(
     headers: HeaderMap,
     AppQuery(q): AppQuery<EventsQuery>,
 ) -> Result<Response, ApiError> {
-    let header = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("\u{0}").to_owned());
+    let header = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("\u{0}").to_owned());
     let since = match header.or(q.since) {
         Some(raw) => Some(raw.trim().parse::<u64>().map_err(|_| {
-            ApiError::bad_request(format!("Last-Event-ID / since must be a non-negative integer, got {raw:?}"))
+            ApiError::bad_request(format!(
+                "Last-Event-ID / since must be a non-negative integer, got {raw:?}"
+            ))
         })?),
         None => None,
     };
@@ -95,11 +99,15 @@ async fn stream_events(
         let out = match item {
             SubscriptionItem::Event(ev) if filter.matches(&ev) => Some(to_sse(&ev)),
             SubscriptionItem::Event(_) => None,
-            SubscriptionItem::Reset { oldest_available_id } => Some(reset_event(oldest_available_id)),
+            SubscriptionItem::Reset {
+                oldest_available_id,
+            } => Some(reset_event(oldest_available_id)),
         };
         std::future::ready(out.map(Ok::<_, Infallible>))
     });
-    let retry = futures_util::stream::once(std::future::ready(Ok(Event::default().retry(Duration::from_millis(3000)))));
+    let retry = futures_util::stream::once(std::future::ready(Ok(
+        Event::default().retry(Duration::from_millis(3000))
+    )));
     let stream = retry
         .chain(events)
         .take_until(state.shutdown.clone().cancelled_owned());
@@ -109,7 +117,10 @@ async fn stream_events(
 }
 
 fn to_sse(ev: &Published) -> Event {
-    Event::default().id(ev.id.to_string()).event(&ev.kind).data(&ev.json)
+    Event::default()
+        .id(ev.id.to_string())
+        .event(&ev.kind)
+        .data(&ev.json)
 }
 
 /// `stream.reset` is stream-only: no id (the client's position stays where
@@ -120,7 +131,9 @@ fn reset_event(oldest: u64) -> Event {
         "ts": crate::util::now_ts(),
         "payload": {"oldestAvailableId": oldest.to_string()},
     });
-    Event::default().event("stream.reset").data(data.to_string())
+    Event::default()
+        .event("stream.reset")
+        .data(data.to_string())
 }
 
 #[cfg(test)]

@@ -22,7 +22,9 @@ use axum::http::HeaderName;
 use axum::middleware;
 use axum::Router;
 use tower::ServiceBuilder;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
@@ -34,7 +36,10 @@ pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .merge(system::router())
         .merge(events::router())
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_secret));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_secret,
+        ));
 
     let body_limit = state.config.max_body_bytes;
     Router::new()

@@ -52,7 +52,10 @@ impl EngineSpec {
         env.insert("HOST".into(), "127.0.0.1".into());
         env.insert("PORT".into(), "0".into());
         env.insert("WORKSPACE_ID".into(), "ws_test".into());
-        env.insert("REPLICAS_READY_FILE".into(), home.join("ready").display().to_string());
+        env.insert(
+            "REPLICAS_READY_FILE".into(),
+            home.join("ready").display().to_string(),
+        );
         env.insert("PATH".into(), std::env::var("PATH").unwrap_or_default());
         env.insert("RUST_LOG".into(), "info,replicas_engine=debug".into());
         (Self { home, env }, dir)
@@ -123,7 +126,11 @@ impl TestEngine {
                     }
                     if let Some(i) = line.find("listening on http://") {
                         if let Some(tx) = addr_tx.take() {
-                            let addr = line[i + "listening on ".len()..].split_whitespace().next().unwrap().to_owned();
+                            let addr = line[i + "listening on ".len()..]
+                                .split_whitespace()
+                                .next()
+                                .unwrap()
+                                .to_owned();
                             let _ = tx.send(addr);
                         }
                     }
@@ -145,7 +152,10 @@ impl TestEngine {
         };
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert("x-replicas-engine-secret", SECRET.parse().unwrap());
-        let client = reqwest::Client::builder().default_headers(headers).build().unwrap();
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap();
         Self {
             _home_guard: None,
             spec,
@@ -188,7 +198,12 @@ impl TestEngine {
     }
 
     /// POST JSON and parse the JSON answer, asserting the status.
-    pub async fn post_json(&self, path: &str, body: serde_json::Value, status: u16) -> serde_json::Value {
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        status: u16,
+    ) -> serde_json::Value {
         let res = self.post(path).json(&body).send().await.unwrap();
         let got = res.status().as_u16();
         let text = res.text().await.unwrap();
@@ -198,7 +213,11 @@ impl TestEngine {
 
     /// Open `GET /events` with an optional query string (e.g. `since=5`).
     pub async fn events(&self, query: &str) -> SseStream {
-        let url = if query.is_empty() { self.url("/events") } else { self.url(&format!("/events?{query}")) };
+        let url = if query.is_empty() {
+            self.url("/events")
+        } else {
+            self.url(&format!("/events?{query}"))
+        };
         let res = self.client.get(url).send().await.unwrap();
         assert_eq!(res.status(), 200);
         SseStream::new(res)
@@ -225,7 +244,11 @@ impl TestEngine {
         let logs = self.logs.clone();
         let guard = self._home_guard.clone();
         let (status, spec) = self.terminate().await;
-        assert!(status.success(), "engine exit {status:?}; log:\n{}", logs.lock().unwrap());
+        assert!(
+            status.success(),
+            "engine exit {status:?}; log:\n{}",
+            logs.lock().unwrap()
+        );
         drop(guard);
         spec
     }

@@ -95,7 +95,11 @@ impl SseStream {
 
     /// Wait for the next event of type `kind`.
     pub async fn wait_type(&mut self, kind: &str) -> SseEvent {
-        self.wait_for(Duration::from_secs(30), |e| e.event.as_deref() == Some(kind)).await.0
+        self.wait_for(Duration::from_secs(30), |e| {
+            e.event.as_deref() == Some(kind)
+        })
+        .await
+        .0
     }
 }
 
