@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::chats::{ChatDeps, ChatService};
 use crate::config::Config;
 use crate::events::{EventBus, EventKind};
 
@@ -18,6 +19,7 @@ use crate::events::{EventBus, EventKind};
 pub struct AppState {
     pub config: Arc<Config>,
     pub bus: EventBus,
+    pub chats: ChatService,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
     /// Cancelled when the engine begins shutting down; long-lived work (SSE
@@ -35,9 +37,11 @@ impl AppState {
             .with_context(|| format!("creating {}", paths.engine_dir.display()))?;
         let bus = EventBus::open(&paths.events_file, config.events_max_bytes)
             .with_context(|| format!("opening {}", paths.events_file.display()))?;
+        let chats = ChatService::new(config.clone(), bus.clone(), ChatDeps::standalone());
         let state = Self {
             config,
             bus,
+            chats,
             started_at: Utc::now(),
             started: Instant::now(),
             shutdown,
@@ -57,11 +61,21 @@ impl AppState {
 /// streams (they watch the same token), let in-flight requests finish.
 pub async fn run(state: AppState, listener: TcpListener) -> anyhow::Result<()> {
     let shutdown = state.shutdown.clone();
+    // Running turns start stopping at once, while HTTP drains.
+    let chats = {
+        let (chats, shutdown) = (state.chats.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            chats.shutdown().await;
+        })
+    };
     let app = crate::http::router(state.clone());
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
-        .context("HTTP server failed")?;
+        .context("HTTP server failed");
     tracing::info!("HTTP server stopped");
-    Ok(())
+    state.shutdown.cancel();
+    let _ = chats.await;
+    served
 }

@@ -1,6 +1,7 @@
 //! Replicas Engine: the daemon inside every workspace VM. A tour, one line
 //! per module:
 //!
+//! - [`chats`]: the chat registry, message queues and turns (per-chat runner), history files, restart recovery.
 //! - [`config`]: environment → validated [`config::Config`]; every path from one home ([`config::Paths`]).
 //! - [`app`]: [`app::AppState`] (service handles), `build()`, and `run(state, listener)`.
 //! - [`http`]: the only module that knows HTTP: router, layers, auth, error shape, one file per resource.
@@ -10,6 +11,7 @@
 //! - [`util`]: timestamps, ids, atomic file writes.
 
 pub mod app;
+pub mod chats;
 pub mod config;
 pub mod events;
 pub mod http;

@@ -13,6 +13,7 @@
 //! 6. auth — on the protected sub-router only.
 
 pub mod auth;
+pub mod chats;
 pub mod error;
 pub mod events;
 pub mod system;
@@ -36,6 +37,7 @@ pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .merge(system::router())
         .merge(events::router())
+        .merge(chats::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_secret,
