@@ -485,3 +485,310 @@ pub fn is_auth_failure(text: &str) -> bool {
     .iter()
     .any(|needle| t.contains(needle))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<ProviderEvent> {
+        let path = format!(
+            "{}/tests/fixtures/claude/{name}.jsonl",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut p = ClaudeParser::new();
+        text.lines().flat_map(|l| parse_line(&mut p, l)).collect()
+    }
+
+    fn items(events: &[ProviderEvent]) -> Vec<&NormalizedItem> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                ProviderEvent::Item(i) => Some(i),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn finished(events: &[ProviderEvent]) -> Vec<&TurnResult> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                ProviderEvent::Finished(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plain_turn_gives_session_text_and_usage() {
+        let ev = fixture("hello_noenv");
+        assert_eq!(
+            ev[0],
+            ProviderEvent::SessionId("18820089-7232-4e4e-bec8-b787c01811ff".into())
+        );
+        let it = items(&ev);
+        assert_eq!(it.len(), 1);
+        assert_eq!(it[0].kind, ItemKind::AssistantMessage);
+        assert_eq!(it[0].text.as_deref(), Some("Hello from mock Anthropic!"));
+        assert!(it[0].raw.is_some());
+        let f = finished(&ev);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].outcome, Outcome::Completed);
+        assert_eq!(f[0].usage.input_tokens, 12);
+        assert_eq!(f[0].usage.output_tokens, 7);
+        assert_eq!(f[0].usage.cached_input_tokens, 0);
+        assert_eq!(f[0].usage.cost_usd, Some(0.000235));
+        assert!(matches!(ev.last(), Some(ProviderEvent::Finished(_))));
+    }
+
+    #[test]
+    fn resume_and_sessionid_transcripts_report_their_session() {
+        for (name, id) in [
+            ("resume", "dd779b37-128a-4039-8e75-07d6bc1c9dc7"),
+            ("sessionid", "5e8676ab-63fe-4e08-a37a-bac9f9be2cd2"),
+        ] {
+            let ev = fixture(name);
+            assert_eq!(ev[0], ProviderEvent::SessionId(id.into()), "{name}");
+            assert_eq!(finished(&ev)[0].outcome, Outcome::Completed, "{name}");
+            assert_eq!(items(&ev).len(), 1, "{name}");
+        }
+    }
+
+    #[test]
+    fn bash_tool_turn_has_call_result_and_answer() {
+        let ev = fixture("tool_bash");
+        let it = items(&ev);
+        let kinds: Vec<ItemKind> = it.iter().map(|i| i.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ItemKind::ToolCall,
+                ItemKind::ToolResult,
+                ItemKind::AssistantMessage
+            ]
+        );
+        let call = it[0].tool.as_ref().unwrap();
+        assert_eq!(call.name, "Bash");
+        assert_eq!(call.input["command"], "echo hi");
+        assert_eq!(it[0].key.as_deref(), Some("toolu_3e2be0c0451e4505a820"));
+        let res = it[1].tool.as_ref().unwrap();
+        assert_eq!(res.name, "Bash", "the result names its tool");
+        assert_eq!(res.output.as_deref(), Some("hi"));
+        assert!(!res.is_error);
+        assert_eq!(
+            it[1].key.as_deref(),
+            Some("result:toolu_3e2be0c0451e4505a820")
+        );
+        assert_eq!(it[2].text.as_deref(), Some("Tool result was: hi"));
+        let f = finished(&ev);
+        assert_eq!(f[0].usage.input_tokens, 24);
+        assert_eq!(f[0].usage.output_tokens, 14);
+    }
+
+    #[test]
+    fn write_tool_turn() {
+        let ev = fixture("tool_write");
+        let it = items(&ev);
+        let call = it[0].tool.as_ref().unwrap();
+        assert_eq!(call.name, "Write");
+        assert_eq!(call.input["content"], "written by mock\n");
+        assert!(it[1]
+            .tool
+            .as_ref()
+            .unwrap()
+            .output
+            .as_deref()
+            .unwrap()
+            .starts_with("File created"));
+        assert_eq!(finished(&ev)[0].outcome, Outcome::Completed);
+    }
+
+    #[test]
+    fn permission_denials_become_error_items() {
+        let ev = fixture("write_defaultperm");
+        let it = items(&ev);
+        let result = it.iter().find(|i| i.kind == ItemKind::ToolResult).unwrap();
+        assert!(result.tool.as_ref().unwrap().is_error);
+        let denial = it.iter().find(|i| i.kind == ItemKind::Error).unwrap();
+        assert_eq!(denial.text.as_deref(), Some("Permission denied for Write"));
+        assert_eq!(
+            denial.tool.as_ref().unwrap().input["content"],
+            "written by mock\n"
+        );
+        // The turn itself succeeded: the agent answered.
+        assert_eq!(finished(&ev)[0].outcome, Outcome::Completed);
+    }
+
+    #[test]
+    fn partial_messages_stream_deltas_keyed_like_the_final_text() {
+        let ev = fixture("partial");
+        let deltas: Vec<(&str, &str)> = ev
+            .iter()
+            .filter_map(|e| match e {
+                ProviderEvent::TextDelta { item_key, text } => {
+                    Some((item_key.as_str(), text.as_str()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deltas.len(), 4);
+        let joined: String = deltas.iter().map(|(_, t)| *t).collect();
+        assert_eq!(joined, "Hello from mock Anthropic!");
+        let it = items(&ev);
+        assert_eq!(it.len(), 1);
+        assert_eq!(it[0].key.as_deref(), Some(deltas[0].0));
+        assert!(deltas.iter().all(|(k, _)| *k == deltas[0].0));
+    }
+
+    #[test]
+    fn sigint_result_is_a_failure_with_the_cli_reason() {
+        let ev = fixture("sigint");
+        let it = items(&ev);
+        assert_eq!(it[0].text.as_deref(), Some("tick0 tick1 tick2 tick3 "));
+        assert_eq!(it[1].kind, ItemKind::System);
+        assert_eq!(it[1].text.as_deref(), Some("[Request interrupted by user]"));
+        match &finished(&ev)[0].outcome {
+            Outcome::Failed { code, message } => {
+                assert_eq!(code, "error_during_execution");
+                assert!(message.contains("ede_diagnostic"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stream_json_interrupt_then_second_turn_in_one_process() {
+        let ev = fixture("streamjson_interrupt");
+        let f = finished(&ev);
+        assert_eq!(f.len(), 2, "two turns, two results");
+        assert!(matches!(f[0].outcome, Outcome::Failed { .. }));
+        assert_eq!(f[1].outcome, Outcome::Completed);
+        // The control_response line yields nothing; each turn's init repeats the session.
+        let ids = ev
+            .iter()
+            .filter(|e| matches!(e, ProviderEvent::SessionId(_)))
+            .count();
+        assert!(ids >= 2);
+        // Deltas of the second turn are keyed by the second message.
+        let keys: Vec<&str> = ev
+            .iter()
+            .filter_map(|e| match e {
+                ProviderEvent::TextDelta { item_key, .. } => Some(item_key.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(keys.len(), 7);
+        assert!(keys[0].starts_with("msg_12f2440efe40492094982ec7"));
+        assert!(keys[6].starts_with("msg_422d53b2d0cc4339aee7d8d2"));
+        let texts: Vec<&NormalizedItem> = items(&ev)
+            .into_iter()
+            .filter(|i| i.kind == ItemKind::AssistantMessage)
+            .collect();
+        assert_eq!(texts.len(), 2);
+        assert_eq!(texts[1].key.as_deref(), Some(keys[6]));
+    }
+
+    #[test]
+    fn unknown_and_broken_lines_yield_nothing() {
+        let mut p = ClaudeParser::new();
+        for line in [
+            "",
+            "not json",
+            "{\"type\":\"something_new\",\"x\":1}",
+            "[1,2]",
+            "{\"type\":\"assistant\"}",
+            "{\"type\":\"assistant\",\"message\":{\"content\":\"oops\"}}",
+            "{\"type\":\"user\",\"message\":{\"content\":[{\"type\":\"tool_result\"}]}}",
+            "{\"type\":\"stream_event\",\"event\":{\"type\":\"content_block_delta\",\"index\":9,\"delta\":{\"type\":\"text_delta\",\"text\":\"x\"}}}",
+            "{\"type\":\"system\",\"subtype\":\"status\"}",
+            "{\"type\":\"control_response\",\"response\":{}}",
+        ] {
+            let ev = parse_line(&mut p, line);
+            assert!(ev.iter().all(|e| !matches!(e, ProviderEvent::Finished(_))), "{line}");
+        }
+        // A result with nothing but its type still ends the turn, as a failure.
+        let ev = parse_line(&mut p, "{\"type\":\"result\"}");
+        assert!(matches!(
+            &ev[..],
+            [ProviderEvent::Finished(TurnResult {
+                outcome: Outcome::Failed { .. },
+                ..
+            })]
+        ));
+    }
+
+    #[test]
+    fn auth_failure_is_reported_and_fails_the_turn() {
+        let mut p = ClaudeParser::new();
+        let a = r#"{"type":"assistant","message":{"id":"m1","content":[{"type":"text","text":"Invalid API key · Please run /login"}]},"error":"authentication_failed"}"#;
+        let ev = parse_line(&mut p, a);
+        assert!(matches!(&ev[0], ProviderEvent::AuthFailure { .. }));
+        assert!(matches!(&ev[1], ProviderEvent::Item(i) if i.kind == ItemKind::Error));
+        let r = r#"{"type":"result","subtype":"success","is_error":true,"result":"Invalid API key · Please run /login"}"#;
+        let ev = parse_line(&mut p, r);
+        match ev.last() {
+            Some(ProviderEvent::Finished(TurnResult {
+                outcome: Outcome::Failed { code, .. },
+                ..
+            })) => assert_eq!(code, "auth_expired"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // A plain API error is a failure, not an auth problem.
+        let r = r#"{"type":"result","subtype":"success","is_error":true,"result":"API Error: 500 overloaded"}"#;
+        match parse_line(&mut p, r).as_slice() {
+            [ProviderEvent::Finished(TurnResult {
+                outcome: Outcome::Failed { code, message },
+                ..
+            })] => {
+                assert_eq!(code, "error");
+                assert!(message.contains("500"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn args_for_a_fresh_and_a_resumed_process() {
+        let args = build_args(&ClaudeFlags::default(), None);
+        assert_eq!(
+            args.join(" "),
+            "-p --output-format stream-json --verbose --input-format stream-json \
+             --include-partial-messages --permission-mode bypassPermissions"
+        );
+        let flags = ClaudeFlags {
+            model: Some("sonnet".into()),
+            plan_mode: true,
+            effort: Some("max".into()),
+            system_prompt: Some("Be terse.".into()),
+        };
+        let args = build_args(&flags, Some("abc"));
+        let s = args.join(" ");
+        assert!(s.contains("--permission-mode plan"));
+        assert!(s.contains("--resume abc"));
+        assert!(s.contains("--model sonnet"));
+        assert!(s.contains("--effort max"));
+        assert_eq!(args.last().map(String::as_str), Some("Be terse."));
+        assert!(!s.contains("bypassPermissions"));
+    }
+
+    #[test]
+    fn stdin_lines_are_one_json_object_each() {
+        let imgs = [Image {
+            media_type: "image/png".into(),
+            data_base64: "aGk=".into(),
+        }];
+        let line = user_message_line("hi\nthere", &imgs);
+        assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["type"], "user");
+        assert_eq!(
+            v["message"]["content"][0]["source"]["media_type"],
+            "image/png"
+        );
+        assert_eq!(v["message"]["content"][1]["text"], "hi\nthere");
+        let v: Value = serde_json::from_str(&interrupt_line("req_1")).unwrap();
+        assert_eq!(v["request"]["subtype"], "interrupt");
+        assert_eq!(v["request_id"], "req_1");
+    }
+}

@@ -434,3 +434,288 @@ pub fn is_auth_failure(text: &str) -> bool {
     .iter()
     .any(|needle| t.contains(needle))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(p: &mut CodexParser, name: &str) -> Vec<ProviderEvent> {
+        let path = format!(
+            "{}/tests/fixtures/codex/{name}.jsonl",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        p.begin_turn();
+        text.lines().flat_map(|l| parse_line(p, l)).collect()
+    }
+
+    fn fixture(name: &str) -> Vec<ProviderEvent> {
+        run(&mut CodexParser::new(), name)
+    }
+
+    fn items(events: &[ProviderEvent]) -> Vec<&NormalizedItem> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                ProviderEvent::Item(i) => Some(i),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn finished(events: &[ProviderEvent]) -> &TurnResult {
+        match events.last() {
+            Some(ProviderEvent::Finished(r)) => r,
+            other => panic!("last event is not Finished: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_turn() {
+        for name in ["hello", "image"] {
+            let ev = fixture(name);
+            assert!(matches!(&ev[0], ProviderEvent::SessionId(id) if id.starts_with("01a20078-")));
+            let it = items(&ev);
+            assert_eq!(it.len(), 1);
+            assert_eq!(it[0].kind, ItemKind::AssistantMessage);
+            assert_eq!(it[0].text.as_deref(), Some("Hello from mock OpenAI!"));
+            assert_eq!(it[0].key.as_deref(), Some("item_0"));
+            let f = finished(&ev);
+            assert_eq!(f.outcome, Outcome::Completed);
+            assert_eq!(
+                f.usage,
+                Usage {
+                    input_tokens: 20,
+                    output_tokens: 8,
+                    cached_input_tokens: 0,
+                    cost_usd: None
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn shell_command_started_then_completed_with_exit_code() {
+        for name in ["tool_shell_bypass", "tool_shell_wswrite"] {
+            let ev = fixture(name);
+            let it = items(&ev);
+            assert_eq!(it.len(), 3, "{name}");
+            assert_eq!(it[0].kind, ItemKind::Command);
+            assert_eq!(
+                it[0].key, it[1].key,
+                "the completion updates the started item"
+            );
+            let started = it[0].tool.as_ref().unwrap();
+            assert_eq!(started.output, None);
+            assert_eq!(started.exit_code, None);
+            let done = it[1].tool.as_ref().unwrap();
+            assert_eq!(done.input["command"], "/bin/bash -lc 'echo hi'");
+            assert_eq!(done.output.as_deref(), Some("hi\n"));
+            assert_eq!(done.exit_code, Some(0));
+            assert!(!done.is_error);
+            assert_eq!(it[2].kind, ItemKind::AssistantMessage);
+            assert_eq!(finished(&ev).outcome, Outcome::Completed);
+        }
+    }
+
+    #[test]
+    fn file_change() {
+        let ev = fixture("tool_patch");
+        let it = items(&ev);
+        assert_eq!(it[0].kind, ItemKind::FileChange);
+        assert_eq!(
+            it[0].text.as_deref(),
+            Some("add /home/ubuntu/workspaces/demo/mock_patch.txt")
+        );
+        assert_eq!(
+            it[0].tool.as_ref().unwrap().input["changes"][0]["kind"],
+            "add"
+        );
+        assert_eq!(it[1].kind, ItemKind::AssistantMessage);
+    }
+
+    #[test]
+    fn usage_is_reported_per_turn_although_codex_counts_per_thread() {
+        let mut p = CodexParser::new();
+        let first = run(&mut p, "hello");
+        assert_eq!(finished(&first).usage.input_tokens, 20);
+        // resume.jsonl is the second turn of that thread: totals 40/16.
+        let second = run(&mut p, "resume");
+        assert_eq!(finished(&second).usage.input_tokens, 20);
+        assert_eq!(finished(&second).usage.output_tokens, 8);
+        assert_eq!(p.thread_usage().unwrap().input_tokens, 40);
+        // A parser seeded from persisted totals does the same after a restart.
+        let mut q = CodexParser::new();
+        q.set_thread_usage(Some(Usage {
+            input_tokens: 20,
+            output_tokens: 8,
+            ..Usage::default()
+        }));
+        assert_eq!(finished(&run(&mut q, "resume")).usage.input_tokens, 20);
+    }
+
+    #[test]
+    fn sigint_transcript_has_no_end() {
+        let ev = fixture("sigint");
+        assert_eq!(
+            ev.len(),
+            1,
+            "only the thread id: the driver decides from the exit"
+        );
+        assert!(matches!(&ev[0], ProviderEvent::SessionId(_)));
+    }
+
+    #[test]
+    fn item_types_without_a_recording() {
+        let mut p = CodexParser::new();
+        let lines = [
+            r#"{"type":"item.completed","item":{"id":"r1","type":"reasoning","text":"**Thinking** about it"}}"#,
+            r#"{"type":"item.started","item":{"id":"t1","type":"todo_list","items":[{"text":"a","completed":false},{"text":"b","completed":true}]}}"#,
+            r#"{"type":"item.updated","item":{"id":"t1","type":"todo_list","items":[{"text":"a","completed":true},{"text":"b","completed":true}]}}"#,
+            r#"{"type":"item.completed","item":{"id":"m1","type":"mcp_tool_call","server":"docs","tool":"search","arguments":{"q":"x"},"result":{"content":[{"type":"text","text":"found"}]},"status":"completed"}}"#,
+            r#"{"type":"item.completed","item":{"id":"w1","type":"web_search","query":"rust"}}"#,
+            r#"{"type":"item.completed","item":{"id":"c1","type":"command_execution","command":"false","aggregated_output":"","exit_code":1,"status":"failed"}}"#,
+            r#"{"type":"item.completed","item":{"id":"e1","type":"error","message":"model refused"}}"#,
+            r#"{"type":"item.started","item":{"id":"m2","type":"agent_message","text":""}}"#,
+        ];
+        let ev: Vec<ProviderEvent> = lines.iter().flat_map(|l| parse_line(&mut p, l)).collect();
+        let it = items(&ev);
+        let kinds: Vec<ItemKind> = it.iter().map(|i| i.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ItemKind::Reasoning,
+                ItemKind::TodoList,
+                ItemKind::TodoList,
+                ItemKind::ToolCall,
+                ItemKind::ToolCall,
+                ItemKind::Command,
+                ItemKind::Error,
+            ],
+            "an agent message is recorded when it completes"
+        );
+        assert_eq!(it[1].text.as_deref(), Some("[ ] a\n[x] b"));
+        assert_eq!(it[2].text.as_deref(), Some("[x] a\n[x] b"));
+        let mcp = it[3].tool.as_ref().unwrap();
+        assert_eq!(mcp.name, "docs.search");
+        assert_eq!(mcp.output.as_deref(), Some("found"));
+        assert_eq!(it[4].tool.as_ref().unwrap().input["query"], "rust");
+        let cmd = it[5].tool.as_ref().unwrap();
+        assert!(cmd.is_error);
+        assert_eq!(cmd.exit_code, Some(1));
+    }
+
+    #[test]
+    fn turn_failed_and_auth_errors() {
+        let mut p = CodexParser::new();
+        p.begin_turn();
+        let ev = parse_line(
+            &mut p,
+            r#"{"type":"error","message":"Reconnecting... 1/5 (stream error)"}"#,
+        );
+        assert!(matches!(&ev[..], [ProviderEvent::Item(i)] if i.kind == ItemKind::Error));
+        let ev = parse_line(
+            &mut p,
+            r#"{"type":"turn.failed","error":{"message":"stream disconnected"}}"#,
+        );
+        assert_eq!(
+            finished(&ev).outcome,
+            Outcome::Failed {
+                code: "turn_failed".into(),
+                message: "stream disconnected".into()
+            }
+        );
+
+        p.begin_turn();
+        let ev = parse_line(
+            &mut p,
+            r#"{"type":"error","message":"unexpected status 401 Unauthorized: invalid token"}"#,
+        );
+        assert!(matches!(&ev[0], ProviderEvent::AuthFailure { .. }));
+        let ev = parse_line(
+            &mut p,
+            r#"{"type":"turn.failed","error":{"message":"unexpected status 401"}}"#,
+        );
+        assert_eq!(
+            ev.iter()
+                .filter(|e| matches!(e, ProviderEvent::AuthFailure { .. }))
+                .count(),
+            0,
+            "reported once"
+        );
+        assert!(
+            matches!(&finished(&ev).outcome, Outcome::Failed { code, .. } if code == "auth_expired")
+        );
+    }
+
+    #[test]
+    fn unknown_and_broken_lines_yield_nothing() {
+        let mut p = CodexParser::new();
+        for line in [
+            "",
+            "garbage",
+            "{}",
+            r#"{"type":"turn.started"}"#,
+            r#"{"type":"item.completed"}"#,
+            r#"{"type":"item.completed","item":{"type":"brand_new"}}"#,
+            r#"{"type":"thread.started","thread_id":""}"#,
+        ] {
+            assert!(parse_line(&mut p, line).is_empty(), "{line}");
+        }
+    }
+
+    #[test]
+    fn args_for_exec_and_resume() {
+        let input = TurnInput {
+            prompt: "-do it".into(),
+            model: Some("gpt-5.5".into()),
+            thinking_level: Some("max".into()),
+            system_prompt: Some("Say \"hi\"\nfirst".into()),
+            ..TurnInput::default()
+        };
+        let s = |a: Vec<OsString>| {
+            a.into_iter()
+                .map(|x| x.into_string().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let args = s(build_args(
+            &input,
+            None,
+            &[PathBuf::from("/tmp/a.png"), PathBuf::from("/tmp/b.png")],
+        ));
+        assert_eq!(
+            args,
+            [
+                "exec",
+                "--json",
+                "--skip-git-repo-check",
+                "--dangerously-bypass-approvals-and-sandbox",
+                "-m",
+                "gpt-5.5",
+                "-c",
+                "model_reasoning_effort=\"xhigh\"",
+                "-c",
+                "developer_instructions=\"Say \\\"hi\\\"\\nfirst\"",
+                "-i",
+                "/tmp/a.png",
+                "-i",
+                "/tmp/b.png",
+                "--",
+                "-do it"
+            ]
+        );
+        let plan = TurnInput {
+            prompt: "p".into(),
+            plan_mode: true,
+            ..TurnInput::default()
+        };
+        let args = s(build_args(&plan, Some("thread-1"), &[]));
+        assert_eq!(
+            &args[..4],
+            ["exec", "resume", "--json", "--skip-git-repo-check"]
+        );
+        assert!(args.contains(&"sandbox_mode=\"read-only\"".to_string()));
+        assert!(!args.iter().any(|a| a.starts_with("--dangerously")));
+        assert_eq!(&args[args.len() - 3..], ["--", "thread-1", "p"]);
+    }
+}
