@@ -80,7 +80,13 @@ impl HistoryStore {
 
     /// The newest `limit` items after skipping `offset` from the end,
     /// oldest first. `raw` keeps the provider's original line.
-    pub fn page(&self, chat_id: &str, limit: usize, offset: usize, raw: bool) -> std::io::Result<Page> {
+    pub fn page(
+        &self,
+        chat_id: &str,
+        limit: usize,
+        offset: usize,
+        raw: bool,
+    ) -> std::io::Result<Page> {
         let h = self.chat(chat_id)?;
         let h = h.lock().unwrap_or_else(|e| e.into_inner());
         h.page(limit, offset, raw)
@@ -95,11 +101,16 @@ impl HistoryStore {
 
     /// Forget a chat and delete its file.
     pub fn remove(&self, chat_id: &str) {
-        self.open.lock().unwrap_or_else(|e| e.into_inner()).remove(chat_id);
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(chat_id);
         match std::fs::remove_file(self.path(chat_id)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(chat.id = chat_id, error = %e, "could not remove the history file"),
+            Err(e) => {
+                tracing::warn!(chat.id = chat_id, error = %e, "could not remove the history file")
+            }
         }
     }
 }
@@ -181,7 +192,12 @@ impl ChatHistory {
             if let Some(dir) = self.path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            self.file = Some(OpenOptions::new().create(true).append(true).open(&self.path)?);
+            self.file = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
         }
         let Some(f) = self.file.as_mut() else {
             return Err(std::io::Error::other("history file not open"));
@@ -229,7 +245,9 @@ impl ChatHistory {
                         }
                         items.push(item);
                     }
-                    Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "skipping an unreadable history line"),
+                    Err(e) => {
+                        tracing::warn!(path = %self.path.display(), error = %e, "skipping an unreadable history line")
+                    }
                 }
             }
         }

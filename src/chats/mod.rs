@@ -43,7 +43,10 @@ use crate::providers::{Image, ProviderKind};
 use crate::util::{new_id, now_ts};
 
 pub use history::Page;
-pub use model::{ActiveTurn, Chat, ChatRecord, ChatStatus, HistoryItem, LastTurn, Message, Outcome, ThinkingLevel, Usage};
+pub use model::{
+    ActiveTurn, Chat, ChatRecord, ChatStatus, HistoryItem, LastTurn, Message, Outcome,
+    ThinkingLevel, Usage,
+};
 
 /// How long an interrupt or delete waits for the turn's processes to end
 /// before answering anyway (the turn still ends; the answer then shows
@@ -58,7 +61,10 @@ pub enum ChatError {
     NotFound(String),
     /// Bad input; `field` names the request field.
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     /// `chats.json` or an attachment could not be written; the change may
     /// not survive a restart.
     #[error("could not persist chat state: {0}")]
@@ -75,6 +81,9 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ChatError {
     }
 }
 
+/// Looks up the repo `systemPrompt` for a chat's cwd.
+pub type SystemPromptFn = Arc<dyn Fn(&Path) -> Option<String> + Send + Sync>;
+
 /// What the chat service needs from other modules (hooks, repos, token
 /// refresh). Wired in `app.rs`; [`ChatDeps::standalone`] needs nothing.
 #[derive(Clone)]
@@ -83,7 +92,7 @@ pub struct ChatDeps {
     /// wait and chats with messages show `waiting_for_hooks`.
     pub hooks_done: watch::Receiver<bool>,
     /// The repo `systemPrompt` for a chat's cwd.
-    pub system_prompt: Arc<dyn Fn(&Path) -> Option<String> + Send + Sync>,
+    pub system_prompt: SystemPromptFn,
     /// A turn ended in this cwd: repos re-check their status.
     pub after_turn: Arc<dyn Fn(&Path) + Send + Sync>,
     /// A provider reported an authentication failure: refresh credentials.
@@ -239,8 +248,12 @@ impl ChatService {
         if recovered {
             svc.persist_now_blocking();
         }
-        let ids: Vec<(String, Arc<Runtime>)> =
-            svc.state().chats.iter().map(|(id, s)| (id.clone(), s.rt.clone())).collect();
+        let ids: Vec<(String, Arc<Runtime>)> = svc
+            .state()
+            .chats
+            .iter()
+            .map(|(id, s)| (id.clone(), s.rt.clone()))
+            .collect();
         for (id, rt) in ids {
             svc.spawn_runner(id, rt);
         }
@@ -337,12 +350,15 @@ impl ChatService {
 
     /// The wire view of a slot.
     fn view(&self, slot: &Slot) -> Chat {
-        slot.rec.view(slot.interrupting.is_some(), self.hooks_done())
+        slot.rec
+            .view(slot.interrupting.is_some(), self.hooks_done())
     }
 
     fn publish_updated(&self, slot: &Slot) {
         let chat = serde_json::to_value(self.view(slot)).expect("chat serializes");
-        self.inner.bus.publish(Some(&slot.rec.id), EventKind::ChatUpdated { chat });
+        self.inner
+            .bus
+            .publish(Some(&slot.rec.id), EventKind::ChatUpdated { chat });
     }
 
     /// Write the registry if the current version is not on disk yet.
@@ -402,7 +418,13 @@ impl ChatService {
     #[tracing::instrument(skip_all, fields(chat.id))]
     pub async fn create(&self, req: NewChat) -> Result<Chat, ChatError> {
         let provider = ProviderKind::parse(&req.provider).ok_or_else(|| {
-            invalid("provider", format!("unknown provider {:?}; expected \"claude\" or \"codex\"", req.provider))
+            invalid(
+                "provider",
+                format!(
+                    "unknown provider {:?}; expected \"claude\" or \"codex\"",
+                    req.provider
+                ),
+            )
         })?;
         let cwd = self.resolve_cwd(req.cwd.as_deref())?;
         let title = match req.title.map(|t| t.trim().to_owned()) {
@@ -456,7 +478,12 @@ impl ChatService {
     /// Every chat, newest first.
     pub fn list(&self) -> Vec<Chat> {
         let st = self.state();
-        let mut chats: Vec<Chat> = st.chats.values().filter(|s| !s.deleting).map(|s| self.view(s)).collect();
+        let mut chats: Vec<Chat> = st
+            .chats
+            .values()
+            .filter(|s| !s.deleting)
+            .map(|s| self.view(s))
+            .collect();
         chats.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
         chats
     }
@@ -488,13 +515,20 @@ impl ChatService {
         let (text, plan_prefix) = strip_plan(&req.text);
         let images = parse_images(&req.images)?;
         if text.trim().is_empty() && images.is_empty() {
-            let what = if plan_prefix { "message is empty after /plan" } else { "message must not be empty" };
+            let what = if plan_prefix {
+                "message is empty after /plan"
+            } else {
+                "message must not be empty"
+            };
             return Err(invalid("message", what));
         }
         let thinking_level = match req.thinking_level.as_deref() {
             None => None,
             Some(s) => Some(ThinkingLevel::parse(s).ok_or_else(|| {
-                invalid("thinkingLevel", format!("unknown level {s:?}; expected low, medium, high or max"))
+                invalid(
+                    "thinkingLevel",
+                    format!("unknown level {s:?}; expected low, medium, high or max"),
+                )
             })?),
         };
         self.get(id)?;
@@ -571,7 +605,11 @@ impl ChatService {
             let Some(slot) = st.chats.get_mut(id).filter(|s| !s.deleting) else {
                 return Err(ChatError::NotFound(id.to_owned()));
             };
-            let dropped = if clear_queue { std::mem::take(&mut slot.rec.queue) } else { Vec::new() };
+            let dropped = if clear_queue {
+                std::mem::take(&mut slot.rec.queue)
+            } else {
+                Vec::new()
+            };
             // Subscribed under the lock: the runner records the end of this
             // turn under the same lock and signals after, so it cannot slip by.
             let done = slot.rt.turns_done.subscribe();
@@ -599,7 +637,11 @@ impl ChatService {
             rt.interrupt.notify_one();
             let ended = async {
                 while done.changed().await.is_ok() {
-                    let still = self.state().chats.get(id).and_then(|s| s.rec.active_turn.as_ref().map(|t| t.turn_id == turn_id));
+                    let still = self
+                        .state()
+                        .chats
+                        .get(id)
+                        .and_then(|s| s.rec.active_turn.as_ref().map(|t| t.turn_id == turn_id));
                     if still != Some(true) {
                         break;
                     }
@@ -632,7 +674,10 @@ impl ChatService {
         };
         rt.stop.cancel();
         rt.interrupt.notify_one();
-        if tokio::time::timeout(STOP_WAIT, rt.exited.cancelled()).await.is_err() {
+        if tokio::time::timeout(STOP_WAIT, rt.exited.cancelled())
+            .await
+            .is_err()
+        {
             tracing::warn!("chat runner still stopping after {STOP_WAIT:?}; deleting anyway");
         }
         {
@@ -652,7 +697,13 @@ impl ChatService {
     }
 
     /// A page of a chat's history (see [`history::HistoryStore::page`]).
-    pub async fn history(&self, id: &str, limit: usize, offset: usize, raw: bool) -> Result<Page, ChatError> {
+    pub async fn history(
+        &self,
+        id: &str,
+        limit: usize,
+        offset: usize,
+        raw: bool,
+    ) -> Result<Page, ChatError> {
         self.get(id)?;
         let svc = self.clone();
         let id = id.to_owned();
@@ -668,7 +719,10 @@ impl ChatService {
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.runners.close();
-        if tokio::time::timeout(Duration::from_secs(4), self.inner.runners.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(4), self.inner.runners.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("chat runners still stopping at shutdown");
         }
         self.persist_logged().await;
@@ -699,7 +753,10 @@ fn resolve_cwd(root: &Path, cwd: Option<&str>) -> Result<PathBuf, ChatError> {
     let canon = std::fs::canonicalize(&joined)
         .map_err(|e| invalid("cwd", format!("{cwd:?} cannot be used: {e}")))?;
     if !canon.starts_with(root) {
-        return Err(invalid("cwd", format!("{cwd:?} is outside the workspace root {}", root.display())));
+        return Err(invalid(
+            "cwd",
+            format!("{cwd:?} is outside the workspace root {}", root.display()),
+        ));
     }
     if !canon.is_dir() {
         return Err(invalid("cwd", format!("{cwd:?} is not a directory")));
@@ -712,7 +769,9 @@ fn resolve_cwd(root: &Path, cwd: Option<&str>) -> Result<PathBuf, ChatError> {
 fn strip_plan(text: &str) -> (&str, bool) {
     let t = text.trim_start();
     match t.strip_prefix("/plan") {
-        Some(rest) if rest.is_empty() || rest.starts_with(char::is_whitespace) => (rest.trim_start(), true),
+        Some(rest) if rest.is_empty() || rest.starts_with(char::is_whitespace) => {
+            (rest.trim_start(), true)
+        }
         _ => (text, false),
     }
 }
@@ -752,7 +811,11 @@ fn parse_images(images: &[Value]) -> Result<Vec<Image>, ChatError> {
 /// Milliseconds from an RFC 3339 timestamp until now (0 if unparsable).
 fn millis_since(ts: &str) -> u64 {
     chrono::DateTime::parse_from_rfc3339(ts)
-        .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_milliseconds().max(0) as u64)
+        .map(|t| {
+            (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+                .num_milliseconds()
+                .max(0) as u64
+        })
         .unwrap_or(0)
 }
 
@@ -781,13 +844,104 @@ mod tests {
 
         assert_eq!(resolve_cwd(&root, None).unwrap(), root);
         assert_eq!(resolve_cwd(&root, Some("api")).unwrap(), root.join("api"));
-        assert_eq!(resolve_cwd(&root, Some(root.join("api/src/..").to_str().unwrap())).unwrap(), root.join("api"));
-        for bad in ["..", "api/../../outside", "escape", "/etc", "file", "missing", "", "/"] {
+        assert_eq!(
+            resolve_cwd(&root, Some(root.join("api/src/..").to_str().unwrap())).unwrap(),
+            root.join("api")
+        );
+        for bad in [
+            "..",
+            "api/../../outside",
+            "escape",
+            "/etc",
+            "file",
+            "missing",
+            "",
+            "/",
+        ] {
             assert!(
-                matches!(resolve_cwd(&root, Some(bad)), Err(ChatError::Invalid { field: "cwd", .. })),
+                matches!(
+                    resolve_cwd(&root, Some(bad)),
+                    Err(ChatError::Invalid { field: "cwd", .. })
+                ),
                 "{bad}"
             );
         }
+    }
+
+    /// Start hooks gate turns: messages queue with `waiting_for_hooks`
+    /// until the watch flips, then run in order; the seams are called.
+    #[tokio::test]
+    async fn turns_wait_for_start_hooks() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(home.path().join("workspaces")).unwrap();
+        let mut config = Config::for_home(home.path(), "s");
+        config.claude_bin = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/bin/fake-claude"
+        )
+        .into();
+        let config = Arc::new(config);
+        let bus = EventBus::open(&config.paths.events_file, 1 << 20).unwrap();
+        let (hooks_tx, hooks_rx) = watch::channel(false);
+        let turns_ended = Arc::new(AtomicUsize::new(0));
+        let prompts_asked = Arc::new(AtomicUsize::new(0));
+        let deps = ChatDeps {
+            hooks_done: hooks_rx,
+            system_prompt: {
+                let n = prompts_asked.clone();
+                Arc::new(move |_| {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    Some("be brief".into())
+                })
+            },
+            after_turn: {
+                let n = turns_ended.clone();
+                Arc::new(move |_| {
+                    n.fetch_add(1, Ordering::SeqCst);
+                })
+            },
+            on_auth_failure: Arc::new(|_| {}),
+        };
+        let svc = ChatService::new(config, bus, deps);
+        let chat = svc
+            .create(NewChat {
+                provider: "claude".into(),
+                ..NewChat::default()
+            })
+            .await
+            .unwrap();
+        let msg = |t: &str| NewMessage {
+            text: t.into(),
+            ..NewMessage::default()
+        };
+        let a = svc.send(&chat.id, msg("one")).await.unwrap();
+        let b = svc.send(&chat.id, msg("two")).await.unwrap();
+        assert_eq!((a.status, a.position, b.position), ("queued", 1, 2));
+        let c = svc.get(&chat.id).unwrap();
+        assert_eq!(c.status, ChatStatus::WaitingForHooks);
+        assert!(c.processing);
+        assert_eq!(svc.counts().queued_messages, 2);
+
+        hooks_tx.send(true).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while turns_ended.load(Ordering::SeqCst) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "turns never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let c = svc.get(&chat.id).unwrap();
+        assert_eq!(c.status, ChatStatus::Idle);
+        assert_eq!(c.last_turn.unwrap().outcome, Outcome::Completed);
+        assert_eq!(prompts_asked.load(Ordering::SeqCst), 2);
+        let page = svc.history(&chat.id, 100, 0, false).await.unwrap();
+        let users: Vec<&str> = page
+            .items
+            .iter()
+            .filter(|i| i.kind == model::ItemKind::UserMessage)
+            .map(|i| i.text.as_str())
+            .collect();
+        assert_eq!(users, ["one", "two"]);
+        svc.shutdown().await;
     }
 
     #[test]
@@ -795,6 +949,12 @@ mod tests {
         let ok = serde_json::json!({"type":"image","source":{"type":"base64","media_type":"image/png","data":"aGk="}});
         assert_eq!(parse_images(&[ok]).unwrap().len(), 1);
         let bad = serde_json::json!({"type":"image","source":{"type":"url","url":"x"}});
-        assert!(matches!(parse_images(&[bad]), Err(ChatError::Invalid { field: "images", .. })));
+        assert!(matches!(
+            parse_images(&[bad]),
+            Err(ChatError::Invalid {
+                field: "images",
+                ..
+            })
+        ));
     }
 }

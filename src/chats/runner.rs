@@ -312,7 +312,11 @@ async fn run_turn(
             cfg.codex_thread_usage = ctx.codex_thread_usage;
             ProviderSession::new(cfg)
         });
-        let images = if msg.images > 0 { inner.attachments.get(&msg.id) } else { Vec::new() };
+        let images = if msg.images > 0 {
+            inner.attachments.get(&msg.id)
+        } else {
+            Vec::new()
+        };
         let input = TurnInput {
             prompt: msg.text.clone(),
             model: msg.model.clone().or(ctx.chat_model.clone()),
@@ -383,7 +387,10 @@ async fn stream_turn(
     // streamed for it carry the id of the item they belong to.
     let mut item_ids: HashMap<String, String> = HashMap::new();
     let mut item_id = |key: Option<&str>| match key {
-        Some(k) => item_ids.entry(k.to_owned()).or_insert_with(|| new_id("i")).clone(),
+        Some(k) => item_ids
+            .entry(k.to_owned())
+            .or_insert_with(|| new_id("i"))
+            .clone(),
         None => new_id("i"),
     };
     loop {

@@ -28,7 +28,10 @@ pub enum Loaded {
     Chats(Vec<ChatRecord>),
     /// Unreadable or unparsable; the file was moved to `moved_to` so the
     /// engine can start empty without destroying evidence.
-    Corrupt { error: String, moved_to: Option<PathBuf> },
+    Corrupt {
+        error: String,
+        moved_to: Option<PathBuf>,
+    },
 }
 
 pub fn load(path: &Path) -> Loaded {
@@ -119,7 +122,9 @@ impl Attachments {
         match std::fs::remove_file(self.path(message_id)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(message.id = message_id, error = %e, "could not remove message attachments"),
+            Err(e) => {
+                tracing::warn!(message.id = message_id, error = %e, "could not remove message attachments")
+            }
         }
     }
 }
@@ -134,8 +139,15 @@ mod tests {
         let p = dir.path().join("chats.json");
         std::fs::write(&p, b"{not json").unwrap();
         match load(&p) {
-            Loaded::Corrupt { moved_to: Some(to), .. } => {
-                assert!(to.file_name().unwrap().to_str().unwrap().starts_with("chats.json.corrupt-"));
+            Loaded::Corrupt {
+                moved_to: Some(to), ..
+            } => {
+                assert!(to
+                    .file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with("chats.json.corrupt-"));
                 assert_eq!(std::fs::read(&to).unwrap(), b"{not json");
             }
             other => panic!("{other:?}"),

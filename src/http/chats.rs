@@ -61,11 +61,17 @@ async fn list_chats(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "chats": state.chats.list() }))
 }
 
-async fn get_chat(State(state): State<AppState>, Path(chat_id): Path<String>) -> Result<Json<Chat>, ApiError> {
+async fn get_chat(
+    State(state): State<AppState>,
+    Path(chat_id): Path<String>,
+) -> Result<Json<Chat>, ApiError> {
     Ok(Json(state.chats.get(&chat_id)?))
 }
 
-async fn delete_chat(State(state): State<AppState>, Path(chat_id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn delete_chat(
+    State(state): State<AppState>,
+    Path(chat_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     state.chats.delete(&chat_id).await?;
     Ok(Json(json!({ "success": true })))
 }
@@ -119,9 +125,12 @@ async fn interrupt_chat(
     let req: Interrupt = if body.iter().all(u8::is_ascii_whitespace) {
         Interrupt::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
     };
-    Ok(Json(state.chats.interrupt(&chat_id, req.clear_queue).await?))
+    Ok(Json(
+        state.chats.interrupt(&chat_id, req.clear_queue).await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -138,7 +147,14 @@ async fn get_history(
 ) -> Result<Json<Value>, ApiError> {
     let page = state
         .chats
-        .history(&chat_id, q.limit.unwrap_or(100), q.offset.unwrap_or(0), q.raw.unwrap_or(false))
+        .history(
+            &chat_id,
+            q.limit.unwrap_or(100),
+            q.offset.unwrap_or(0),
+            q.raw.unwrap_or(false),
+        )
         .await?;
-    Ok(Json(json!({ "items": page.items, "total": page.total, "hasMore": page.has_more })))
+    Ok(Json(
+        json!({ "items": page.items, "total": page.total, "hasMore": page.has_more }),
+    ))
 }

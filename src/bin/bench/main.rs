@@ -4,6 +4,7 @@
 //!
 //! Usage: `replicas-bench [area ...]` (default: all areas).
 
+mod chats;
 mod events;
 
 use std::time::Duration;
@@ -13,6 +14,9 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let all = args.is_empty() || args.iter().any(|a| a == "all");
     let want = |area: &str| all || args.iter().any(|a| a == area);
+    if want("chats") {
+        chats::run().await?;
+    }
     if want("events") {
         events::run().await?;
     }
