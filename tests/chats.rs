@@ -139,6 +139,17 @@ async fn wait_dead(pid: i32) {
     }
 }
 
+/// Synchronous variant of [`wait_dead`] for closures: up to 2 s.
+fn wait_pid_dies(pid: i32) -> bool {
+    for _ in 0..100 {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 async fn wait_chat(e: &TestEngine, chat: &str, pred: impl Fn(&Value) -> bool) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -568,10 +579,9 @@ async fn interrupt_ends_the_whole_tree_then_the_queue_continues_or_is_cleared() 
             c["status"], "interrupting",
             "answered only after the turn ended: {c}"
         );
-        assert!(
-            !alive(child),
-            "{provider}: the lingering grandchild outlived the interrupt"
-        );
+        // SIGKILL was sent to the group before the turn was reported
+        // ended; the kernel may take a moment to tear the process down.
+        wait_dead(child).await;
         let (_, end, p) = wait_turn(&mut events, slow["messageId"].as_str().unwrap()).await;
         assert_eq!(end, "chat.interrupted", "{p}");
         assert!(p["durationMs"].is_u64());
@@ -646,10 +656,7 @@ async fn delete_while_running_ends_the_tree_and_forgets_the_chat() {
 
     let res = e.delete(&format!("/chats/{chat}")).send().await.unwrap();
     assert_eq!(res.status(), 200);
-    assert!(
-        !alive(child),
-        "the lingering grandchild outlived the delete"
-    );
+    wait_dead(child).await;
     let (_, seen) = events
         .wait_for(WAIT, |ev| ev.event.as_deref() == Some("chat.deleted"))
         .await;
@@ -840,7 +847,11 @@ async fn graceful_shutdown_ends_running_turns() {
     send(&e, &chat, "FAKE_LINGER").await;
     let child = wait_pid(&pid_file).await;
     let e = restart_with(e, false, |_| {
-        assert!(!alive(child), "a turn's process outlived the engine")
+        // Killed by the engine on its way out, not by the next one.
+        assert!(
+            !alive(child) || wait_pid_dies(child),
+            "a turn's process outlived the engine"
+        )
     })
     .await;
     let c = e.get_json(&format!("/chats/{chat}"), 200).await;

@@ -391,6 +391,11 @@ impl ChatService {
         let _ = self.persist().await;
     }
 
+    fn persist_in_background(&self) {
+        let svc = self.clone();
+        tokio::spawn(async move { svc.persist_logged().await });
+    }
+
     /// Startup path (not async): write the recovered state.
     fn persist_now_blocking(&self) {
         let (version, bytes) = self.snapshot();
@@ -589,8 +594,11 @@ impl ChatService {
             };
             (accepted, rt)
         };
-        self.persist().await?;
+        // A `sent` turn may start while this request writes chats.json: the
+        // runner does not persist it again, and a crash before the write
+        // finished leaves nothing acknowledged.
         rt.wake.notify_one();
+        self.persist().await?;
         tracing::info!(message.id = %accepted.message_id, status = accepted.status, position = accepted.position, "message accepted");
         Ok(accepted)
     }

@@ -20,7 +20,13 @@ use super::model::{ActiveTurn, HistoryItem, ItemKind, LastTurn, Outcome};
 use super::{ChatService, Runtime};
 
 enum Next {
-    Start(ActiveTurn),
+    /// Run this turn; `taken` when it was just taken off the queue (a
+    /// change to persist first), not when a `sent` answer put it in place
+    /// (already persisted by that request).
+    Start {
+        turn: ActiveTurn,
+        taken: bool,
+    },
     Wait,
     Gone,
 }
@@ -47,8 +53,10 @@ pub(super) async fn drive(svc: ChatService, id: String, rt: Arc<Runtime>) {
         let hooks_done = hooks_gone || *hooks.borrow_and_update();
         match svc.take_next(&id, hooks_done) {
             Next::Gone => break,
-            Next::Start(turn) => {
-                svc.persist_logged().await;
+            Next::Start { turn, taken } => {
+                if taken {
+                    svc.persist_logged().await;
+                }
                 run_turn(&svc, &id, &rt, turn, &mut session).await;
             }
             Next::Wait => {
@@ -87,7 +95,10 @@ impl ChatService {
             return Next::Wait;
         }
         if let Some(t) = &slot.rec.active_turn {
-            return Next::Start(t.clone());
+            return Next::Start {
+                turn: t.clone(),
+                taken: false,
+            };
         }
         if !hooks_done || slot.rec.queue.is_empty() {
             return Next::Wait;
@@ -104,7 +115,7 @@ impl ChatService {
         slot.rec.updated_at = now_ts();
         self.publish_updated(slot);
         st.version += 1;
-        Next::Start(turn)
+        Next::Start { turn, taken: true }
     }
 
     fn turn_context(&self, id: &str) -> Option<TurnContext> {
@@ -175,13 +186,11 @@ impl ChatService {
         }
     }
 
-    fn publish_item(&self, id: &str, turn_id: &str, item: &HistoryItem) {
-        self.append_history(id, item);
+    fn publish_item(&self, id: &str, turn_id: &str, mut item: HistoryItem) {
+        self.append_history(id, &item);
         // `raw` is served by `?raw=true` history only, not streamed.
-        let mut wire = serde_json::to_value(item).expect("history item serializes");
-        if let Some(o) = wire.as_object_mut() {
-            o.remove("raw");
-        }
+        item.raw = None;
+        let wire = serde_json::to_value(&item).expect("history item serializes");
         self.inner.bus.publish(
             Some(id),
             EventKind::TurnDelta(TurnDelta::Item {
@@ -345,7 +354,7 @@ async fn run_turn(
         svc.publish_item(
             id,
             &turn.turn_id,
-            &HistoryItem {
+            HistoryItem {
                 id: new_id("i"),
                 turn_id: turn.turn_id.clone(),
                 ts: now_ts(),
@@ -359,7 +368,10 @@ async fn run_turn(
     let duration_ms = started.elapsed().as_millis() as u64;
     let thread_usage = session.as_ref().and_then(|s| s.codex_thread_usage());
     svc.finish_turn(id, &turn, &result, thread_usage, duration_ms);
-    svc.persist_logged().await;
+    // Written in the background so the next message starts without waiting
+    // for the fsync; writes stay ordered (the persist lock) and shutdown
+    // writes the final state after any in flight.
+    svc.persist_in_background();
     rt.turns_done.send_modify(|n| *n += 1);
     if msg.images > 0 {
         inner.attachments.remove(&msg.id);
@@ -380,7 +392,10 @@ async fn stream_turn(
 ) -> providers::TurnResult {
     let inner = &svc.inner;
     svc.record_process(id, &turn.turn_id, running.pgid, running.start_time);
-    svc.persist_logged().await;
+    // Not awaited: the first lines need not wait for the fsync; until it
+    // lands a crash leaves the turn looking unstarted (requeued), and its
+    // process dies with the engine (parent-death signal).
+    svc.persist_in_background();
     let interrupter = running.interrupter();
     let mut stopping = false;
     // Provider item key → our item id, so an updated item and the text
@@ -418,7 +433,7 @@ async fn stream_turn(
                         tool: item.tool,
                         raw: item.raw,
                     };
-                    svc.publish_item(id, &turn.turn_id, &hi);
+                    svc.publish_item(id, &turn.turn_id, hi);
                 }
                 Some(ProviderEvent::TextDelta { item_key, text }) => {
                     inner.bus.publish(
