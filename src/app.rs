@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::chats::{ChatDeps, ChatService};
 use crate::config::Config;
 use crate::events::{EventBus, EventKind};
 use crate::hooks::HookService;
@@ -23,6 +24,7 @@ pub struct AppState {
     pub bus: EventBus,
     /// Webhooks and credential refresh (inert without `MONOLITH_URL`).
     pub upstream: Upstream,
+    pub chats: ChatService,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
     /// Cancelled when the engine begins shutting down; long-lived work (SSE
@@ -48,12 +50,18 @@ impl AppState {
             let hooks = hooks.clone();
             Arc::new(move |repo: &str| hooks.repo_completed(repo))
         });
+        let chats = ChatService::new(
+            config.clone(),
+            bus.clone(),
+            chat_deps(&config, &hooks, &repos, &upstream),
+        );
         let state = Self {
             repos,
             hooks,
             config,
             bus,
             upstream,
+            chats,
             started_at: Utc::now(),
             started: Instant::now(),
             shutdown,
@@ -82,11 +90,45 @@ impl AppState {
 /// streams (they watch the same token), let in-flight requests finish.
 pub async fn run(state: AppState, listener: TcpListener) -> anyhow::Result<()> {
     let shutdown = state.shutdown.clone();
+    // Running turns start stopping at once, while HTTP drains.
+    let chats = {
+        let (chats, shutdown) = (state.chats.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            chats.shutdown().await;
+        })
+    };
     let app = crate::http::router(state.clone());
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
-        .context("HTTP server failed")?;
+        .context("HTTP server failed");
     tracing::info!("HTTP server stopped");
-    Ok(())
+    state.shutdown.cancel();
+    let _ = chats.await;
+    served
+}
+
+/// How chats reach the other services: turns wait for start hooks, agents
+/// get the repo's `systemPrompt`, repos are re-checked after every turn (a
+/// turn may have switched branch or edited files), and an auth failure
+/// triggers a credential refresh.
+fn chat_deps(
+    config: &Config,
+    hooks: &HookService,
+    repos: &RepoService,
+    upstream: &Upstream,
+) -> ChatDeps {
+    let root = config.workspaces_dir.clone();
+    let repos = repos.clone();
+    let upstream = upstream.clone();
+    ChatDeps {
+        hooks_done: hooks.hooks_done(),
+        system_prompt: Arc::new(move |cwd| crate::repos::system_prompt_for(&root, cwd)),
+        after_turn: Arc::new(move |_cwd| {
+            let repos = repos.clone();
+            tokio::spawn(async move { repos.refresh().await });
+        }),
+        on_auth_failure: Arc::new(move |kind| upstream.request_refresh(kind.as_str())),
+    }
 }

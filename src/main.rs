@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use replicas_engine::app::{self, AppState};
 use replicas_engine::config::{Config, ENV_HELP};
@@ -96,6 +97,9 @@ fn init_tracing() {
 }
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    // Handlers first: a SIGTERM that arrives while state loads or right
+    // after "listening" must shut down cleanly, not kill the process.
+    let signals = Signals::install()?;
     let addr = SocketAddr::new(config.host, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -109,7 +113,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         "listening on http://{local}"
     );
 
-    tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn(signals.watch(shutdown.clone()));
     let server = tokio::spawn(app::run(state.clone(), listener));
     shutdown.cancelled().await;
     tracing::info!("shutting down");
@@ -125,27 +129,34 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
-        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    shutdown.cancel();
+
+    async fn watch(mut self, shutdown: CancellationToken) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+            _ = self.int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+        }
+        shutdown.cancel();
+    }
 }
 
 /// Run every repo's warmHook; exit 1 if any command failed, timed out or a
 /// config was invalid. Ctrl-C/TERM stops the running command's group.
 async fn warm(config: Config) -> anyhow::Result<ExitCode> {
     let cancel = CancellationToken::new();
-    tokio::spawn(watch_signals(cancel.clone()));
+    tokio::spawn(Signals::install()?.watch(cancel.clone()));
     let ok = replicas_engine::hooks::warm::run(&config, &cancel).await?;
     Ok(if ok {
         ExitCode::SUCCESS

@@ -13,6 +13,7 @@
 //! 6. auth — on the protected sub-router only.
 
 pub mod auth;
+pub mod chats;
 pub mod error;
 pub mod events;
 pub mod hooks;
@@ -46,6 +47,7 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
     let protected = Router::new()
         .merge(system::router())
         .merge(events::router())
+        .merge(chats::router())
         .merge(plans::router())
         .merge(token_refresh::router())
         .merge(repos::router())

@@ -46,6 +46,7 @@ pub fn status_body(state: &AppState) -> Value {
         "uptimeMs": state.started.elapsed().as_millis() as u64,
         "workspaceId": state.config.workspace_id,
         "workspaceRoot": state.config.workspaces_dir,
+        "chats": state.chats.counts(),
         "repos": {"count": state.repos.count()},
         "hooks": {"status": state.hooks.status().status},
         "events": {

@@ -4,6 +4,7 @@
 //!
 //! Usage: `replicas-bench [area ...]` (default: all areas).
 
+mod chats;
 mod events;
 mod repos;
 mod upstream;
@@ -18,6 +19,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let all = args.is_empty() || args.iter().any(|a| a == "all");
     let want = |area: &str| all || args.iter().any(|a| a == area);
+    if want("chats") {
+        chats::run().await?;
+    }
     if want("events") {
         events::run().await?;
     }

@@ -1,0 +1,968 @@
+//! Chats: the registry, the per-chat message queue and the turns that drive
+//! an agent CLI through [`crate::providers`].
+//!
+//! [`ChatService`] is a cheap-to-clone handle. Its state is one map of chat
+//! records under one lock; every change bumps a version and is written to
+//! `chats.json` (atomically) before the caller is answered, so nothing a
+//! client got a 2xx for is lost by a `kill -9`. Events describing a change
+//! are published while the lock is held, so their order is the order of the
+//! changes. History lives in per-chat JSONL files ([`history`]).
+//!
+//! Each chat has one runner task ([`runner`]) that takes the next message
+//! (the one a `sent` answer put in place, or the head of the queue once
+//! start hooks are done), runs it as a turn and records how it ended. One
+//! turn at a time per chat; chats run concurrently.
+//!
+//! Invariants:
+//! - A chat's `activeTurn` is set from the moment a message is taken until
+//!   the provider reported the turn finished, which it does only after the
+//!   process exit was observed (or its tools' processes were ended); so a
+//!   chat is `idle` only when nothing of its turn still runs.
+//! - `activeTurn.pgid`/`startTime` are persisted as soon as the process is
+//!   spawned, so the next engine can end the group a crashed one left
+//!   behind ([`ChatService::new`] does that on start).
+
+pub mod history;
+pub mod model;
+mod runner;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::events::{EventBus, EventKind};
+use crate::providers::{Image, ProviderKind};
+use crate::util::{new_id, now_ts};
+
+pub use history::Page;
+pub use model::{
+    ActiveTurn, Chat, ChatRecord, ChatStatus, HistoryItem, LastTurn, Message, Outcome,
+    ThinkingLevel, Usage,
+};
+
+/// How long an interrupt or delete waits for the turn's processes to end
+/// before answering anyway (the turn still ends; the answer then shows
+/// `interrupting`).
+const STOP_WAIT: Duration = Duration::from_secs(15);
+/// Upper bound of `GET /history?limit`.
+pub const MAX_HISTORY_LIMIT: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error("no chat with id {0:?}")]
+    NotFound(String),
+    /// Bad input; `field` names the request field.
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    /// `chats.json` or an attachment could not be written; the change may
+    /// not survive a restart.
+    #[error("could not persist chat state: {0}")]
+    Persist(#[source] std::io::Error),
+    /// A history file could not be read.
+    #[error("could not read chat history: {0}")]
+    History(#[source] std::io::Error),
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ChatError {
+    ChatError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Looks up the repo `systemPrompt` for a chat's cwd.
+pub type SystemPromptFn = Arc<dyn Fn(&Path) -> Option<String> + Send + Sync>;
+
+/// What the chat service needs from other modules (hooks, repos, token
+/// refresh). Wired in `app.rs`; [`ChatDeps::standalone`] needs nothing.
+#[derive(Clone)]
+pub struct ChatDeps {
+    /// `true` once start hooks finished (any outcome). Until then turns
+    /// wait and chats with messages show `waiting_for_hooks`.
+    pub hooks_done: watch::Receiver<bool>,
+    /// The repo `systemPrompt` for a chat's cwd.
+    pub system_prompt: SystemPromptFn,
+    /// A turn ended in this cwd: repos re-check their status.
+    pub after_turn: Arc<dyn Fn(&Path) + Send + Sync>,
+    /// A provider reported an authentication failure: refresh credentials.
+    pub on_auth_failure: Arc<dyn Fn(ProviderKind) + Send + Sync>,
+}
+
+impl ChatDeps {
+    /// Hooks done, no system prompt, no-op callbacks.
+    pub fn standalone() -> Self {
+        let (_tx, rx) = watch::channel(true);
+        Self {
+            hooks_done: rx,
+            system_prompt: Arc::new(|_| None),
+            after_turn: Arc::new(|_| {}),
+            on_auth_failure: Arc::new(|_| {}),
+        }
+    }
+}
+
+/// `POST /chats` input, already decoded (validated here).
+#[derive(Debug, Default)]
+pub struct NewChat {
+    pub provider: String,
+    pub title: Option<String>,
+    pub model: Option<String>,
+    pub cwd: Option<String>,
+}
+
+/// `POST /chats/:id/messages` input, already decoded (validated here).
+#[derive(Debug, Default)]
+pub struct NewMessage {
+    pub text: String,
+    pub model: Option<String>,
+    pub plan_mode: bool,
+    pub thinking_level: Option<String>,
+    /// Anthropic image blocks as sent.
+    pub images: Vec<Value>,
+}
+
+/// The answer to an accepted message.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Accepted {
+    /// `sent` (started at once) or `queued`.
+    pub status: &'static str,
+    pub message_id: String,
+    /// 0 when sent, else the 1-based queue position.
+    pub position: usize,
+    pub chat_id: String,
+}
+
+/// The `/status` summary.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatCounts {
+    pub total: usize,
+    pub running: usize,
+    pub queued_messages: usize,
+}
+
+#[derive(Clone)]
+pub struct ChatService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    bus: EventBus,
+    deps: ChatDeps,
+    state: Mutex<State>,
+    /// Highest state version written to `chats.json`. Held while writing, so
+    /// writes are ordered and a caller whose change is already on disk
+    /// (group commit) skips its own write.
+    persisted: tokio::sync::Mutex<u64>,
+    history: history::HistoryStore,
+    attachments: store::Attachments,
+    /// Cancelled by [`ChatService::shutdown`]; every runner watches a child.
+    shutdown: CancellationToken,
+    runners: TaskTracker,
+}
+
+struct State {
+    chats: HashMap<String, Slot>,
+    version: u64,
+}
+
+struct Slot {
+    rec: ChatRecord,
+    rt: Arc<Runtime>,
+    /// Why the running turn is being stopped (`user`, `deleted`,
+    /// `engine_shutdown`); `None` when nobody asked.
+    interrupting: Option<&'static str>,
+    /// Delete in progress: the chat takes no more messages.
+    deleting: bool,
+}
+
+/// Live, unpersisted parts of a chat, shared with its runner.
+struct Runtime {
+    /// A message was put in place or queued.
+    wake: Notify,
+    /// Someone set `interrupting`.
+    interrupt: Notify,
+    /// Cancelled on delete; a child of the service's shutdown token.
+    stop: CancellationToken,
+    /// Bumped after every finished turn; interrupt/delete wait on it.
+    turns_done: watch::Sender<u64>,
+    /// Cancelled when the runner task has exited (session shut down).
+    exited: CancellationToken,
+}
+
+impl ChatService {
+    /// Load `chats.json` (setting a corrupt one aside), recover what a dead
+    /// engine left running, and start one runner per chat.
+    pub fn new(config: Arc<Config>, bus: EventBus, deps: ChatDeps) -> Self {
+        let engine_dir = &config.paths.engine_dir;
+        let inner = Arc::new(Inner {
+            history: history::HistoryStore::new(engine_dir.join("history")),
+            attachments: store::Attachments::new(engine_dir.join("attachments")),
+            config: config.clone(),
+            bus,
+            deps,
+            state: Mutex::new(State {
+                chats: HashMap::new(),
+                version: 0,
+            }),
+            persisted: tokio::sync::Mutex::new(0),
+            shutdown: CancellationToken::new(),
+            runners: TaskTracker::new(),
+        });
+        let svc = Self { inner };
+        let records = svc.load();
+        let recovered = {
+            let mut st = svc.state();
+            let mut recovered = false;
+            for mut rec in records {
+                recovered |= svc.recover(&mut rec);
+                let rt = svc.new_runtime();
+                st.chats.insert(
+                    rec.id.clone(),
+                    Slot {
+                        rec,
+                        rt,
+                        interrupting: None,
+                        deleting: false,
+                    },
+                );
+            }
+            if recovered {
+                st.version += 1;
+            }
+            recovered
+        };
+        if recovered {
+            svc.persist_now_blocking();
+        }
+        let ids: Vec<(String, Arc<Runtime>)> = svc
+            .state()
+            .chats
+            .iter()
+            .map(|(id, s)| (id.clone(), s.rt.clone()))
+            .collect();
+        for (id, rt) in ids {
+            svc.spawn_runner(id, rt);
+        }
+        svc
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn load(&self) -> Vec<ChatRecord> {
+        let path = &self.inner.config.paths.chats_file;
+        match store::load(path) {
+            store::Loaded::Missing => Vec::new(),
+            store::Loaded::Chats(chats) => {
+                tracing::info!(chats = chats.len(), "chats loaded");
+                chats
+            }
+            store::Loaded::Corrupt { error, moved_to } => {
+                let moved = moved_to.as_ref().map(|p| p.display().to_string());
+                tracing::error!(path = %path.display(), error, moved_to = moved.as_deref(), "chats file is corrupt; starting with no chats");
+                self.inner.bus.publish(
+                    None,
+                    EventKind::Error {
+                        code: "state_corrupt".into(),
+                        message: match &moved {
+                            Some(to) => format!("chats.json could not be read ({error}); it was moved to {to} and the engine started with no chats"),
+                            None => format!("chats.json could not be read ({error}); the engine started with no chats"),
+                        },
+                        source: "chats".into(),
+                    },
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// A turn the previous engine left behind: if its process was spawned,
+    /// end any stray member of its group and record the turn interrupted
+    /// (`engine_restart`); if it never got that far, its message goes back
+    /// to the front of the queue. Returns whether anything changed.
+    fn recover(&self, rec: &mut ChatRecord) -> bool {
+        let Some(turn) = rec.active_turn.take() else {
+            return false;
+        };
+        let Some(pgid) = turn.pgid else {
+            tracing::info!(chat.id = %rec.id, message.id = %turn.message.id, "requeueing a message whose turn never started before the engine stopped");
+            rec.queue.insert(0, turn.message);
+            return true;
+        };
+        let killed = crate::process::kill_recorded_group(pgid, turn.start_time);
+        tracing::warn!(chat.id = %rec.id, turn.id = %turn.turn_id, pgid, stray_group_killed = killed, "turn was running when the previous engine stopped; marking it interrupted");
+        let now = now_ts();
+        rec.last_turn = Some(LastTurn {
+            turn_id: turn.turn_id.clone(),
+            outcome: Outcome::Interrupted,
+            finished_at: now.clone(),
+            reason: Some("engine_restart".into()),
+            error: None,
+        });
+        rec.updated_at = now;
+        self.inner.attachments.remove(&turn.message.id);
+        self.inner.bus.publish(
+            Some(&rec.id),
+            EventKind::ChatInterrupted {
+                turn_id: turn.turn_id,
+                duration_ms: millis_since(&turn.started_at),
+            },
+        );
+        true
+    }
+
+    fn new_runtime(&self) -> Arc<Runtime> {
+        Arc::new(Runtime {
+            wake: Notify::new(),
+            interrupt: Notify::new(),
+            stop: self.inner.shutdown.child_token(),
+            turns_done: watch::channel(0).0,
+            exited: CancellationToken::new(),
+        })
+    }
+
+    fn spawn_runner(&self, id: String, rt: Arc<Runtime>) {
+        let svc = self.clone();
+        self.inner.runners.spawn(async move {
+            runner::drive(svc, id, rt.clone()).await;
+            rt.exited.cancel();
+        });
+    }
+
+    fn hooks_done(&self) -> bool {
+        *self.inner.deps.hooks_done.borrow()
+    }
+
+    /// The wire view of a slot.
+    fn view(&self, slot: &Slot) -> Chat {
+        slot.rec
+            .view(slot.interrupting.is_some(), self.hooks_done())
+    }
+
+    fn publish_updated(&self, slot: &Slot) {
+        let chat = serde_json::to_value(self.view(slot)).expect("chat serializes");
+        self.inner
+            .bus
+            .publish(Some(&slot.rec.id), EventKind::ChatUpdated { chat });
+    }
+
+    /// Write the registry if the current version is not on disk yet.
+    async fn persist(&self) -> Result<(), ChatError> {
+        let wanted = self.state().version;
+        let mut persisted = self.inner.persisted.lock().await;
+        if *persisted >= wanted {
+            return Ok(());
+        }
+        let (version, bytes) = self.snapshot();
+        let path = self.inner.config.paths.chats_file.clone();
+        let res = tokio::task::spawn_blocking(move || store::save(&path, &bytes))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match res {
+            Ok(()) => {
+                *persisted = version;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not write chats.json");
+                Err(ChatError::Persist(e))
+            }
+        }
+    }
+
+    /// Persist from a place that cannot report the error (the runner); it
+    /// was logged.
+    async fn persist_logged(&self) {
+        let _ = self.persist().await;
+    }
+
+    fn persist_in_background(&self) {
+        let svc = self.clone();
+        tokio::spawn(async move { svc.persist_logged().await });
+    }
+
+    /// Startup path (not async): write the recovered state.
+    fn persist_now_blocking(&self) {
+        let (version, bytes) = self.snapshot();
+        match store::save(&self.inner.config.paths.chats_file, &bytes) {
+            Ok(()) => {
+                if let Ok(mut p) = self.inner.persisted.try_lock() {
+                    *p = version;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not write chats.json"),
+        }
+    }
+
+    fn snapshot(&self) -> (u64, Vec<u8>) {
+        let st = self.state();
+        let mut recs: Vec<&ChatRecord> = st.chats.values().map(|s| &s.rec).collect();
+        recs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        (st.version, store::encode(&recs))
+    }
+
+    // ----- public API -------------------------------------------------------
+
+    /// Create a chat. `cwd` must resolve (after following symlinks) inside
+    /// the workspace root; relative paths are taken from the root.
+    #[tracing::instrument(skip_all, fields(chat.id))]
+    pub async fn create(&self, req: NewChat) -> Result<Chat, ChatError> {
+        let provider = ProviderKind::parse(&req.provider).ok_or_else(|| {
+            invalid(
+                "provider",
+                format!(
+                    "unknown provider {:?}; expected \"claude\" or \"codex\"",
+                    req.provider
+                ),
+            )
+        })?;
+        let cwd = self.resolve_cwd(req.cwd.as_deref())?;
+        let title = match req.title.map(|t| t.trim().to_owned()) {
+            Some(t) if !t.is_empty() => t,
+            _ => model::default_title(provider).to_owned(),
+        };
+        let now = now_ts();
+        let rec = ChatRecord {
+            id: new_id("c"),
+            provider,
+            title,
+            model: req.model.filter(|m| !m.trim().is_empty()),
+            cwd,
+            provider_session_id: None,
+            created_at: now.clone(),
+            updated_at: now,
+            queue: Vec::new(),
+            last_turn: None,
+            usage: Usage::default(),
+            active_turn: None,
+            codex_thread_usage: None,
+        };
+        let id = rec.id.clone();
+        tracing::Span::current().record("chat.id", id.as_str());
+        let rt = self.new_runtime();
+        let chat = {
+            let mut st = self.state();
+            let slot = Slot {
+                rec,
+                rt: rt.clone(),
+                interrupting: None,
+                deleting: false,
+            };
+            let chat = self.view(&slot);
+            st.chats.insert(id.clone(), slot);
+            st.version += 1;
+            self.inner.bus.publish(
+                Some(&id),
+                EventKind::ChatCreated {
+                    chat: serde_json::to_value(&chat).expect("chat serializes"),
+                },
+            );
+            chat
+        };
+        self.spawn_runner(id.clone(), rt);
+        self.persist().await?;
+        tracing::info!(provider = provider.as_str(), cwd = %chat.cwd.display(), "chat created");
+        Ok(chat)
+    }
+
+    /// Every chat, newest first.
+    pub fn list(&self) -> Vec<Chat> {
+        let st = self.state();
+        let mut chats: Vec<Chat> = st
+            .chats
+            .values()
+            .filter(|s| !s.deleting)
+            .map(|s| self.view(s))
+            .collect();
+        chats.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        chats
+    }
+
+    pub fn get(&self, id: &str) -> Result<Chat, ChatError> {
+        let st = self.state();
+        match st.chats.get(id) {
+            Some(s) if !s.deleting => Ok(self.view(s)),
+            _ => Err(ChatError::NotFound(id.to_owned())),
+        }
+    }
+
+    pub fn counts(&self) -> ChatCounts {
+        let st = self.state();
+        let mut c = ChatCounts::default();
+        for s in st.chats.values().filter(|s| !s.deleting) {
+            c.total += 1;
+            c.running += usize::from(s.rec.active_turn.is_some());
+            c.queued_messages += s.rec.queue.len();
+        }
+        c
+    }
+
+    /// Accept a message: start it now when the chat is idle and start hooks
+    /// are done (`sent`), else queue it. Persisted (with its images) before
+    /// this returns.
+    #[tracing::instrument(skip_all, fields(chat.id = %id))]
+    pub async fn send(&self, id: &str, req: NewMessage) -> Result<Accepted, ChatError> {
+        let (text, plan_prefix) = strip_plan(&req.text);
+        let images = parse_images(&req.images)?;
+        if text.trim().is_empty() && images.is_empty() {
+            let what = if plan_prefix {
+                "message is empty after /plan"
+            } else {
+                "message must not be empty"
+            };
+            return Err(invalid("message", what));
+        }
+        let thinking_level = match req.thinking_level.as_deref() {
+            None => None,
+            Some(s) => Some(ThinkingLevel::parse(s).ok_or_else(|| {
+                invalid(
+                    "thinkingLevel",
+                    format!("unknown level {s:?}; expected low, medium, high or max"),
+                )
+            })?),
+        };
+        self.get(id)?;
+        let msg = Message {
+            id: new_id("m"),
+            text: text.to_owned(),
+            queued_at: now_ts(),
+            plan_mode: req.plan_mode || plan_prefix,
+            model: req.model.filter(|m| !m.trim().is_empty()),
+            images: images.len(),
+            thinking_level,
+        };
+        if !images.is_empty() {
+            let (attachments, mid) = (self.inner.attachments.clone(), msg.id.clone());
+            tokio::task::spawn_blocking(move || attachments.put(&mid, &images))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(ChatError::Persist)?;
+        }
+        let hooks_done = self.hooks_done();
+        let (accepted, rt) = {
+            let mut st = self.state();
+            let Some(slot) = st.chats.get_mut(id).filter(|s| !s.deleting) else {
+                self.inner.attachments.remove(&msg.id);
+                return Err(ChatError::NotFound(id.to_owned()));
+            };
+            let idle = slot.rec.active_turn.is_none() && slot.rec.queue.is_empty() && hooks_done;
+            let (status, position) = if idle {
+                slot.rec.active_turn = Some(ActiveTurn {
+                    turn_id: new_id("t"),
+                    message: msg.clone(),
+                    started_at: now_ts(),
+                    pgid: None,
+                    start_time: None,
+                });
+                ("sent", 0)
+            } else {
+                slot.rec.queue.push(msg.clone());
+                ("queued", slot.rec.queue.len())
+            };
+            slot.rec.updated_at = now_ts();
+            self.inner.bus.publish(
+                Some(id),
+                EventKind::TurnAccepted {
+                    message: serde_json::to_value(&msg).expect("message serializes"),
+                    status: status.to_owned(),
+                    position,
+                },
+            );
+            self.publish_updated(slot);
+            let rt = slot.rt.clone();
+            st.version += 1;
+            let accepted = Accepted {
+                status,
+                message_id: msg.id.clone(),
+                position,
+                chat_id: id.to_owned(),
+            };
+            (accepted, rt)
+        };
+        // A `sent` turn may start while this request writes chats.json: the
+        // runner does not persist it again, and a crash before the write
+        // finished leaves nothing acknowledged.
+        rt.wake.notify_one();
+        self.persist().await?;
+        tracing::info!(message.id = %accepted.message_id, status = accepted.status, position = accepted.position, "message accepted");
+        Ok(accepted)
+    }
+
+    /// Stop the running turn (its whole process group ends) and, with
+    /// `clear_queue`, drop the waiting messages. Returns once the turn
+    /// ended (bounded by [`STOP_WAIT`]). A no-op on an idle chat.
+    #[tracing::instrument(skip_all, fields(chat.id = %id))]
+    pub async fn interrupt(&self, id: &str, clear_queue: bool) -> Result<Chat, ChatError> {
+        let (rt, running, dropped, mut done) = {
+            let mut st = self.state();
+            let Some(slot) = st.chats.get_mut(id).filter(|s| !s.deleting) else {
+                return Err(ChatError::NotFound(id.to_owned()));
+            };
+            let dropped = if clear_queue {
+                std::mem::take(&mut slot.rec.queue)
+            } else {
+                Vec::new()
+            };
+            // Subscribed under the lock: the runner records the end of this
+            // turn under the same lock and signals after, so it cannot slip by.
+            let done = slot.rt.turns_done.subscribe();
+            let running = slot.rec.active_turn.as_ref().map(|t| t.turn_id.clone());
+            if running.is_some() && slot.interrupting.is_none() {
+                slot.interrupting = Some("user");
+            }
+            let changed = running.is_some() || !dropped.is_empty();
+            if changed {
+                slot.rec.updated_at = now_ts();
+                self.publish_updated(slot);
+            }
+            let rt = slot.rt.clone();
+            if changed {
+                st.version += 1;
+            }
+            (rt, running, dropped, done)
+        };
+        for m in &dropped {
+            self.inner.attachments.remove(&m.id);
+        }
+        self.persist().await?;
+        if let Some(turn_id) = running {
+            tracing::info!(turn.id = %turn_id, clear_queue, dropped = dropped.len(), "interrupting the running turn");
+            rt.interrupt.notify_one();
+            let ended = async {
+                while done.changed().await.is_ok() {
+                    let still = self
+                        .state()
+                        .chats
+                        .get(id)
+                        .and_then(|s| s.rec.active_turn.as_ref().map(|t| t.turn_id == turn_id));
+                    if still != Some(true) {
+                        break;
+                    }
+                }
+            };
+            if tokio::time::timeout(STOP_WAIT, ended).await.is_err() {
+                tracing::warn!("turn still stopping after {STOP_WAIT:?}; answering anyway");
+            }
+        }
+        self.get(id)
+    }
+
+    /// Delete a chat: stop its turn, drop its queue, end its provider
+    /// session, remove its history, emit `chat.deleted`.
+    #[tracing::instrument(skip_all, fields(chat.id = %id))]
+    pub async fn delete(&self, id: &str) -> Result<(), ChatError> {
+        let rt = {
+            let mut st = self.state();
+            let Some(slot) = st.chats.get_mut(id).filter(|s| !s.deleting) else {
+                return Err(ChatError::NotFound(id.to_owned()));
+            };
+            slot.deleting = true;
+            if slot.rec.active_turn.is_some() {
+                slot.interrupting = Some("deleted");
+            }
+            for m in std::mem::take(&mut slot.rec.queue) {
+                self.inner.attachments.remove(&m.id);
+            }
+            slot.rt.clone()
+        };
+        rt.stop.cancel();
+        rt.interrupt.notify_one();
+        if tokio::time::timeout(STOP_WAIT, rt.exited.cancelled())
+            .await
+            .is_err()
+        {
+            tracing::warn!("chat runner still stopping after {STOP_WAIT:?}; deleting anyway");
+        }
+        {
+            let mut st = self.state();
+            if let Some(slot) = st.chats.remove(id) {
+                if let Some(turn) = &slot.rec.active_turn {
+                    self.inner.attachments.remove(&turn.message.id);
+                }
+            }
+            st.version += 1;
+            self.inner.bus.publish(Some(id), EventKind::ChatDeleted {});
+        }
+        self.inner.history.remove(id);
+        self.persist().await?;
+        tracing::info!("chat deleted");
+        Ok(())
+    }
+
+    /// A page of a chat's history (see [`history::HistoryStore::page`]).
+    pub async fn history(
+        &self,
+        id: &str,
+        limit: usize,
+        offset: usize,
+        raw: bool,
+    ) -> Result<Page, ChatError> {
+        self.get(id)?;
+        let svc = self.clone();
+        let id = id.to_owned();
+        let limit = limit.min(MAX_HISTORY_LIMIT);
+        tokio::task::spawn_blocking(move || svc.inner.history.page(&id, limit, offset, raw))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(ChatError::History)
+    }
+
+    /// Engine shutdown: interrupt running turns (their process groups end),
+    /// end every provider session, write the final state. Bounded.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.runners.close();
+        if tokio::time::timeout(Duration::from_secs(4), self.inner.runners.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("chat runners still stopping at shutdown");
+        }
+        self.persist_logged().await;
+        tracing::info!("chats stopped");
+    }
+
+    fn resolve_cwd(&self, cwd: Option<&str>) -> Result<PathBuf, ChatError> {
+        let root_cfg = &self.inner.config.workspaces_dir;
+        let root = std::fs::canonicalize(root_cfg).unwrap_or_else(|_| root_cfg.clone());
+        resolve_cwd(&root, cwd)
+    }
+}
+
+/// Resolve a requested `cwd` against the (canonical) workspace root:
+/// relative paths start at the root; the result is canonical (symlinks and
+/// `..` resolved) and must be a directory inside the root.
+fn resolve_cwd(root: &Path, cwd: Option<&str>) -> Result<PathBuf, ChatError> {
+    let Some(cwd) = cwd else {
+        return Ok(root.to_path_buf());
+    };
+    if cwd.trim().is_empty() {
+        return Err(invalid("cwd", "must not be empty"));
+    }
+    if cwd.contains('\0') {
+        return Err(invalid("cwd", "must not contain NUL"));
+    }
+    let joined = root.join(cwd);
+    let canon = std::fs::canonicalize(&joined)
+        .map_err(|e| invalid("cwd", format!("{cwd:?} cannot be used: {e}")))?;
+    if !canon.starts_with(root) {
+        return Err(invalid(
+            "cwd",
+            format!("{cwd:?} is outside the workspace root {}", root.display()),
+        ));
+    }
+    if !canon.is_dir() {
+        return Err(invalid("cwd", format!("{cwd:?} is not a directory")));
+    }
+    Ok(canon)
+}
+
+/// A leading `/plan` (alone or followed by whitespace) turns plan mode on
+/// and is stripped.
+fn strip_plan(text: &str) -> (&str, bool) {
+    let t = text.trim_start();
+    match t.strip_prefix("/plan") {
+        Some(rest) if rest.is_empty() || rest.starts_with(char::is_whitespace) => {
+            (rest.trim_start(), true)
+        }
+        _ => (text, false),
+    }
+}
+
+/// Anthropic base64 image blocks → provider images; anything else is 400.
+fn parse_images(images: &[Value]) -> Result<Vec<Image>, ChatError> {
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, block)| {
+            let bad = |what: &str| invalid("images", format!("images[{i}]: {what}"));
+            if block.get("type").and_then(Value::as_str) != Some("image") {
+                return Err(bad("type must be \"image\""));
+            }
+            let source = block.get("source").ok_or_else(|| bad("missing source"))?;
+            if source.get("type").and_then(Value::as_str) != Some("base64") {
+                return Err(bad("source.type must be \"base64\""));
+            }
+            let media_type = source
+                .get("media_type")
+                .and_then(Value::as_str)
+                .filter(|m| m.starts_with("image/"))
+                .ok_or_else(|| bad("source.media_type must be an image/* type"))?;
+            let data = source
+                .get("data")
+                .and_then(Value::as_str)
+                .filter(|d| !d.is_empty())
+                .ok_or_else(|| bad("source.data must be a non-empty base64 string"))?;
+            Ok(Image {
+                media_type: media_type.to_owned(),
+                data_base64: data.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Milliseconds from an RFC 3339 timestamp until now (0 if unparsable).
+fn millis_since(ts: &str) -> u64 {
+    chrono::DateTime::parse_from_rfc3339(ts)
+        .map(|t| {
+            (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+                .num_milliseconds()
+                .max(0) as u64
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_prefix() {
+        assert_eq!(strip_plan("/plan fix it"), ("fix it", true));
+        assert_eq!(strip_plan("  /plan\n\nfix"), ("fix", true));
+        assert_eq!(strip_plan("/plan"), ("", true));
+        assert_eq!(strip_plan("/planet x"), ("/planet x", false));
+        assert_eq!(strip_plan("do /plan"), ("do /plan", false));
+    }
+
+    #[test]
+    fn cwd_must_stay_inside_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("ws");
+        std::fs::create_dir_all(root.join("api/src")).unwrap();
+        std::fs::create_dir_all(dir.path().join("outside")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("outside"), root.join("escape")).unwrap();
+        std::fs::write(root.join("file"), "").unwrap();
+        let root = std::fs::canonicalize(&root).unwrap();
+
+        assert_eq!(resolve_cwd(&root, None).unwrap(), root);
+        assert_eq!(resolve_cwd(&root, Some("api")).unwrap(), root.join("api"));
+        assert_eq!(
+            resolve_cwd(&root, Some(root.join("api/src/..").to_str().unwrap())).unwrap(),
+            root.join("api")
+        );
+        for bad in [
+            "..",
+            "api/../../outside",
+            "escape",
+            "/etc",
+            "file",
+            "missing",
+            "",
+            "/",
+        ] {
+            assert!(
+                matches!(
+                    resolve_cwd(&root, Some(bad)),
+                    Err(ChatError::Invalid { field: "cwd", .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    /// Start hooks gate turns: messages queue with `waiting_for_hooks`
+    /// until the watch flips, then run in order; the seams are called.
+    #[tokio::test]
+    async fn turns_wait_for_start_hooks() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(home.path().join("workspaces")).unwrap();
+        let mut config = Config::for_home(home.path(), "s");
+        config.claude_bin = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/bin/fake-claude"
+        )
+        .into();
+        let config = Arc::new(config);
+        let bus = EventBus::open(&config.paths.events_file, 1 << 20).unwrap();
+        let (hooks_tx, hooks_rx) = watch::channel(false);
+        let turns_ended = Arc::new(AtomicUsize::new(0));
+        let prompts_asked = Arc::new(AtomicUsize::new(0));
+        let deps = ChatDeps {
+            hooks_done: hooks_rx,
+            system_prompt: {
+                let n = prompts_asked.clone();
+                Arc::new(move |_| {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    Some("be brief".into())
+                })
+            },
+            after_turn: {
+                let n = turns_ended.clone();
+                Arc::new(move |_| {
+                    n.fetch_add(1, Ordering::SeqCst);
+                })
+            },
+            on_auth_failure: Arc::new(|_| {}),
+        };
+        let svc = ChatService::new(config, bus, deps);
+        let chat = svc
+            .create(NewChat {
+                provider: "claude".into(),
+                ..NewChat::default()
+            })
+            .await
+            .unwrap();
+        let msg = |t: &str| NewMessage {
+            text: t.into(),
+            ..NewMessage::default()
+        };
+        let a = svc.send(&chat.id, msg("one")).await.unwrap();
+        let b = svc.send(&chat.id, msg("two")).await.unwrap();
+        assert_eq!((a.status, a.position, b.position), ("queued", 1, 2));
+        let c = svc.get(&chat.id).unwrap();
+        assert_eq!(c.status, ChatStatus::WaitingForHooks);
+        assert!(c.processing);
+        assert_eq!(svc.counts().queued_messages, 2);
+
+        hooks_tx.send(true).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while turns_ended.load(Ordering::SeqCst) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "turns never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let c = svc.get(&chat.id).unwrap();
+        assert_eq!(c.status, ChatStatus::Idle);
+        assert_eq!(c.last_turn.unwrap().outcome, Outcome::Completed);
+        assert_eq!(prompts_asked.load(Ordering::SeqCst), 2);
+        let page = svc.history(&chat.id, 100, 0, false).await.unwrap();
+        let users: Vec<&str> = page
+            .items
+            .iter()
+            .filter(|i| i.kind == model::ItemKind::UserMessage)
+            .map(|i| i.text.as_str())
+            .collect();
+        assert_eq!(users, ["one", "two"]);
+        svc.shutdown().await;
+    }
+
+    #[test]
+    fn images_are_validated() {
+        let ok = serde_json::json!({"type":"image","source":{"type":"base64","media_type":"image/png","data":"aGk="}});
+        assert_eq!(parse_images(&[ok]).unwrap().len(), 1);
+        let bad = serde_json::json!({"type":"image","source":{"type":"url","url":"x"}});
+        assert!(matches!(
+            parse_images(&[bad]),
+            Err(ChatError::Invalid {
+                field: "images",
+                ..
+            })
+        ));
+    }
+}

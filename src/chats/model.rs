@@ -1,0 +1,295 @@
+//! The chat types: what `chats.json` stores ([`ChatRecord`]) and what the
+//! wire shows ([`Chat`], [`Message`], [`HistoryItem`]). The wire `Chat` is
+//! derived from the record plus live facts (hooks finished, interrupt in
+//! progress), never stored, so the two cannot disagree.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use crate::providers::{ItemKind, ProviderKind, ToolInfo};
+
+/// Default title of a new chat.
+pub fn default_title(provider: ProviderKind) -> &'static str {
+    match provider {
+        ProviderKind::Claude => "Claude chat",
+        ProviderKind::Codex => "Codex chat",
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatStatus {
+    Idle,
+    Running,
+    Interrupting,
+    WaitingForHooks,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThinkingLevel {
+    Low,
+    Medium,
+    High,
+    Max,
+}
+
+impl ThinkingLevel {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "low" => Some(Self::Low),
+            "medium" => Some(Self::Medium),
+            "high" => Some(Self::High),
+            "max" => Some(Self::Max),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Medium => "medium",
+            Self::High => "high",
+            Self::Max => "max",
+        }
+    }
+}
+
+/// A message as accepted: queued, or the one a turn is working on. The wire
+/// shows `images` as a count; the image blocks themselves live in a side
+/// file (see `store::Attachments`) so `chats.json` stays small.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    pub id: String,
+    pub text: String,
+    pub queued_at: String,
+    pub plan_mode: bool,
+    pub model: Option<String>,
+    pub images: usize,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub thinking_level: Option<ThinkingLevel>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Completed,
+    Failed,
+    Interrupted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// How the previous turn ended. `reason` says why an interrupted turn was
+/// interrupted (`user`, `engine_restart`, `engine_shutdown`, `deleted`);
+/// `error` is the failure of a failed turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastTurn {
+    pub turn_id: String,
+    pub outcome: Outcome,
+    pub finished_at: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<crate::events::ErrorBody>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cost_usd: f64,
+}
+
+impl Usage {
+    /// Accumulate one turn's usage (a CLI that reports no cost adds none).
+    pub fn add(&mut self, turn: &crate::providers::Usage) {
+        self.input_tokens += turn.input_tokens;
+        self.output_tokens += turn.output_tokens;
+        self.cached_input_tokens += turn.cached_input_tokens;
+        self.cost_usd += turn.cost_usd.unwrap_or(0.0);
+    }
+}
+
+/// The turn a chat is working on, persisted so a later engine can tell what
+/// a dead one left behind: `pgid` + `startTime` identify the provider's
+/// process group exactly (a reused pid has another start time). `pgid` is
+/// `None` until the process has been spawned: such a turn never ran, and its
+/// message goes back to the front of the queue after a crash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ActiveTurn {
+    pub turn_id: String,
+    pub message: Message,
+    pub started_at: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pgid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub start_time: Option<u64>,
+}
+
+/// One chat as `chats.json` stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatRecord {
+    pub id: String,
+    pub provider: ProviderKind,
+    pub title: String,
+    pub model: Option<String>,
+    pub cwd: std::path::PathBuf,
+    pub provider_session_id: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default)]
+    pub queue: Vec<Message>,
+    pub last_turn: Option<LastTurn>,
+    #[serde(default)]
+    pub usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub active_turn: Option<ActiveTurn>,
+    /// Codex reports usage cumulatively per thread; its totals so far let a
+    /// resumed session after a restart still count per turn.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub codex_thread_usage: Option<crate::providers::Usage>,
+}
+
+/// The wire Chat.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Chat {
+    pub id: String,
+    pub provider: ProviderKind,
+    pub title: String,
+    pub model: Option<String>,
+    pub cwd: std::path::PathBuf,
+    pub status: ChatStatus,
+    pub processing: bool,
+    pub provider_session_id: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub queue: Vec<Message>,
+    pub last_turn: Option<LastTurn>,
+    pub usage: Usage,
+}
+
+impl ChatRecord {
+    /// The wire view. `interrupting` and `hooks_done` are live facts the
+    /// record does not store.
+    pub fn view(&self, interrupting: bool, hooks_done: bool) -> Chat {
+        let status = match (&self.active_turn, interrupting) {
+            (Some(_), true) => ChatStatus::Interrupting,
+            (Some(_), false) => ChatStatus::Running,
+            (None, _) if !self.queue.is_empty() && !hooks_done => ChatStatus::WaitingForHooks,
+            (None, _) => ChatStatus::Idle,
+        };
+        Chat {
+            id: self.id.clone(),
+            provider: self.provider,
+            title: self.title.clone(),
+            model: self.model.clone(),
+            cwd: self.cwd.clone(),
+            status,
+            processing: self.active_turn.is_some() || !self.queue.is_empty(),
+            provider_session_id: self.provider_session_id.clone(),
+            created_at: self.created_at.clone(),
+            updated_at: self.updated_at.clone(),
+            queue: self.queue.clone(),
+            last_turn: self.last_turn.clone(),
+            usage: self.usage,
+        }
+    }
+}
+
+/// One line of a chat's history file and one `chat.turn.delta` item.
+/// `raw` (the provider's original line) is stored but only served with
+/// `?raw=true`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryItem {
+    pub id: String,
+    pub turn_id: String,
+    pub ts: String,
+    pub kind: ItemKind,
+    #[serde(default)]
+    pub text: String,
+    #[serde(default)]
+    pub tool: Option<ToolInfo>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub raw: Option<Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record() -> ChatRecord {
+        ChatRecord {
+            id: "c_1".into(),
+            provider: ProviderKind::Claude,
+            title: "Claude chat".into(),
+            model: None,
+            cwd: "/w".into(),
+            provider_session_id: None,
+            created_at: "t".into(),
+            updated_at: "t".into(),
+            queue: vec![],
+            last_turn: None,
+            usage: Usage::default(),
+            active_turn: None,
+            codex_thread_usage: None,
+        }
+    }
+
+    #[test]
+    fn wire_chat_matches_contract_shape() {
+        let v = serde_json::to_value(record().view(false, true)).unwrap();
+        assert_eq!(
+            v,
+            json!({"id":"c_1","provider":"claude","title":"Claude chat","model":null,"cwd":"/w",
+                   "status":"idle","processing":false,"providerSessionId":null,"createdAt":"t",
+                   "updatedAt":"t","queue":[],"lastTurn":null,
+                   "usage":{"inputTokens":0,"outputTokens":0,"cachedInputTokens":0,"costUsd":0.0}})
+        );
+    }
+
+    #[test]
+    fn status_follows_turn_queue_and_hooks() {
+        let mut r = record();
+        let m = Message {
+            id: "m_1".into(),
+            text: "hi".into(),
+            queued_at: "t".into(),
+            plan_mode: false,
+            model: None,
+            images: 0,
+            thinking_level: None,
+        };
+        r.queue.push(m.clone());
+        assert_eq!(r.view(false, false).status, ChatStatus::WaitingForHooks);
+        assert!(r.view(false, false).processing);
+        r.active_turn = Some(ActiveTurn {
+            turn_id: "t_1".into(),
+            message: m,
+            started_at: "t".into(),
+            pgid: None,
+            start_time: None,
+        });
+        assert_eq!(r.view(false, true).status, ChatStatus::Running);
+        assert_eq!(r.view(true, true).status, ChatStatus::Interrupting);
+        // The active turn never shows on the wire; only the queue does.
+        let v = serde_json::to_value(r.view(false, true)).unwrap();
+        assert!(v.get("activeTurn").is_none());
+    }
+}

@@ -1,0 +1,482 @@
+//! One task per chat: take the next message, run it as a turn through the
+//! chat's [`ProviderSession`], stream what it produces, record how it ended.
+//!
+//! The runner is the only writer of a chat's turn state after a message was
+//! taken, so turn events of one chat are naturally ordered. Interrupt,
+//! delete and engine shutdown reach it through [`Runtime`] (a `Notify` plus
+//! the `stop` token); it then asks the provider to stop and keeps draining
+//! the turn's events until `Finished`, which the provider sends only once
+//! the processes are gone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::events::{ErrorBody, EventKind, TurnDelta};
+use crate::providers::{self, ProviderEvent, ProviderSession, SessionConfig, TurnInput};
+use crate::util::{new_id, now_ts};
+
+use super::model::{ActiveTurn, HistoryItem, ItemKind, LastTurn, Outcome};
+use super::{ChatService, Runtime};
+
+enum Next {
+    /// Run this turn; `taken` when it was just taken off the queue (a
+    /// change to persist first), not when a `sent` answer put it in place
+    /// (already persisted by that request).
+    Start {
+        turn: ActiveTurn,
+        taken: bool,
+    },
+    Wait,
+    Gone,
+}
+
+/// What the turn needs from the record, read once at its start.
+struct TurnContext {
+    provider: providers::ProviderKind,
+    cwd: std::path::PathBuf,
+    chat_model: Option<String>,
+    session_id: Option<String>,
+    codex_thread_usage: Option<providers::Usage>,
+}
+
+pub(super) async fn drive(svc: ChatService, id: String, rt: Arc<Runtime>) {
+    let mut session: Option<ProviderSession> = None;
+    let mut hooks = svc.inner.deps.hooks_done.clone();
+    // If whoever owns the hooks went away without saying "done", waiting
+    // forever would wedge every chat; treat it as done.
+    let mut hooks_gone = false;
+    loop {
+        if rt.stop.is_cancelled() {
+            break;
+        }
+        let hooks_done = hooks_gone || *hooks.borrow_and_update();
+        match svc.take_next(&id, hooks_done) {
+            Next::Gone => break,
+            Next::Start { turn, taken } => {
+                if taken {
+                    svc.persist_logged().await;
+                }
+                run_turn(&svc, &id, &rt, turn, &mut session).await;
+            }
+            Next::Wait => {
+                tokio::select! {
+                    _ = rt.wake.notified() => {}
+                    changed = hooks.changed(), if !hooks_done => {
+                        if changed.is_err() {
+                            tracing::warn!(chat.id = %id, "start hooks status went away; no longer waiting for hooks");
+                            hooks_gone = true;
+                        }
+                    }
+                    _ = rt.stop.cancelled() => break,
+                }
+            }
+        }
+    }
+    if let Some(s) = session.as_mut() {
+        s.shutdown().await;
+    }
+    tracing::debug!(chat.id = %id, "chat runner stopped");
+}
+
+impl ChatService {
+    /// The turn to run next, if any: the one a `sent` answer put in place,
+    /// else the head of the queue once hooks are done.
+    fn take_next(&self, id: &str, hooks_done: bool) -> Next {
+        let shutting_down = self.inner.shutdown.is_cancelled();
+        let mut st = self.state();
+        let Some(slot) = st.chats.get_mut(id) else {
+            return Next::Gone;
+        };
+        if slot.deleting {
+            return Next::Gone;
+        }
+        if shutting_down {
+            return Next::Wait;
+        }
+        if let Some(t) = &slot.rec.active_turn {
+            return Next::Start {
+                turn: t.clone(),
+                taken: false,
+            };
+        }
+        if !hooks_done || slot.rec.queue.is_empty() {
+            return Next::Wait;
+        }
+        let message = slot.rec.queue.remove(0);
+        let turn = ActiveTurn {
+            turn_id: new_id("t"),
+            message,
+            started_at: now_ts(),
+            pgid: None,
+            start_time: None,
+        };
+        slot.rec.active_turn = Some(turn.clone());
+        slot.rec.updated_at = now_ts();
+        self.publish_updated(slot);
+        st.version += 1;
+        Next::Start { turn, taken: true }
+    }
+
+    fn turn_context(&self, id: &str) -> Option<TurnContext> {
+        let st = self.state();
+        let rec = &st.chats.get(id)?.rec;
+        Some(TurnContext {
+            provider: rec.provider,
+            cwd: rec.cwd.clone(),
+            chat_model: rec.model.clone(),
+            session_id: rec.provider_session_id.clone(),
+            codex_thread_usage: rec.codex_thread_usage,
+        })
+    }
+
+    /// Why this chat's turn is being stopped, if anyone asked.
+    fn interrupt_reason(&self, id: &str) -> Option<&'static str> {
+        self.state().chats.get(id).and_then(|s| s.interrupting)
+    }
+
+    /// Mark the turn as stopping for `reason` unless someone already did.
+    fn mark_interrupting(&self, id: &str, reason: &'static str) {
+        let mut st = self.state();
+        if let Some(slot) = st.chats.get_mut(id) {
+            if slot.interrupting.is_none() {
+                slot.interrupting = Some(reason);
+                if !slot.deleting {
+                    self.publish_updated(slot);
+                }
+            }
+        }
+    }
+
+    /// Record the spawned process group so a later engine can end it.
+    fn record_process(&self, id: &str, turn_id: &str, pgid: u32, start_time: Option<u64>) {
+        let mut st = self.state();
+        if let Some(t) = st
+            .chats
+            .get_mut(id)
+            .and_then(|s| s.rec.active_turn.as_mut())
+            .filter(|t| t.turn_id == turn_id)
+        {
+            t.pgid = Some(pgid);
+            t.start_time = start_time;
+            st.version += 1;
+        }
+    }
+
+    fn record_session_id(&self, id: &str, session_id: &str) -> bool {
+        let mut st = self.state();
+        let Some(slot) = st.chats.get_mut(id) else {
+            return false;
+        };
+        if slot.rec.provider_session_id.as_deref() == Some(session_id) {
+            return false;
+        }
+        slot.rec.provider_session_id = Some(session_id.to_owned());
+        slot.rec.updated_at = now_ts();
+        if !slot.deleting {
+            self.publish_updated(slot);
+        }
+        st.version += 1;
+        true
+    }
+
+    fn append_history(&self, id: &str, item: &HistoryItem) {
+        if let Err(e) = self.inner.history.append(id, item) {
+            tracing::error!(chat.id = %id, error = %e, "could not append to the chat history");
+        }
+    }
+
+    fn publish_item(&self, id: &str, turn_id: &str, mut item: HistoryItem) {
+        self.append_history(id, &item);
+        // `raw` is served by `?raw=true` history only, not streamed.
+        item.raw = None;
+        let wire = serde_json::to_value(&item).expect("history item serializes");
+        self.inner.bus.publish(
+            Some(id),
+            EventKind::TurnDelta(TurnDelta::Item {
+                turn_id: turn_id.to_owned(),
+                item: wire,
+            }),
+        );
+    }
+
+    /// Record how a turn ended: `lastTurn`, usage, events. The caller has
+    /// observed the provider's `Finished` (processes gone).
+    fn finish_turn(
+        &self,
+        id: &str,
+        turn: &ActiveTurn,
+        result: &providers::TurnResult,
+        thread_usage: Option<providers::Usage>,
+        duration_ms: u64,
+    ) {
+        let mut st = self.state();
+        let Some(slot) = st.chats.get_mut(id) else {
+            return;
+        };
+        let (outcome, error) = match &result.outcome {
+            providers::Outcome::Completed => (Outcome::Completed, None),
+            providers::Outcome::Failed { code, message } => (
+                Outcome::Failed,
+                Some(ErrorBody {
+                    code: code.clone(),
+                    message: message.clone(),
+                }),
+            ),
+            providers::Outcome::Interrupted => (Outcome::Interrupted, None),
+        };
+        let reason = match outcome {
+            Outcome::Interrupted => Some(slot.interrupting.unwrap_or("provider").to_owned()),
+            _ => None,
+        };
+        let now = now_ts();
+        slot.rec.active_turn = None;
+        slot.interrupting = None;
+        slot.rec.usage.add(&result.usage);
+        if thread_usage.is_some() {
+            slot.rec.codex_thread_usage = thread_usage;
+        }
+        slot.rec.updated_at = now.clone();
+        slot.rec.last_turn = Some(LastTurn {
+            turn_id: turn.turn_id.clone(),
+            outcome,
+            finished_at: now,
+            reason,
+            error: error.clone(),
+        });
+        let kind = match outcome {
+            Outcome::Interrupted => EventKind::ChatInterrupted {
+                turn_id: turn.turn_id.clone(),
+                duration_ms,
+            },
+            _ => EventKind::TurnCompleted {
+                turn_id: turn.turn_id.clone(),
+                outcome: outcome.as_str().to_owned(),
+                usage: serde_json::to_value(result.usage).expect("usage serializes"),
+                duration_ms,
+                error,
+            },
+        };
+        self.inner.bus.publish(Some(id), kind);
+        if !slot.deleting {
+            self.publish_updated(slot);
+        }
+        st.version += 1;
+    }
+}
+
+#[tracing::instrument(skip_all, fields(chat.id = %id, turn.id = %turn.turn_id))]
+async fn run_turn(
+    svc: &ChatService,
+    id: &str,
+    rt: &Runtime,
+    turn: ActiveTurn,
+    session: &mut Option<ProviderSession>,
+) {
+    let started = Instant::now();
+    let inner = &svc.inner;
+    let Some(ctx) = svc.turn_context(id) else {
+        return;
+    };
+    let msg = &turn.message;
+    svc.append_history(
+        id,
+        &HistoryItem {
+            id: new_id("i"),
+            turn_id: turn.turn_id.clone(),
+            ts: now_ts(),
+            kind: ItemKind::UserMessage,
+            text: msg.text.clone(),
+            tool: None,
+            raw: None,
+        },
+    );
+    inner.bus.publish(
+        Some(id),
+        EventKind::TurnStarted {
+            turn_id: turn.turn_id.clone(),
+            message_id: msg.id.clone(),
+        },
+    );
+    tracing::info!(message.id = %msg.id, "turn started");
+
+    let result = if svc.interrupt_reason(id).is_some() || rt.stop.is_cancelled() {
+        // Interrupted (or deleted) before its process was spawned.
+        if svc.interrupt_reason(id).is_none() {
+            svc.mark_interrupting(id, "engine_shutdown");
+        }
+        providers::TurnResult {
+            outcome: providers::Outcome::Interrupted,
+            usage: providers::Usage::default(),
+        }
+    } else {
+        let sess = session.get_or_insert_with(|| {
+            let bin = match ctx.provider {
+                providers::ProviderKind::Claude => &inner.config.claude_bin,
+                providers::ProviderKind::Codex => &inner.config.codex_bin,
+            };
+            let mut cfg = SessionConfig::new(ctx.provider, bin, &ctx.cwd);
+            cfg.resume_session_id = ctx.session_id.clone();
+            cfg.turn_timeout = inner.config.turn_timeout;
+            cfg.codex_thread_usage = ctx.codex_thread_usage;
+            ProviderSession::new(cfg)
+        });
+        let images = if msg.images > 0 {
+            inner.attachments.get(&msg.id)
+        } else {
+            Vec::new()
+        };
+        let input = TurnInput {
+            prompt: msg.text.clone(),
+            model: msg.model.clone().or(ctx.chat_model.clone()),
+            plan_mode: msg.plan_mode,
+            thinking_level: msg.thinking_level.map(|l| l.as_str().to_owned()),
+            images,
+            system_prompt: (inner.deps.system_prompt)(&ctx.cwd),
+        };
+        match sess.start_turn(input).await {
+            Err(e) => {
+                tracing::warn!(error = %e, "provider could not start the turn");
+                providers::TurnResult {
+                    outcome: providers::Outcome::Failed {
+                        code: e.code().to_owned(),
+                        message: e.to_string(),
+                    },
+                    usage: providers::Usage::default(),
+                }
+            }
+            Ok(running) => stream_turn(svc, id, rt, &turn, &ctx, running).await,
+        }
+    };
+
+    if let providers::Outcome::Failed { code, message } = &result.outcome {
+        tracing::warn!(code = %code, error = %message, "turn failed");
+        svc.publish_item(
+            id,
+            &turn.turn_id,
+            HistoryItem {
+                id: new_id("i"),
+                turn_id: turn.turn_id.clone(),
+                ts: now_ts(),
+                kind: ItemKind::Error,
+                text: message.clone(),
+                tool: None,
+                raw: None,
+            },
+        );
+    }
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let thread_usage = session.as_ref().and_then(|s| s.codex_thread_usage());
+    svc.finish_turn(id, &turn, &result, thread_usage, duration_ms);
+    // Written in the background so the next message starts without waiting
+    // for the fsync; writes stay ordered (the persist lock) and shutdown
+    // writes the final state after any in flight.
+    svc.persist_in_background();
+    rt.turns_done.send_modify(|n| *n += 1);
+    if msg.images > 0 {
+        inner.attachments.remove(&msg.id);
+    }
+    tracing::info!(outcome = ?result.outcome, duration_ms, "turn finished");
+    (inner.deps.after_turn)(&ctx.cwd);
+}
+
+/// Drain a running turn's events until `Finished`, forwarding items and
+/// text, and stopping it when asked.
+async fn stream_turn(
+    svc: &ChatService,
+    id: &str,
+    rt: &Runtime,
+    turn: &ActiveTurn,
+    ctx: &TurnContext,
+    mut running: providers::RunningTurn,
+) -> providers::TurnResult {
+    let inner = &svc.inner;
+    svc.record_process(id, &turn.turn_id, running.pgid, running.start_time);
+    // Not awaited: the first lines need not wait for the fsync; until it
+    // lands a crash leaves the turn looking unstarted (requeued), and its
+    // process dies with the engine (parent-death signal).
+    svc.persist_in_background();
+    let interrupter = running.interrupter();
+    let mut stopping = false;
+    // Provider item key → our item id, so an updated item and the text
+    // streamed for it carry the id of the item they belong to.
+    let mut item_ids: HashMap<String, String> = HashMap::new();
+    let mut item_id = |key: Option<&str>| match key {
+        Some(k) => item_ids
+            .entry(k.to_owned())
+            .or_insert_with(|| new_id("i"))
+            .clone(),
+        None => new_id("i"),
+    };
+    loop {
+        tokio::select! {
+            ev = running.events.recv() => match ev {
+                None => {
+                    // The provider's contract says Finished always comes;
+                    // be safe if it does not.
+                    return providers::TurnResult {
+                        outcome: providers::Outcome::Failed {
+                            code: "exited".into(),
+                            message: "the provider ended the turn without a result".into(),
+                        },
+                        usage: providers::Usage::default(),
+                    };
+                }
+                Some(ProviderEvent::Finished(result)) => return result,
+                Some(ProviderEvent::Item(item)) => {
+                    let hi = HistoryItem {
+                        id: item_id(item.key.as_deref()),
+                        turn_id: turn.turn_id.clone(),
+                        ts: now_ts(),
+                        kind: item.kind,
+                        text: item.text.unwrap_or_default(),
+                        tool: item.tool,
+                        raw: item.raw,
+                    };
+                    svc.publish_item(id, &turn.turn_id, hi);
+                }
+                Some(ProviderEvent::TextDelta { item_key, text }) => {
+                    inner.bus.publish(
+                        Some(id),
+                        EventKind::TurnDelta(TurnDelta::Text {
+                            turn_id: turn.turn_id.clone(),
+                            item_id: item_id(Some(&item_key)),
+                            text_delta: text,
+                        }),
+                    );
+                }
+                Some(ProviderEvent::SessionId(sid)) => {
+                    if svc.record_session_id(id, &sid) {
+                        svc.persist_logged().await;
+                    }
+                }
+                Some(ProviderEvent::AuthFailure { message }) => {
+                    tracing::warn!(provider = ctx.provider.as_str(), "provider reported an authentication failure");
+                    inner.bus.publish(
+                        None,
+                        EventKind::Error {
+                            code: "auth_expired".into(),
+                            message: format!("{} authentication failed: {message}", ctx.provider.as_str()),
+                            source: ctx.provider.as_str().to_owned(),
+                        },
+                    );
+                    (inner.deps.on_auth_failure)(ctx.provider);
+                }
+            },
+            _ = rt.interrupt.notified(), if !stopping => {
+                // A stale wake-up from an earlier turn carries no reason.
+                if svc.interrupt_reason(id).is_some() {
+                    stopping = true;
+                    let i = interrupter.clone();
+                    tokio::spawn(async move { i.interrupt().await });
+                }
+            }
+            _ = rt.stop.cancelled(), if !stopping => {
+                svc.mark_interrupting(id, "engine_shutdown");
+                stopping = true;
+                let i = interrupter.clone();
+                tokio::spawn(async move { i.interrupt().await });
+            }
+        }
+    }
+}

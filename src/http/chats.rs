@@ -1,0 +1,160 @@
+//! `/chats`: create, list, get, delete chats; send messages; interrupt;
+//! read history. Decoding and the error shape live here; every rule lives
+//! in [`crate::chats`].
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, AppJson, AppQuery};
+use crate::app::AppState;
+use crate::chats::{Accepted, Chat, ChatError, NewChat, NewMessage};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/chats", post(create_chat).get(list_chats))
+        .route("/chats/{chat_id}", get(get_chat).delete(delete_chat))
+        .route("/chats/{chat_id}/messages", post(send_message))
+        .route("/chats/{chat_id}/interrupt", post(interrupt_chat))
+        .route("/chats/{chat_id}/history", get(get_history))
+}
+
+impl From<ChatError> for ApiError {
+    fn from(e: ChatError) -> Self {
+        match e {
+            ChatError::NotFound(_) => ApiError::not_found(e.to_string()),
+            ChatError::Invalid { .. } => ApiError::bad_request(e.to_string()),
+            ChatError::Persist(_) | ChatError::History(_) => ApiError::internal(e),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CreateChat {
+    provider: String,
+    title: Option<String>,
+    model: Option<String>,
+    cwd: Option<String>,
+}
+
+async fn create_chat(
+    State(state): State<AppState>,
+    AppJson(body): AppJson<CreateChat>,
+) -> Result<(StatusCode, Json<Chat>), ApiError> {
+    let chat = state
+        .chats
+        .create(NewChat {
+            provider: body.provider,
+            title: body.title,
+            model: body.model,
+            cwd: body.cwd,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(chat)))
+}
+
+async fn list_chats(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "chats": state.chats.list() }))
+}
+
+async fn get_chat(
+    State(state): State<AppState>,
+    Path(chat_id): Path<String>,
+) -> Result<Json<Chat>, ApiError> {
+    Ok(Json(state.chats.get(&chat_id)?))
+}
+
+async fn delete_chat(
+    State(state): State<AppState>,
+    Path(chat_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.chats.delete(&chat_id).await?;
+    Ok(Json(json!({ "success": true })))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SendMessage {
+    message: String,
+    model: Option<String>,
+    #[serde(default)]
+    plan_mode: bool,
+    thinking_level: Option<String>,
+    #[serde(default)]
+    images: Vec<Value>,
+}
+
+async fn send_message(
+    State(state): State<AppState>,
+    Path(chat_id): Path<String>,
+    AppJson(body): AppJson<SendMessage>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let accepted = state
+        .chats
+        .send(
+            &chat_id,
+            NewMessage {
+                text: body.message,
+                model: body.model,
+                plan_mode: body.plan_mode,
+                thinking_level: body.thinking_level,
+                images: body.images,
+            },
+        )
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Interrupt {
+    #[serde(default)]
+    clear_queue: bool,
+}
+
+/// The body is optional (`{"clearQueue"?}`), so an empty POST is accepted.
+async fn interrupt_chat(
+    State(state): State<AppState>,
+    Path(chat_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Chat>, ApiError> {
+    let req: Interrupt = if body.iter().all(u8::is_ascii_whitespace) {
+        Interrupt::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
+    };
+    Ok(Json(
+        state.chats.interrupt(&chat_id, req.clear_queue).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    limit: Option<usize>,
+    offset: Option<usize>,
+    raw: Option<bool>,
+}
+
+async fn get_history(
+    State(state): State<AppState>,
+    Path(chat_id): Path<String>,
+    AppQuery(q): AppQuery<HistoryQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let page = state
+        .chats
+        .history(
+            &chat_id,
+            q.limit.unwrap_or(100),
+            q.offset.unwrap_or(0),
+            q.raw.unwrap_or(false),
+        )
+        .await?;
+    Ok(Json(
+        json!({ "items": page.items, "total": page.total, "hasMore": page.has_more }),
+    ))
+}

@@ -1,0 +1,379 @@
+//! Providers: the agent CLIs (`claude`, `codex`) run headless, one
+//! [`ProviderSession`] per chat. A session turns a [`TurnInput`] into a
+//! [`RunningTurn`] whose channel yields [`ProviderEvent`]s: the provider's
+//! session id, normalized history items, streamed text, and exactly one
+//! [`ProviderEvent::Finished`], always last.
+//!
+//! Layout: `claude.rs` / `codex.rs` hold the pure parts (argument building
+//! and a tolerant line parser per CLI, unit-tested against the recorded
+//! transcripts); `lines.rs` is the capped line reader; `run.rs` supervises the
+//! processes (spawn through [`crate::process`], timeout, interrupt, cleanup).
+//!
+//! Invariants:
+//! - `Finished` is sent only after the turn really ended: for Codex after the
+//!   `codex exec` process's exit was observed and its group is gone; for
+//!   Claude after its `result` line (the long-lived process may stay) and
+//!   after any tool process left in its group was ended, or after the whole
+//!   group was stopped when Claude itself did not answer.
+//! - Success is read from the CLI's own report (`result.subtype`/`is_error`,
+//!   `turn.completed`/`turn.failed`), never from an exit code.
+//! - Nothing the CLI prints can panic the engine: unknown types and fields
+//!   are skipped, non-JSON lines are logged and skipped, over-long lines are
+//!   skipped without being buffered.
+
+pub mod claude;
+pub mod codex;
+pub mod lines;
+mod run;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+/// Which agent CLI a chat drives.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Claude,
+    Codex,
+}
+
+impl ProviderKind {
+    /// The wire name (`"claude"` / `"codex"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Claude => "claude",
+            ProviderKind::Codex => "codex",
+        }
+    }
+
+    /// Parse the wire name; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "claude" => Some(ProviderKind::Claude),
+            "codex" => Some(ProviderKind::Codex),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An image attached to a message (Anthropic base64 block content).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Image {
+    /// e.g. `image/png`.
+    pub media_type: String,
+    /// Base64 of the image bytes, as the client sent it.
+    pub data_base64: String,
+}
+
+/// What one turn asks of the agent.
+#[derive(Clone, Debug, Default)]
+pub struct TurnInput {
+    pub prompt: String,
+    /// Model override for this turn; `None` keeps the CLI's default.
+    pub model: Option<String>,
+    /// Plan mode: the agent plans and does not edit (Claude
+    /// `--permission-mode plan`; Codex gets a read-only sandbox).
+    pub plan_mode: bool,
+    /// `low|medium|high|max` (Claude `--effort`, Codex `model_reasoning_effort`).
+    pub thinking_level: Option<String>,
+    pub images: Vec<Image>,
+    /// Extra instructions appended to the agent's system prompt (the repo's
+    /// `systemPrompt`).
+    pub system_prompt: Option<String>,
+}
+
+/// How to run one chat's agent.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub kind: ProviderKind,
+    /// The CLI binary (`CLAUDE_BIN` / `CODEX_BIN`, or a bare name for PATH).
+    pub bin: PathBuf,
+    /// Working directory of the agent.
+    pub cwd: PathBuf,
+    /// Provider session (Claude) / thread (Codex) id to resume, from the chat.
+    pub resume_session_id: Option<String>,
+    /// A turn running longer than this fails with code `timeout` and its
+    /// process group is killed.
+    pub turn_timeout: Duration,
+    /// Extra environment on top of the engine's own (which passes through
+    /// untouched), e.g. `ANTHROPIC_BASE_URL` in tests.
+    pub env: Vec<(String, String)>,
+    /// Claude: how long to wait for the `result` line after the interrupt
+    /// request before stopping the whole process group. Default 3 s.
+    pub interrupt_grace: Duration,
+    /// Between TERM and KILL when ending a process group. Default 2 s.
+    pub kill_grace: Duration,
+    /// Codex: the thread's usage totals after its last turn, as
+    /// [`ProviderSession::codex_thread_usage`] reported them before a
+    /// restart. Codex reports usage cumulatively per thread; with this the
+    /// first resumed turn still reports only its own tokens.
+    pub codex_thread_usage: Option<Usage>,
+}
+
+impl SessionConfig {
+    pub fn new(kind: ProviderKind, bin: impl Into<PathBuf>, cwd: impl Into<PathBuf>) -> Self {
+        Self {
+            kind,
+            bin: bin.into(),
+            cwd: cwd.into(),
+            resume_session_id: None,
+            turn_timeout: Duration::from_secs(3600),
+            env: Vec::new(),
+            interrupt_grace: Duration::from_secs(3),
+            kill_grace: Duration::from_secs(2),
+            codex_thread_usage: None,
+        }
+    }
+}
+
+/// What a turn produced, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProviderEvent {
+    /// The provider's session/thread id; persist it to resume later. Sent
+    /// whenever the CLI reports it (at least once per turn when it does).
+    SessionId(String),
+    /// One normalized history item (the chat service adds id, turnId, ts).
+    Item(NormalizedItem),
+    /// Streamed text of the assistant message whose final
+    /// [`NormalizedItem::key`] will equal `item_key`.
+    TextDelta { item_key: String, text: String },
+    /// The CLI reported an authentication failure (expired/invalid
+    /// credentials). The turn then finishes `Failed{code:"auth_expired"}`.
+    AuthFailure { message: String },
+    /// The turn ended; exactly once, last.
+    Finished(TurnResult),
+}
+
+/// The kind of a history item (wire names in snake_case).
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemKind {
+    UserMessage,
+    AssistantMessage,
+    Reasoning,
+    ToolCall,
+    ToolResult,
+    Command,
+    FileChange,
+    TodoList,
+    Error,
+    System,
+}
+
+/// A history item as the provider produced it, without the engine's id,
+/// turn id and timestamp. Serializes to the contract's HistoryItem fields.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NormalizedItem {
+    pub kind: ItemKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    pub tool: Option<ToolInfo>,
+    /// The provider's own identity of this item within the turn (Claude
+    /// `tool_use` id or `message-id:block`, Codex item id). A later item with
+    /// the same key is an *update* of the earlier one (a Codex command that
+    /// started, then completed; a tool result for a tool call has its own
+    /// key `result:<tool id>`). Not part of the wire item.
+    #[serde(skip)]
+    pub key: Option<String>,
+    /// The provider's raw line (served only with `?raw=true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw: Option<Value>,
+}
+
+impl NormalizedItem {
+    pub fn new(kind: ItemKind) -> Self {
+        Self {
+            kind,
+            text: None,
+            tool: None,
+            key: None,
+            raw: None,
+        }
+    }
+}
+
+/// A tool call, command or file change.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolInfo {
+    pub name: String,
+    pub input: Value,
+    pub output: Option<String>,
+    pub is_error: bool,
+    /// Exit code of a command, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+/// How a turn ended and what it cost.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TurnResult {
+    pub outcome: Outcome,
+    pub usage: Usage,
+}
+
+/// How a turn ended.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "outcome", rename_all = "lowercase")]
+pub enum Outcome {
+    Completed,
+    /// `code` is machine-readable: `timeout`, `auth_expired`, `spawn_failed`,
+    /// `exited` (process ended without reporting the turn's end), `turn_failed`,
+    /// or the CLI's own result subtype (e.g. `error_max_turns`).
+    Failed {
+        code: String,
+        message: String,
+    },
+    Interrupted,
+}
+
+/// Tokens and cost of one turn. `input_tokens` includes cached input
+/// (`cached_input_tokens` is the part served from cache), as OpenAI counts.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    /// USD, when the CLI reports it (Claude does; Codex does not).
+    pub cost_usd: Option<f64>,
+}
+
+/// Why a turn could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The previous turn of this session has not finished yet.
+    #[error("a turn is already running in this session")]
+    Busy,
+    /// The CLI binary could not be started (missing, not executable).
+    #[error("could not start {bin}: {source}")]
+    Spawn {
+        bin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Preparing the turn failed (e.g. writing image files, writing to the
+    /// CLI's stdin).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ProviderError {
+    /// A short machine-readable code, for a failed turn's `error.code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProviderError::Busy => "busy",
+            ProviderError::Spawn { .. } => "spawn_failed",
+            ProviderError::Io(_) => "io",
+        }
+    }
+}
+
+/// One chat's agent session. Claude keeps one long-lived process
+/// (stream-json input) across turns and respawns it with `--resume` when it
+/// died or when the turn needs other process flags (model, plan mode,
+/// effort, system prompt); Codex spawns one `codex exec` (or `exec resume`)
+/// per turn. One turn at a time.
+pub struct ProviderSession {
+    inner: Arc<run::Shared>,
+}
+
+/// A turn in progress: read `events` until [`ProviderEvent::Finished`].
+pub struct RunningTurn {
+    pub events: mpsc::Receiver<ProviderEvent>,
+    /// Process group of the process running this turn; record it (with
+    /// `start_time`) so a later engine can end strays
+    /// ([`crate::process::kill_recorded_group`]).
+    pub pgid: u32,
+    /// Start time of the group leader ([`crate::process::process_start_time`]).
+    pub start_time: Option<u64>,
+    interrupter: Interrupter,
+}
+
+impl RunningTurn {
+    /// A handle that interrupts this turn; cheap to clone and `Send`.
+    pub fn interrupter(&self) -> Interrupter {
+        self.interrupter.clone()
+    }
+}
+
+/// Interrupts one turn.
+#[derive(Clone, Debug)]
+pub struct Interrupter {
+    tx: mpsc::Sender<oneshot::Sender<()>>,
+}
+
+impl Interrupter {
+    /// Stop the turn and return once it has ended: its `Finished` has been
+    /// sent (outcome `Interrupted`, unless it finished on its own first) and
+    /// the tools' processes are gone. Idempotent; a no-op on a finished turn.
+    pub async fn interrupt(&self) {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.tx.send(done_tx).await.is_ok() {
+            // The driver answers after cleanup; a dropped sender means the
+            // turn ended by itself meanwhile, which is just as good.
+            let _ = done_rx.await;
+        }
+    }
+}
+
+impl ProviderSession {
+    pub fn new(cfg: SessionConfig) -> Self {
+        Self {
+            inner: Arc::new(run::Shared::new(cfg)),
+        }
+    }
+
+    /// Start a turn. Errors only with [`ProviderError::Busy`]; every other
+    /// failure, including a missing binary (`spawn_failed`), arrives as the
+    /// turn's `Finished` event, so callers have one path for failed turns.
+    pub async fn start_turn(&mut self, input: TurnInput) -> Result<RunningTurn, ProviderError> {
+        run::start_turn(&self.inner, input).await
+    }
+
+    /// The provider session/thread id, once known (from the config or
+    /// reported by the CLI).
+    pub fn session_id(&self) -> Option<String> {
+        self.inner.session_id()
+    }
+
+    /// Whether a turn is running.
+    pub fn is_busy(&self) -> bool {
+        self.inner.is_busy()
+    }
+
+    /// End everything this session runs: interrupt a running turn (its
+    /// `Finished` is sent) and stop the idle Claude process's group. Used
+    /// when the chat is deleted or the engine stops.
+    pub async fn shutdown(&mut self) {
+        run::shutdown(&self.inner).await
+    }
+
+    /// Codex: the thread's usage totals so far (persist them with the
+    /// session id; see [`SessionConfig::codex_thread_usage`]).
+    pub fn codex_thread_usage(&self) -> Option<Usage> {
+        self.inner.codex_thread_usage()
+    }
+
+    /// The kind of provider.
+    pub fn kind(&self) -> ProviderKind {
+        self.inner.cfg.kind
+    }
+}
+
+/// A lock that survives a panicked holder: provider state must stay usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,1014 @@
+//! Chats through the real server, with fake `claude`/`codex` CLIs that
+//! replay recorded transcripts (tests/fixtures/bin): the registry and its
+//! error shapes, a turn's event sequence, the queue, interrupt and delete
+//! ending the whole process tree, bad provider output, restart and `kill -9`
+//! recovery, concurrent chats, history paging, a corrupt chats.json.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{EngineSpec, SseStream, TestEngine};
+use serde_json::{json, Value};
+
+const FAKE_CLAUDE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/bin/fake-claude"
+);
+const FAKE_CODEX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bin/fake-codex");
+const WAIT: Duration = Duration::from_secs(30);
+
+fn spec() -> (EngineSpec, std::sync::Arc<tempfile::TempDir>) {
+    let (spec, guard) = EngineSpec::new();
+    let pid_file = spec.home.join("linger.pid").display().to_string();
+    let spec = spec
+        .with("CLAUDE_BIN", FAKE_CLAUDE)
+        .with("CODEX_BIN", FAKE_CODEX)
+        .with("FAKE_PID_FILE", pid_file);
+    (spec, guard)
+}
+
+async fn engine() -> TestEngine {
+    let (spec, guard) = spec();
+    TestEngine::start_spec(spec, guard).await
+}
+
+/// Stop the engine (gracefully, or `kill -9` when `crash`), let `edit` touch
+/// its home, start it again on the same home.
+async fn restart_with(e: TestEngine, crash: bool, edit: impl FnOnce(&Path)) -> TestEngine {
+    let guard = e._home_guard.clone();
+    let spec = if crash {
+        e.kill9().await
+    } else {
+        e.shutdown().await
+    };
+    edit(&spec.home);
+    let mut e = TestEngine::start_with(spec).await;
+    e._home_guard = guard;
+    e
+}
+
+async fn create_chat(e: &TestEngine, provider: &str) -> String {
+    let chat = e
+        .post_json("/chats", json!({ "provider": provider }), 201)
+        .await;
+    chat["id"].as_str().unwrap().to_owned()
+}
+
+async fn send(e: &TestEngine, chat: &str, text: &str) -> Value {
+    e.post_json(
+        &format!("/chats/{chat}/messages"),
+        json!({ "message": text }),
+        202,
+    )
+    .await
+}
+
+/// Events of one chat from the start of the journal.
+async fn chat_events(e: &TestEngine, chat: &str) -> SseStream {
+    e.events(&format!("since=0&chatId={chat}")).await
+}
+
+fn payload(ev: &common::SseEvent) -> Value {
+    ev.json()["payload"].clone()
+}
+
+/// Wait for the event that ends `message_id`'s turn (completed or
+/// interrupted); returns (started payload, end event type, end payload).
+async fn wait_turn(events: &mut SseStream, message_id: &str) -> (Value, String, Value) {
+    let (started, _) = events
+        .wait_for(WAIT, |e| {
+            e.event.as_deref() == Some("chat.turn.started") && payload(e)["messageId"] == message_id
+        })
+        .await;
+    let turn_id = payload(&started)["turnId"].clone();
+    let (end, _) = events
+        .wait_for(WAIT, |e| {
+            matches!(
+                e.event.as_deref(),
+                Some("chat.turn.completed" | "chat.interrupted")
+            ) && payload(e)["turnId"] == turn_id
+        })
+        .await;
+    (payload(&started), end.event.clone().unwrap(), payload(&end))
+}
+
+/// Wait until `path` holds a pid; the fake writes it once its lingering
+/// child is running.
+async fn wait_pid(path: &Path) -> i32 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no pid in {}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether `pid` is a live (non-zombie) process.
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            !matches!(state, Some("Z" | "X"))
+        }
+        Err(_) => false,
+    }
+}
+
+async fn wait_dead(pid: i32) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while alive(pid) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "process {pid} still alive"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Synchronous variant of [`wait_dead`] for closures: up to 2 s.
+fn wait_pid_dies(pid: i32) -> bool {
+    for _ in 0..100 {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+async fn wait_chat(e: &TestEngine, chat: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+        if pred(&c) {
+            return c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chat never matched; last: {c:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn error_of(res: reqwest::Response, status: u16) -> (String, String) {
+    assert_eq!(res.status().as_u16(), status);
+    let body: Value = res.json().await.unwrap();
+    (
+        body["error"]["code"].as_str().unwrap().to_owned(),
+        body["error"]["message"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn create_list_get_delete_and_error_shapes() {
+    let e = engine().await;
+    let ws = std::fs::canonicalize(e.spec.workspaces()).unwrap();
+    std::fs::create_dir_all(ws.join("api")).unwrap();
+    std::fs::create_dir_all(e.home().join("outside")).unwrap();
+    std::os::unix::fs::symlink(e.home().join("outside"), ws.join("escape")).unwrap();
+    let mut events = e.events("since=0&types=chat.*").await;
+
+    let a = e
+        .post_json("/chats", json!({"provider": "claude"}), 201)
+        .await;
+    assert_eq!(a["title"], "Claude chat");
+    assert_eq!(a["status"], "idle");
+    assert_eq!(a["processing"], false);
+    assert_eq!(a["cwd"], ws.display().to_string());
+    assert_eq!(a["queue"], json!([]));
+    assert_eq!(a["lastTurn"], Value::Null);
+    assert_eq!(a["providerSessionId"], Value::Null);
+    assert_eq!(a["usage"]["inputTokens"], 0);
+    let b = e
+        .post_json("/chats", json!({"provider": "codex", "title": "Fix it", "model": "gpt-x", "cwd": "api", "extra": 1}), 201)
+        .await;
+    assert_eq!(
+        (b["title"].as_str(), b["model"].as_str()),
+        (Some("Fix it"), Some("gpt-x"))
+    );
+    assert_eq!(b["cwd"], ws.join("api").display().to_string());
+    let abs = e
+        .post_json(
+            "/chats",
+            json!({"provider": "codex", "cwd": ws.join("api/../api")}),
+            201,
+        )
+        .await;
+    assert_eq!(abs["cwd"], b["cwd"]);
+
+    let created = events.wait_type("chat.created").await;
+    assert_eq!(created.json()["chatId"], a["id"]);
+    assert_eq!(payload(&created)["chat"], a);
+
+    // Newest first.
+    let list = e.get_json("/chats", 200).await;
+    let ids: Vec<&Value> = list["chats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["id"])
+        .collect();
+    assert_eq!(ids, [&abs["id"], &b["id"], &a["id"]]);
+    assert_eq!(
+        e.get_json(&format!("/chats/{}", a["id"].as_str().unwrap()), 200)
+            .await,
+        a
+    );
+    assert_eq!(
+        e.get_json("/status", 200).await["chats"],
+        json!({"total":3,"running":0,"queuedMessages":0})
+    );
+
+    // Bad input: 400 naming the field; nothing is created.
+    let bad_chats = [
+        (json!({}), "provider"),
+        (json!({"provider": "gpt"}), "provider"),
+        (json!({"provider": 7}), "provider"),
+        (json!({"provider": "claude", "cwd": ".."}), "cwd"),
+        (
+            json!({"provider": "claude", "cwd": "api/../../outside"}),
+            "cwd",
+        ),
+        (json!({"provider": "claude", "cwd": "escape"}), "cwd"),
+        (json!({"provider": "claude", "cwd": "/etc"}), "cwd"),
+        (json!({"provider": "claude", "cwd": "missing"}), "cwd"),
+    ];
+    for (body, field) in bad_chats {
+        let (code, msg) = error_of(e.post("/chats").json(&body).send().await.unwrap(), 400).await;
+        assert_eq!(code, "invalid_request", "{body}");
+        assert!(msg.contains(field), "{body}: {msg}");
+    }
+    assert_eq!(
+        e.get_json("/chats", 200).await["chats"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    let chat = a["id"].as_str().unwrap();
+    let bad_messages = [
+        (json!({}), "message"),
+        (json!({"message": ""}), "message"),
+        (json!({"message": "   "}), "message"),
+        (json!({"message": "/plan"}), "message"),
+        (json!({"message": 42}), "message"),
+        (
+            json!({"message": "hi", "thinkingLevel": "extreme"}),
+            "thinkingLevel",
+        ),
+        (json!({"message": "hi", "planMode": "yes"}), "planMode"),
+        (
+            json!({"message": "hi", "images": [{"type": "image", "source": {"type": "url"}}]}),
+            "images",
+        ),
+    ];
+    for (body, field) in bad_messages {
+        let res = e
+            .post(&format!("/chats/{chat}/messages"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let (code, msg) = error_of(res, 400).await;
+        assert_eq!(code, "invalid_request", "{body}");
+        assert!(msg.contains(field), "{body}: {msg}");
+    }
+    let res = e
+        .post(&format!("/chats/{chat}/messages"))
+        .body("{not json")
+        .header("content-type", "application/json");
+    assert_eq!(
+        error_of(res.send().await.unwrap(), 400).await.0,
+        "invalid_request"
+    );
+
+    // Unknown chat: 404 on every route.
+    assert_eq!(
+        error_of(e.get("/chats/c_nope").send().await.unwrap(), 404)
+            .await
+            .0,
+        "not_found"
+    );
+    assert_eq!(
+        error_of(e.delete("/chats/c_nope").send().await.unwrap(), 404)
+            .await
+            .0,
+        "not_found"
+    );
+    let res = e
+        .post("/chats/c_nope/messages")
+        .json(&json!({"message": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(res, 404).await.0, "not_found");
+    assert_eq!(
+        error_of(e.post("/chats/c_nope/interrupt").send().await.unwrap(), 404)
+            .await
+            .0,
+        "not_found"
+    );
+    assert_eq!(
+        error_of(e.get("/chats/c_nope/history").send().await.unwrap(), 404)
+            .await
+            .0,
+        "not_found"
+    );
+    let res = e
+        .get(&format!("/chats/{chat}/history?limit=abc"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(res, 400).await.0, "invalid_request");
+
+    // Interrupting an idle chat is a no-op.
+    let same = e
+        .post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
+        .await;
+    assert_eq!(same["status"], "idle");
+
+    let res = e.delete(&format!("/chats/{chat}")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"success": true}));
+    let deleted = events.wait_type("chat.deleted").await;
+    assert_eq!(deleted.json()["chatId"], a["id"]);
+    assert_eq!(payload(&deleted), json!({}));
+    e.get_json(&format!("/chats/{chat}"), 404).await;
+
+    // The registry survives a restart.
+    let e = e.restart().await;
+    let ids: Vec<Value> = e.get_json("/chats", 200).await["chats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].clone())
+        .collect();
+    assert_eq!(ids, [abs["id"].clone(), b["id"].clone()]);
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_turn_streams_accepted_started_deltas_completed_then_history() {
+    let e = engine().await;
+    for provider in ["claude", "codex"] {
+        let chat = create_chat(&e, provider).await;
+        let mut events = chat_events(&e, &chat).await;
+        let acc = send(&e, &chat, "/plan say hello FAKE_TOOL").await;
+        assert_eq!(acc["status"], "sent");
+        assert_eq!(acc["position"], 0);
+        assert_eq!(acc["chatId"], chat.as_str());
+        let mid = acc["messageId"].as_str().unwrap();
+
+        let accepted = events.wait_type("chat.turn.accepted").await;
+        let p = payload(&accepted);
+        assert_eq!(
+            (p["status"].as_str(), p["position"].as_u64()),
+            (Some("sent"), Some(0))
+        );
+        assert_eq!(p["message"]["id"], mid);
+        assert_eq!(
+            p["message"]["text"], "say hello FAKE_TOOL",
+            "/plan is stripped"
+        );
+        assert_eq!(p["message"]["planMode"], true);
+        assert_eq!(p["message"]["images"], 0);
+
+        let (started, _) = events
+            .wait_for(WAIT, |e| e.event.as_deref() == Some("chat.turn.started"))
+            .await;
+        let turn = payload(&started)["turnId"].as_str().unwrap().to_owned();
+        assert_eq!(payload(&started)["messageId"], mid);
+        let (done, between) = events
+            .wait_for(WAIT, |e| e.event.as_deref() == Some("chat.turn.completed"))
+            .await;
+        let done = payload(&done);
+        assert_eq!(done["turnId"], turn.as_str());
+        assert_eq!(done["outcome"], "completed", "{done}");
+        assert!(
+            done["usage"]["outputTokens"].as_u64().unwrap() > 0,
+            "{done}"
+        );
+        assert!(done["durationMs"].is_u64());
+        assert!(done.get("error").is_none());
+
+        let items: Vec<Value> = between
+            .iter()
+            .filter(|e| e.event.as_deref() == Some("chat.turn.delta"))
+            .map(payload)
+            .filter(|p| p["turnId"] == turn.as_str() && p.get("item").is_some())
+            .map(|p| p["item"].clone())
+            .collect();
+        let kinds: Vec<&str> = items.iter().map(|i| i["kind"].as_str().unwrap()).collect();
+        assert!(
+            kinds.contains(&"assistant_message"),
+            "{provider}: {kinds:?}"
+        );
+        assert!(
+            kinds.iter().any(|k| matches!(*k, "tool_call" | "command")),
+            "{provider}: {kinds:?}"
+        );
+        assert!(items
+            .iter()
+            .all(|i| i["id"].as_str().unwrap().starts_with("i_") && i.get("raw").is_none()));
+
+        let chat_now = wait_chat(&e, &chat, |c| c["status"] == "idle").await;
+        assert_eq!(chat_now["processing"], false);
+        assert_eq!(chat_now["lastTurn"]["turnId"], turn.as_str());
+        assert_eq!(chat_now["lastTurn"]["outcome"], "completed");
+        assert!(chat_now["providerSessionId"].is_string(), "{chat_now}");
+        assert_eq!(
+            chat_now["usage"]["outputTokens"],
+            done["usage"]["outputTokens"]
+        );
+
+        let hist = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+        let hitems = hist["items"].as_array().unwrap();
+        assert_eq!(hitems[0]["kind"], "user_message");
+        assert_eq!(hitems[0]["text"], "say hello FAKE_TOOL");
+        assert_eq!(hitems[0]["turnId"], turn.as_str());
+        // Every streamed item is in the history, in order, by id (an item
+        // re-sent as it progressed appears once, in its final form).
+        let mut streamed: Vec<&Value> = Vec::new();
+        for i in &items {
+            match streamed.iter().position(|s| s["id"] == i["id"]) {
+                Some(pos) => streamed[pos] = i,
+                None => streamed.push(i),
+            }
+        }
+        assert_eq!(
+            hitems[1..].iter().collect::<Vec<_>>(),
+            streamed,
+            "{provider}"
+        );
+        assert_eq!(hist["total"], hitems.len());
+        assert_eq!(hist["hasMore"], false);
+        let text: String = hitems
+            .iter()
+            .filter(|i| i["kind"] == "assistant_message")
+            .map(|i| i["text"].as_str().unwrap())
+            .collect();
+        assert!(text.contains("Hello from fake"), "{text}");
+
+        // The second turn resumes the provider session and usage accumulates.
+        let acc = send(&e, &chat, "again").await;
+        let (_, end, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+        assert_eq!(
+            (end.as_str(), p["outcome"].as_str()),
+            ("chat.turn.completed", Some("completed"))
+        );
+        let c = wait_chat(&e, &chat, |c| c["status"] == "idle").await;
+        assert_eq!(c["providerSessionId"], chat_now["providerSessionId"]);
+        assert_eq!(
+            c["usage"]["outputTokens"].as_u64().unwrap(),
+            chat_now["usage"]["outputTokens"].as_u64().unwrap()
+                + p["usage"]["outputTokens"].as_u64().unwrap()
+        );
+        let hist = e
+            .get_json(&format!("/chats/{chat}/history?limit=1"), 200)
+            .await;
+        assert!(
+            hist["items"][0]["text"]
+                .as_str()
+                .unwrap()
+                .contains("turn=2"),
+            "{hist}"
+        );
+    }
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn queued_messages_run_strictly_in_order() {
+    let e = engine().await;
+    let chat = create_chat(&e, "claude").await;
+    let mut events = chat_events(&e, &chat).await;
+    let first = send(&e, &chat, "FAKE_SLOW").await;
+    assert_eq!(first["status"], "sent");
+    let mut ids = vec![first["messageId"].as_str().unwrap().to_owned()];
+    for n in 1..=3 {
+        let acc = send(&e, &chat, &format!("queued {n}")).await;
+        assert_eq!(acc["status"], "queued");
+        assert_eq!(acc["position"], n);
+        ids.push(acc["messageId"].as_str().unwrap().to_owned());
+    }
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(c["status"], "running");
+    assert_eq!(c["processing"], true);
+    let queued: Vec<&str> = c["queue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        queued,
+        ids[1..].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert_eq!(c["queue"][0]["text"], "queued 1");
+    assert_eq!(
+        e.get_json("/status", 200).await["chats"]["queuedMessages"],
+        3
+    );
+
+    // Interrupt the slow one to keep the test quick; the queue continues.
+    e.post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
+        .await;
+    // Each turn starts only after the previous one ended, in send order.
+    let mut order = Vec::new();
+    let mut open: Option<String> = None;
+    while order.len() < ids.len() || open.is_some() {
+        let ev = events.next_event(WAIT).await.expect("events keep coming");
+        let p = payload(&ev);
+        match ev.event.as_deref() {
+            Some("chat.turn.started") => {
+                assert!(open.is_none(), "a turn started while another ran");
+                open = Some(p["turnId"].as_str().unwrap().to_owned());
+                order.push(p["messageId"].as_str().unwrap().to_owned());
+            }
+            Some("chat.turn.completed" | "chat.interrupted") => {
+                assert_eq!(open.take().as_deref(), p["turnId"].as_str());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(order, ids);
+    let c = wait_chat(&e, &chat, |c| c["status"] == "idle").await;
+    assert_eq!(c["queue"], json!([]));
+    assert_eq!(c["lastTurn"]["outcome"], "completed");
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn interrupt_ends_the_whole_tree_then_the_queue_continues_or_is_cleared() {
+    let e = engine().await;
+    let pid_file = e.home().join("linger.pid");
+    for provider in ["claude", "codex"] {
+        let _ = std::fs::remove_file(&pid_file);
+        let chat = create_chat(&e, provider).await;
+        let mut events = chat_events(&e, &chat).await;
+        let slow = send(&e, &chat, "FAKE_LINGER").await;
+        let next = send(&e, &chat, "after").await;
+        assert_eq!(next["position"], 1);
+        let child = wait_pid(&pid_file).await;
+        assert!(alive(child));
+
+        let c = e
+            .post_json(
+                &format!("/chats/{chat}/interrupt"),
+                json!({"clearQueue": false}),
+                200,
+            )
+            .await;
+        assert_ne!(
+            c["status"], "interrupting",
+            "answered only after the turn ended: {c}"
+        );
+        // SIGKILL was sent to the group before the turn was reported
+        // ended; the kernel may take a moment to tear the process down.
+        wait_dead(child).await;
+        let (_, end, p) = wait_turn(&mut events, slow["messageId"].as_str().unwrap()).await;
+        assert_eq!(end, "chat.interrupted", "{p}");
+        assert!(p["durationMs"].is_u64());
+        let (_, end, p) = wait_turn(&mut events, next["messageId"].as_str().unwrap()).await;
+        assert_eq!(
+            (end.as_str(), p["outcome"].as_str()),
+            ("chat.turn.completed", Some("completed")),
+            "{provider}"
+        );
+        let c = wait_chat(&e, &chat, |c| c["status"] == "idle").await;
+        assert_eq!(c["lastTurn"]["outcome"], "completed");
+
+        // clearQueue drops what waits; nothing else starts.
+        let slow = send(&e, &chat, "FAKE_HANG").await;
+        send(&e, &chat, "dropped 1").await;
+        send(&e, &chat, "dropped 2").await;
+        events
+            .wait_for(WAIT, |ev| {
+                ev.event.as_deref() == Some("chat.turn.started")
+                    && payload(ev)["messageId"] == slow["messageId"]
+            })
+            .await;
+        let c = e
+            .post_json(
+                &format!("/chats/{chat}/interrupt"),
+                json!({"clearQueue": true}),
+                200,
+            )
+            .await;
+        assert_eq!(c["queue"], json!([]));
+        assert_eq!(c["status"], "idle", "{c}");
+        assert_eq!(c["lastTurn"]["outcome"], "interrupted");
+        assert_eq!(c["lastTurn"]["reason"], "user");
+        // Prove nothing started: a new message is the very next turn.
+        let probe = send(&e, &chat, "probe").await;
+        assert_eq!(probe["status"], "sent");
+        let (started, seen) = events
+            .wait_for(WAIT, |ev| {
+                ev.event.as_deref() == Some("chat.turn.started")
+                    && payload(ev)["messageId"] == probe["messageId"]
+            })
+            .await;
+        assert!(
+            !seen
+                .iter()
+                .any(|ev| ev.event.as_deref() == Some("chat.turn.started")),
+            "a dropped message ran"
+        );
+        let turn = payload(&started)["turnId"].clone();
+        events
+            .wait_for(WAIT, |ev| {
+                ev.event.as_deref() == Some("chat.turn.completed") && payload(ev)["turnId"] == turn
+            })
+            .await;
+    }
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn delete_while_running_ends_the_tree_and_forgets_the_chat() {
+    let e = engine().await;
+    let pid_file = e.home().join("linger.pid");
+    let chat = create_chat(&e, "claude").await;
+    let mut events = chat_events(&e, &chat).await;
+    send(&e, &chat, "FAKE_LINGER").await;
+    send(&e, &chat, "never runs").await;
+    let child = wait_pid(&pid_file).await;
+    let history_file = e
+        .home()
+        .join(format!(".replicas/engine/history/{chat}.jsonl"));
+    assert!(history_file.exists());
+
+    let res = e.delete(&format!("/chats/{chat}")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    wait_dead(child).await;
+    let (_, seen) = events
+        .wait_for(WAIT, |ev| ev.event.as_deref() == Some("chat.deleted"))
+        .await;
+    assert_eq!(
+        seen.iter()
+            .filter(|ev| ev.event.as_deref() == Some("chat.turn.started"))
+            .count(),
+        1
+    );
+    e.get_json(&format!("/chats/{chat}"), 404).await;
+    e.get_json(&format!("/chats/{chat}/history"), 404).await;
+    assert!(!history_file.exists());
+    assert_eq!(
+        e.get_json("/status", 200).await["chats"],
+        json!({"total":0,"running":0,"queuedMessages":0})
+    );
+    // Gone for good, also after a restart.
+    let e = e.restart().await;
+    assert_eq!(e.get_json("/chats", 200).await["chats"], json!([]));
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_provider_output_fails_the_turn_and_the_chat_stays_usable() {
+    let e = engine().await;
+    let mut auth = e.events("since=0&types=error").await;
+    for provider in ["claude", "codex"] {
+        let chat = create_chat(&e, provider).await;
+        let mut events = chat_events(&e, &chat).await;
+        for (knob, code) in [
+            ("FAKE_EXIT", None),
+            ("FAKE_AUTH", Some("auth_expired")),
+            ("FAKE_FAIL", None),
+        ] {
+            let acc = send(&e, &chat, knob).await;
+            let (_, end, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+            assert_eq!(
+                (end.as_str(), p["outcome"].as_str()),
+                ("chat.turn.completed", Some("failed")),
+                "{provider} {knob}: {p}"
+            );
+            assert!(!p["error"]["message"].as_str().unwrap().is_empty(), "{p}");
+            if let Some(code) = code {
+                assert_eq!(p["error"]["code"], code, "{provider} {knob}: {p}");
+            }
+            let c = wait_chat(&e, &chat, |c| c["status"] == "idle").await;
+            assert_eq!(c["lastTurn"]["outcome"], "failed");
+            assert_eq!(c["lastTurn"]["error"], p["error"]);
+            // The failure is in the history too.
+            let last = &e
+                .get_json(&format!("/chats/{chat}/history?limit=1"), 200)
+                .await["items"][0];
+            assert_eq!(last["kind"], "error");
+        }
+        // Non-JSON lines and a 10 MB line are skipped; the turn still ends
+        // on the CLI's own report.
+        for knob in ["FAKE_GARBAGE", "FAKE_HUGE"] {
+            let acc = send(&e, &chat, knob).await;
+            let (_, end, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+            assert_eq!(end, "chat.turn.completed", "{provider} {knob}");
+            assert!(
+                matches!(p["outcome"].as_str(), Some("completed" | "failed")),
+                "{p}"
+            );
+        }
+        let acc = send(&e, &chat, "hello").await;
+        let (_, _, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+        assert_eq!(
+            p["outcome"], "completed",
+            "{provider}: the chat is usable after failures"
+        );
+
+        let (ev, _) = auth
+            .wait_for(WAIT, |ev| {
+                payload(ev)["code"] == "auth_expired" && payload(ev)["source"] == provider
+            })
+            .await;
+        assert!(payload(&ev)["message"].as_str().unwrap().contains(provider));
+        assert!(ev.json().get("chatId").is_none());
+    }
+    e.shutdown().await;
+
+    // A CLI that cannot be started at all.
+    let (spec, guard) = spec();
+    let e = TestEngine::start_spec(spec.with("CLAUDE_BIN", "/nonexistent/claude"), guard).await;
+    let chat = create_chat(&e, "claude").await;
+    let mut events = chat_events(&e, &chat).await;
+    for _ in 0..2 {
+        let acc = send(&e, &chat, "hello").await;
+        let (_, _, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+        assert_eq!(p["outcome"], "failed");
+        assert_eq!(p["error"]["code"], "spawn_failed", "{p}");
+    }
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn kill9_mid_turn_recovers_interrupted_ends_strays_and_resumes_the_queue() {
+    let e = engine().await;
+    let pid_file = e.home().join("linger.pid");
+    let chat = create_chat(&e, "claude").await;
+    let idle_chat = create_chat(&e, "codex").await;
+    let mut events = chat_events(&e, &chat).await;
+    let slow = send(&e, &chat, "FAKE_LINGER").await;
+    let q1 = send(&e, &chat, "first after restart").await;
+    let q2 = send(&e, &chat, "second after restart").await;
+    let child = wait_pid(&pid_file).await;
+    let (started, _) = events
+        .wait_for(WAIT, |ev| ev.event.as_deref() == Some("chat.turn.started"))
+        .await;
+    assert_eq!(payload(&started)["messageId"], slow["messageId"]);
+    let turn = payload(&started)["turnId"].clone();
+    drop(events);
+
+    let e = e.crash_and_restart().await;
+    // The stray grandchild of the dead engine's turn is ended on start.
+    wait_dead(child).await;
+    let mut events = e.events(&format!("chatId={chat}&since=0")).await;
+    let (ev, _) = events
+        .wait_for(WAIT, |ev| {
+            ev.event.as_deref() == Some("chat.interrupted") && payload(ev)["turnId"] == turn
+        })
+        .await;
+    assert!(payload(&ev)["durationMs"].is_u64());
+    // Both queued messages survived the kill -9 and run in order.
+    let (_, _, p1) = wait_turn(&mut events, q1["messageId"].as_str().unwrap()).await;
+    let (_, _, p2) = wait_turn(&mut events, q2["messageId"].as_str().unwrap()).await;
+    assert_eq!(
+        (p1["outcome"].as_str(), p2["outcome"].as_str()),
+        (Some("completed"), Some("completed"))
+    );
+    let c = wait_chat(&e, &chat, |c| c["status"] == "idle").await;
+    assert_eq!(c["queue"], json!([]));
+    assert_eq!(c["lastTurn"]["outcome"], "completed");
+    let hist = e
+        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
+        .await;
+    let users: Vec<&str> = hist["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["kind"] == "user_message")
+        .map(|i| i["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        users,
+        ["FAKE_LINGER", "first after restart", "second after restart"]
+    );
+    assert_eq!(
+        e.get_json(&format!("/chats/{idle_chat}"), 200).await["lastTurn"],
+        Value::Null
+    );
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn restart_right_after_kill9_shows_the_turn_interrupted_by_engine_restart() {
+    let e = engine().await;
+    let chat = create_chat(&e, "codex").await;
+    let mut events = chat_events(&e, &chat).await;
+    send(&e, &chat, "FAKE_HANG").await;
+    events.wait_type("chat.turn.started").await;
+    // pgid is recorded right after the spawn; wait until it is on disk.
+    let chats_file = e.home().join(".replicas/engine/chats.json");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !std::fs::read_to_string(&chats_file)
+        .unwrap()
+        .contains("\"pgid\"")
+    {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let e = e.crash_and_restart().await;
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(c["status"], "idle");
+    assert_eq!(c["processing"], false);
+    assert_eq!(c["lastTurn"]["outcome"], "interrupted");
+    assert_eq!(c["lastTurn"]["reason"], "engine_restart");
+    assert!(c.get("activeTurn").is_none());
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_ends_running_turns() {
+    let e = engine().await;
+    let pid_file = e.home().join("linger.pid");
+    let chat = create_chat(&e, "claude").await;
+    send(&e, &chat, "FAKE_LINGER").await;
+    let child = wait_pid(&pid_file).await;
+    let e = restart_with(e, false, |_| {
+        // Killed by the engine on its way out, not by the next one.
+        assert!(
+            !alive(child) || wait_pid_dies(child),
+            "a turn's process outlived the engine"
+        )
+    })
+    .await;
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(c["status"], "idle");
+    assert_eq!(c["lastTurn"]["outcome"], "interrupted");
+    assert_eq!(c["lastTurn"]["reason"], "engine_shutdown");
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn chats_run_turns_concurrently() {
+    let e = engine().await;
+    let busy = create_chat(&e, "claude").await;
+    let mut busy_events = chat_events(&e, &busy).await;
+    send(&e, &busy, "FAKE_HANG").await;
+    busy_events.wait_type("chat.turn.started").await;
+    // While one chat's turn hangs, others (both providers) complete theirs.
+    let mut others = Vec::new();
+    for provider in ["claude", "codex", "claude", "codex"] {
+        let chat = create_chat(&e, provider).await;
+        let events = chat_events(&e, &chat).await;
+        let acc = send(&e, &chat, "hello").await;
+        others.push((chat, events, acc["messageId"].as_str().unwrap().to_owned()));
+    }
+    for (_, events, mid) in others.iter_mut() {
+        let (_, _, p) = wait_turn(events, mid).await;
+        assert_eq!(p["outcome"], "completed");
+    }
+    assert_eq!(
+        e.get_json(&format!("/chats/{busy}"), 200).await["status"],
+        "running"
+    );
+    assert_eq!(e.get_json("/status", 200).await["chats"]["running"], 1);
+    let c = e
+        .post_json(&format!("/chats/{busy}/interrupt"), json!({}), 200)
+        .await;
+    assert_eq!(c["status"], "idle");
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn history_pages_from_the_end_and_survives_restart() {
+    let e = engine().await;
+    let chat = create_chat(&e, "codex").await;
+    let mut events = chat_events(&e, &chat).await;
+    let acc = send(&e, &chat, "FAKE_LINES=25").await;
+    wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+    let all = e
+        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
+        .await;
+    let items = all["items"].as_array().unwrap().clone();
+    let total = items.len();
+    assert!(total >= 26, "{total}");
+    assert_eq!(all["total"], total);
+    assert_eq!(all["hasMore"], false);
+
+    let page = e
+        .get_json(&format!("/chats/{chat}/history?limit=10"), 200)
+        .await;
+    assert_eq!(page["items"].as_array().unwrap()[..], items[total - 10..]);
+    assert_eq!(
+        (page["total"].as_u64(), page["hasMore"].as_bool()),
+        (Some(total as u64), Some(true))
+    );
+    let page = e
+        .get_json(&format!("/chats/{chat}/history?limit=10&offset=10"), 200)
+        .await;
+    assert_eq!(
+        page["items"].as_array().unwrap()[..],
+        items[total - 20..total - 10]
+    );
+    let page = e
+        .get_json(
+            &format!("/chats/{chat}/history?limit=10&offset={}", total - 3),
+            200,
+        )
+        .await;
+    assert_eq!(page["items"].as_array().unwrap()[..], items[..3]);
+    assert_eq!(page["hasMore"], false);
+    let page = e
+        .get_json(&format!("/chats/{chat}/history?offset={}", total + 5), 200)
+        .await;
+    assert_eq!(
+        (
+            page["items"].as_array().unwrap().len(),
+            page["hasMore"].as_bool()
+        ),
+        (0, Some(false))
+    );
+    let page = e
+        .get_json(&format!("/chats/{chat}/history?limit=0"), 200)
+        .await;
+    assert_eq!(
+        (
+            page["items"].as_array().unwrap().len(),
+            page["hasMore"].as_bool()
+        ),
+        (0, Some(true))
+    );
+    // `raw` only on request.
+    assert!(items.iter().all(|i| i.get("raw").is_none()));
+    let raw = e
+        .get_json(&format!("/chats/{chat}/history?limit=1&raw=true"), 200)
+        .await;
+    assert!(raw["items"][0]["raw"].is_object(), "{raw}");
+
+    // A torn last line (power loss) is cut with a warning; the rest is kept.
+    let e = e.restart().await;
+    let file = e
+        .home()
+        .join(format!(".replicas/engine/history/{chat}.jsonl"));
+    let e = restart_with(e, true, |_| {
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap()
+            .write_all(br#"{"id":"i_torn","tu"#)
+            .unwrap();
+    })
+    .await;
+    let again = e
+        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
+        .await;
+    assert_eq!(again["items"].as_array().unwrap(), &items);
+    assert!(e.logs().contains("torn last line"));
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_chats_file_is_set_aside_and_the_engine_starts_empty() {
+    let e = engine().await;
+    create_chat(&e, "claude").await;
+    let engine_dir = e.home().join(".replicas/engine");
+    let e = restart_with(e, false, |_| {
+        std::fs::write(
+            engine_dir.join("chats.json"),
+            b"{\"version\":1,\"chats\":[{\"id\":",
+        )
+        .unwrap();
+    })
+    .await;
+    assert_eq!(e.get_json("/chats", 200).await["chats"], json!([]));
+    let aside: Vec<String> = std::fs::read_dir(&engine_dir)
+        .unwrap()
+        .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("chats.json.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let mut events = e.events("since=0&types=error").await;
+    let ev = events.wait_type("error").await;
+    assert_eq!(payload(&ev)["code"], "state_corrupt");
+    // Still fully usable.
+    let chat = create_chat(&e, "claude").await;
+    let mut events = chat_events(&e, &chat).await;
+    let acc = send(&e, &chat, "hello").await;
+    let (_, _, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+    assert_eq!(p["outcome"], "completed");
+    e.shutdown().await;
+}
