@@ -398,14 +398,17 @@ fn result(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
         Outcome::Completed
     } else {
         let message = result_message(v);
-        let auth = p.auth_failed
+        // Reported once per turn: the assistant line may have done it.
+        let already = p.auth_failed;
+        let auth = already
             || v.get("api_error_status").and_then(Value::as_u64) == Some(401)
             || is_auth_failure(&message);
-        p.auth_failed = false;
         if auth {
-            out.push(ProviderEvent::AuthFailure {
-                message: message.clone(),
-            });
+            if !already {
+                out.push(ProviderEvent::AuthFailure {
+                    message: message.clone(),
+                });
+            }
             Outcome::Failed {
                 code: "auth_expired".into(),
                 message,
@@ -420,6 +423,7 @@ fn result(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
         }
     };
     // A new turn starts a new message stream.
+    p.auth_failed = false;
     p.streamed_text_keys.clear();
     p.block_keys.clear();
     out.push(ProviderEvent::Finished(TurnResult { outcome, usage }));

@@ -350,7 +350,7 @@ impl ClaudeProc {
     }
 
     async fn stop(mut self, grace: Duration) {
-        let _ = process::stop_group(&mut self.child, grace).await;
+        stop_group_fully(&mut self.child, self.pgid, grace).await;
         tracing::info!(pgid = self.pgid, "claude process stopped");
     }
 }
@@ -452,12 +452,12 @@ async fn drive_claude(
             }
             _ = int_sleep, if interrupt_deadline.is_some() => {
                 tracing::warn!(pgid = p.pgid, "claude did not answer the interrupt; stopping its group");
-                let _ = process::stop_group(&mut p.child, cfg.kill_grace).await;
+                stop_group_fully(&mut p.child, p.pgid, cfg.kill_grace).await;
                 break (TurnResult { outcome: Outcome::Interrupted, usage: Usage::default() }, false);
             }
             _ = &mut timeout => {
                 tracing::warn!(pgid = p.pgid, "claude turn timed out; stopping its group");
-                let _ = process::stop_group(&mut p.child, cfg.kill_grace).await;
+                stop_group_fully(&mut p.child, p.pgid, cfg.kill_grace).await;
                 let outcome = Outcome::Failed {
                     code: "timeout".into(),
                     message: format!("the turn ran longer than {} s", cfg.turn_timeout.as_secs()),
@@ -481,6 +481,7 @@ async fn drive_claude(
                         // stdout closed: the process is ending without a result.
                         let status = reap(&mut p.child, cfg.kill_grace, cfg.kill_grace).await;
                         process::kill_group_stragglers(p.pgid, cfg.kill_grace).await;
+                        settle_group(p.pgid).await;
                         let outcome = if interrupt_deadline.is_some() {
                             Outcome::Interrupted
                         } else {
@@ -523,7 +524,7 @@ async fn drive_claude(
         Some(p)
     } else {
         // Make sure nothing of a process we give up survives.
-        let _ = process::stop_group(&mut p.child, cfg.kill_grace).await;
+        stop_group_fully(&mut p.child, p.pgid, cfg.kill_grace).await;
         None
     };
     tracing::info!(pgid, outcome = ?result.outcome, "claude turn finished");
@@ -558,8 +559,38 @@ async fn end_tool_processes(pgid: u32, leader: Option<u32>, grace: Duration) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Anything they spawned meanwhile is in the same set by construction.
-    for pid in targets.into_iter().chain(tool_processes(pgid, leader)) {
+    let targets: Vec<u32> = targets
+        .into_iter()
+        .chain(tool_processes(pgid, leader))
+        .collect();
+    for &pid in &targets {
         signal_pid(pid, Signal::SIGKILL);
+    }
+    // KILL is delivered asynchronously: wait until it took effect, so
+    // "interrupted" really means "nothing of the turn runs".
+    let deadline = Instant::now() + KILL_SETTLE;
+    while Instant::now() < deadline && targets.iter().any(|&p| pid_alive(p)) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How long a KILLed process may take to actually be gone.
+const KILL_SETTLE: Duration = Duration::from_secs(2);
+
+/// Stop `child`'s whole group and wait until no member is left (KILL takes
+/// effect asynchronously).
+async fn stop_group_fully(child: &mut Child, pgid: u32, grace: Duration) {
+    if let Err(e) = process::stop_group(child, grace).await {
+        tracing::warn!(pgid, error = %e, "stopping a provider process group failed");
+    }
+    settle_group(pgid).await;
+}
+
+/// Wait (bounded) until group `pgid` has no live member.
+async fn settle_group(pgid: u32) {
+    let deadline = Instant::now() + KILL_SETTLE;
+    while process::group_alive(pgid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -726,7 +757,7 @@ async fn drive_codex(
             Some(done) = int_rx.recv() => {
                 waiters.push(done);
                 tracing::info!(pgid = r.pgid, "interrupting codex turn");
-                let _ = process::stop_group(&mut r.child, cfg.kill_grace).await;
+                stop_group_fully(&mut r.child, r.pgid, cfg.kill_grace).await;
                 let outcome = match reported.take() {
                     // It had already reported the end: keep that.
                     Some(done) => break done,
@@ -736,7 +767,7 @@ async fn drive_codex(
             }
             _ = &mut timeout => {
                 tracing::warn!(pgid = r.pgid, "codex turn timed out; stopping its group");
-                let _ = process::stop_group(&mut r.child, cfg.kill_grace).await;
+                stop_group_fully(&mut r.child, r.pgid, cfg.kill_grace).await;
                 let outcome = Outcome::Failed {
                     code: "timeout".into(),
                     message: format!("the turn ran longer than {} s", cfg.turn_timeout.as_secs()),
@@ -793,6 +824,7 @@ async fn drive_codex(
     };
     // The turn is over only when nothing of it runs any more.
     process::kill_group_stragglers(r.pgid, cfg.kill_grace).await;
+    settle_group(r.pgid).await;
     tracing::info!(pgid = r.pgid, outcome = ?result.outcome, "codex turn finished");
     shared.end_turn(None, r.parser.thread_usage());
     emit(&tx, ProviderEvent::Finished(result)).await;
