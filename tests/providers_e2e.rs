@@ -7,6 +7,8 @@
 //! turn's request carries the first turn's conversation, in the same process
 //! and after a respawn), and interrupt of a slow turn.
 
+// The shared harness re-exports what other test files use.
+#[allow(unused_imports)]
 mod common;
 
 use std::time::Duration;
@@ -14,8 +16,8 @@ use std::time::Duration;
 use common::e2e::{self, E2eEnv};
 use replicas_engine::process;
 use replicas_engine::providers::{
-    ItemKind, NormalizedItem, Outcome, ProviderEvent, ProviderKind, ProviderSession, RunningTurn, SessionConfig,
-    TurnInput, TurnResult,
+    ItemKind, NormalizedItem, Outcome, ProviderEvent, ProviderKind, ProviderSession, RunningTurn,
+    SessionConfig, TurnInput, TurnResult,
 };
 
 fn config(e: &E2eEnv, kind: ProviderKind) -> SessionConfig {
@@ -76,7 +78,11 @@ fn answer(events: &[ProviderEvent]) -> String {
 fn conversation_size(requests: &[serde_json::Value], from: usize) -> u64 {
     requests[from..]
         .iter()
-        .filter_map(|r| r.get("n_messages").or_else(|| r.get("n_input")).and_then(|n| n.as_u64()))
+        .filter_map(|r| {
+            r.get("n_messages")
+                .or_else(|| r.get("n_input"))
+                .and_then(|n| n.as_u64())
+        })
         .max()
         .unwrap_or(0)
 }
@@ -94,7 +100,10 @@ async fn plain_tool_and_resume(kind: ProviderKind) {
     let (ev1, r1) = drain(&mut t1).await;
     assert_eq!(r1.outcome, Outcome::Completed, "{kind}: {ev1:?}");
     assert!(answer(&ev1).contains("Hello from mock"), "{kind}: {ev1:?}");
-    assert!(r1.usage.input_tokens > 0 && r1.usage.output_tokens > 0, "{kind}: {r1:?}");
+    assert!(
+        r1.usage.input_tokens > 0 && r1.usage.output_tokens > 0,
+        "{kind}: {r1:?}"
+    );
     let session = s.session_id().expect("the CLI reported its session");
     let first_size = conversation_size(&mock.requests(), 0);
 
@@ -110,23 +119,40 @@ async fn plain_tool_and_resume(kind: ProviderKind) {
     let it = items(&ev2);
     match kind {
         ProviderKind::Claude => {
-            let call = it.iter().find(|i| i.kind == ItemKind::ToolCall).expect("tool call");
+            let call = it
+                .iter()
+                .find(|i| i.kind == ItemKind::ToolCall)
+                .expect("tool call");
             assert_eq!(call.tool.as_ref().unwrap().name, "Bash");
-            let res = it.iter().find(|i| i.kind == ItemKind::ToolResult).expect("tool result");
+            let res = it
+                .iter()
+                .find(|i| i.kind == ItemKind::ToolResult)
+                .expect("tool result");
             assert_eq!(res.tool.as_ref().unwrap().output.as_deref(), Some("hi"));
             assert_eq!(t1.pgid, t2.pgid, "one long-lived claude process");
         }
         ProviderKind::Codex => {
-            let cmd = it.iter().rev().find(|i| i.kind == ItemKind::Command).expect("command");
+            let cmd = it
+                .iter()
+                .rev()
+                .find(|i| i.kind == ItemKind::Command)
+                .expect("command");
             let tool = cmd.tool.as_ref().unwrap();
             assert_eq!(tool.exit_code, Some(0));
             assert_eq!(tool.output.as_deref(), Some("hi\n"));
             // Codex counts usage per thread; we report this turn's share.
-            assert!(r2.usage.input_tokens < r1.usage.input_tokens * 3, "{r1:?} {r2:?}");
+            assert!(
+                r2.usage.input_tokens < r1.usage.input_tokens * 3,
+                "{r1:?} {r2:?}"
+            );
         }
     }
     assert!(answer(&ev2).contains("hi"), "{kind}: {ev2:?}");
-    assert_eq!(s.session_id().as_deref(), Some(session.as_str()), "{kind}: same session");
+    assert_eq!(
+        s.session_id().as_deref(),
+        Some(session.as_str()),
+        "{kind}: same session"
+    );
     assert!(
         conversation_size(&mock.requests(), before) > first_size,
         "{kind}: the second turn carried the first turn's conversation"
@@ -143,7 +169,11 @@ async fn plain_tool_and_resume(kind: ProviderKind) {
     let mut t3 = s2.start_turn(prompt("and again")).await.unwrap();
     let (ev3, r3) = drain(&mut t3).await;
     assert_eq!(r3.outcome, Outcome::Completed, "{kind}: {ev3:?}");
-    assert_eq!(s2.session_id().as_deref(), Some(session.as_str()), "{kind}: resumed");
+    assert_eq!(
+        s2.session_id().as_deref(),
+        Some(session.as_str()),
+        "{kind}: resumed"
+    );
     assert!(
         conversation_size(&mock.requests(), before) > first_size,
         "{kind}: the resumed turn carried the earlier conversation"
@@ -164,7 +194,10 @@ async fn interrupt_slow_turn(kind: ProviderKind) {
                 .await
                 .expect("no output in time")
                 .expect("turn ended early");
-            assert!(!matches!(ev, ProviderEvent::Finished(_)), "finished early: {ev:?}");
+            assert!(
+                !matches!(ev, ProviderEvent::Finished(_)),
+                "finished early: {ev:?}"
+            );
             if matches!(ev, ProviderEvent::TextDelta { .. }) {
                 break;
             }
@@ -172,7 +205,10 @@ async fn interrupt_slow_turn(kind: ProviderKind) {
         ProviderKind::Codex => {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             while e.openai.requests().is_empty() {
-                assert!(tokio::time::Instant::now() < deadline, "codex never called the model");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "codex never called the model"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -19,6 +19,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::claude::{self, ClaudeFlags, ClaudeParser};
 use super::codex::{self, CodexParser};
@@ -102,6 +103,17 @@ impl Shared {
         }
         if codex_usage.is_some() {
             st.codex_usage = codex_usage;
+        }
+    }
+}
+
+impl Drop for Shared {
+    /// The session is gone (its chat dropped without `shutdown`): do not
+    /// leave its idle Claude process, or anything in its group, behind.
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = state.claude.take() {
+            let _ = process::signal_group(p.pgid, Signal::SIGKILL);
         }
     }
 }
@@ -399,7 +411,7 @@ async fn start_claude(
             Ok(()) => {
                 let ids = (p.pgid, p.start_time);
                 let shared = shared.clone();
-                tokio::spawn(drive_claude(shared, p, tx, int_rx));
+                tokio::spawn(drive_claude(shared, p, tx, int_rx).in_current_span());
                 return Ok(ids);
             }
             Err(e) => {
@@ -466,13 +478,13 @@ async fn drive_claude(
             }
             line = p.lines.next_line() => {
                 let events = match line {
-                    Ok(Some(Line::Text(s))) => {
-                        let events = claude::parse_line(&mut p.parser, s);
-                        if events.is_empty() && serde_json::from_str::<serde::de::IgnoredAny>(s).is_err() {
+                    Ok(Some(Line::Text(s))) => match serde_json::from_str(s) {
+                        Ok(v) => claude::parse_value(&mut p.parser, v),
+                        Err(_) => {
                             log_not_json(ProviderKind::Claude, s);
+                            continue;
                         }
-                        events
-                    }
+                    },
                     Ok(Some(other)) => {
                         log_skipped(ProviderKind::Claude, &other);
                         continue;
@@ -724,7 +736,7 @@ fn start_codex(
         pgid,
         _images: images_dir,
     };
-    tokio::spawn(drive_codex(shared.clone(), run, tx, int_rx));
+    tokio::spawn(drive_codex(shared.clone(), run, tx, int_rx).in_current_span());
     Ok((pgid, start_time))
 }
 
@@ -777,10 +789,13 @@ async fn drive_codex(
             line = r.lines.next_line() => {
                 match line {
                     Ok(Some(Line::Text(s))) => {
-                        let events = codex::parse_line(&mut r.parser, s);
-                        if events.is_empty() && serde_json::from_str::<serde::de::IgnoredAny>(s).is_err() {
-                            log_not_json(ProviderKind::Codex, s);
-                        }
+                        let events = match serde_json::from_str(s) {
+                            Ok(v) => codex::parse_value(&mut r.parser, v),
+                            Err(_) => {
+                                log_not_json(ProviderKind::Codex, s);
+                                Vec::new()
+                            }
+                        };
                         for ev in events {
                             match ev {
                                 // Held until the process has exited.

@@ -38,8 +38,12 @@ pub fn cli_bin(name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(&var) {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let mut candidates = vec![home.join(".cache/replicas-e2e/npm/node_modules/.bin").join(name)];
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let mut candidates = vec![home
+        .join(".cache/replicas-e2e/npm/node_modules/.bin")
+        .join(name)];
     if let Ok(dir) = std::fs::read_dir(home.join(".cache/replicas-engine-e2e")) {
         for e in dir.flatten() {
             candidates.push(e.path().join("node_modules/.bin").join(name));
@@ -48,7 +52,9 @@ pub fn cli_bin(name: &str) -> PathBuf {
     candidates
         .into_iter()
         .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{var} is not set and no cached {name} was found; run scripts/test.sh"))
+        .unwrap_or_else(|| {
+            panic!("{var} is not set and no cached {name} was found; run scripts/test.sh")
+        })
 }
 
 /// A mock model server (python) on a free loopback port; killed on drop.
@@ -63,7 +69,9 @@ impl MockServer {
     /// `script` is `mock_anthropic.py` or `mock_openai.py`; it runs in `dir`
     /// (where the CLIs write files in tool turns, it also logs there).
     pub async fn start(script: &str, dir: &Path) -> Self {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e").join(script);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/e2e")
+            .join(script);
         let log = dir.join(format!("{script}.log.jsonl"));
         let mut child = Command::new("python3")
             .arg(&path)
@@ -143,13 +151,18 @@ impl E2eEnv {
         );
         let codex_home = home.join(".codex");
         std::fs::create_dir_all(&codex_home).unwrap();
-        let template =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/codex_config.toml")).unwrap();
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/codex_config.toml"),
+        )
+        .unwrap();
         let config = template.replace(
             "http://127.0.0.1:18556/v1",
             &format!("http://127.0.0.1:{}/v1", openai.port),
         );
-        assert_ne!(config, template, "codex_config.toml no longer has the mock base_url to replace");
+        assert_ne!(
+            config, template,
+            "codex_config.toml no longer has the mock base_url to replace"
+        );
         std::fs::write(codex_home.join("config.toml"), config).unwrap();
         Self {
             _tmp: None,
@@ -168,7 +181,10 @@ impl E2eEnv {
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
             ("HOME".into(), self.home.display().to_string()),
-            ("ANTHROPIC_BASE_URL".into(), format!("http://127.0.0.1:{}", self.anthropic.port)),
+            (
+                "ANTHROPIC_BASE_URL".into(),
+                format!("http://127.0.0.1:{}", self.anthropic.port),
+            ),
             ("ANTHROPIC_API_KEY".into(), "sk-ant-mock".into()),
             ("CODEX_HOME".into(), self.codex_home.display().to_string()),
             ("MOCK_API_KEY".into(), "mock-key".into()),
