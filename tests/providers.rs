@@ -572,3 +572,33 @@ async fn a_dropped_consumer_does_not_wedge_the_session() {
     let (_, r) = drain(&mut t2).await;
     assert_eq!(r.outcome, Outcome::Completed);
 }
+
+#[tokio::test]
+async fn a_session_that_cannot_be_resumed_continues_in_a_new_one() {
+    for kind in KINDS {
+        let env = Env::new();
+        let mut cfg = env.config(kind);
+        cfg.resume_session_id = Some("0000-gone".into());
+        let mut s = ProviderSession::new(cfg);
+        let mut t = s.start_turn(prompt("hello")).await.unwrap();
+        let (ev, r) = drain(&mut t).await;
+        assert_eq!(r.outcome, Outcome::Completed, "{kind}: {ev:?}");
+        assert!(answer(&ev).contains("turn=1"), "{kind}: {ev:?}");
+        let note = items(&ev)
+            .into_iter()
+            .find(|i| i.kind == ItemKind::System)
+            .expect("a note");
+        assert!(note.text.as_deref().unwrap().contains("0000-gone"));
+        let fresh = s.session_id().unwrap();
+        assert_ne!(fresh, "0000-gone");
+        assert_eq!(
+            ev.iter().rev().find_map(|e| match e {
+                ProviderEvent::SessionId(id) => Some(id.clone()),
+                _ => None,
+            }),
+            Some(fresh),
+            "{kind}: the new id is the last one reported, so it gets persisted"
+        );
+        s.shutdown().await;
+    }
+}

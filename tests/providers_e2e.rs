@@ -5,7 +5,8 @@
 //!
 //! Covered for both CLIs: a plain turn, a tool turn, resume (the second
 //! turn's request carries the first turn's conversation, in the same process
-//! and after a respawn), and interrupt of a slow turn.
+//! and after a respawn), interrupt of a slow turn, and a session id the CLI
+//! does not know (the turn continues in a new session).
 
 // The shared harness re-exports what other test files use.
 #[allow(unused_imports)]
@@ -254,5 +255,35 @@ async fn claude_interrupt() {
 async fn codex_interrupt() {
     if e2e::enabled("codex_interrupt") {
         interrupt_slow_turn(ProviderKind::Codex).await;
+    }
+}
+
+async fn unknown_session_starts_fresh(kind: ProviderKind) {
+    let e = E2eEnv::start().await;
+    let mut cfg = config(&e, kind);
+    // A well-formed id that no session on this machine has.
+    cfg.resume_session_id = Some("01a20078-a686-7092-9ef4-b1cd29baafc8".into());
+    let mut s = ProviderSession::new(cfg);
+    let mut t = s.start_turn(prompt("hello")).await.unwrap();
+    let (ev, r) = drain(&mut t).await;
+    assert_eq!(r.outcome, Outcome::Completed, "{kind}: {ev:?}");
+    assert!(answer(&ev).contains("Hello from mock"));
+    assert!(items(&ev).iter().any(|i| i.kind == ItemKind::System));
+    let id = s.session_id().unwrap();
+    assert_ne!(id, "01a20078-a686-7092-9ef4-b1cd29baafc8", "{kind}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn claude_unknown_session_starts_fresh() {
+    if e2e::enabled("claude_unknown_session_starts_fresh") {
+        unknown_session_starts_fresh(ProviderKind::Claude).await;
+    }
+}
+
+#[tokio::test]
+async fn codex_unknown_session_starts_fresh() {
+    if e2e::enabled("codex_unknown_session_starts_fresh") {
+        unknown_session_starts_fresh(ProviderKind::Codex).await;
     }
 }

@@ -473,6 +473,11 @@ fn result_usage(v: &Value) -> Usage {
     }
 }
 
+/// Whether an error says the session to resume does not exist.
+pub fn is_missing_session(text: &str) -> bool {
+    text.contains("No conversation found with session ID")
+}
+
 /// Whether an error text reports bad or expired credentials.
 pub fn is_auth_failure(text: &str) -> bool {
     let t = text.to_ascii_lowercase();

@@ -419,6 +419,12 @@ fn turn_usage(p: &mut CodexParser, u: Option<&Value>) -> Usage {
     delta
 }
 
+/// Whether an error says the thread to resume does not exist.
+pub fn is_missing_thread(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("no rollout found") || t.contains("thread not found")
+}
+
 /// Whether an error text reports bad or expired credentials.
 pub fn is_auth_failure(text: &str) -> bool {
     let t = text.to_ascii_lowercase();

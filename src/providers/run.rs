@@ -10,6 +10,7 @@
 //! by whoever reacts to `Finished`, always finds the session idle.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -309,6 +310,8 @@ struct ClaudeProc {
     stderr: StderrTail,
     pgid: u32,
     start_time: Option<u64>,
+    /// Started with `--resume`.
+    resumed: bool,
 }
 
 impl ClaudeProc {
@@ -349,6 +352,7 @@ impl ClaudeProc {
             stderr,
             pgid,
             start_time: process::process_start_time(pgid),
+            resumed: resume.is_some(),
         })
     }
 
@@ -411,7 +415,7 @@ async fn start_claude(
             Ok(()) => {
                 let ids = (p.pgid, p.start_time);
                 let shared = shared.clone();
-                tokio::spawn(drive_claude(shared, p, tx, int_rx).in_current_span());
+                tokio::spawn(drive_claude(shared, p, message, tx, int_rx).in_current_span());
                 return Ok(ids);
             }
             Err(e) => {
@@ -432,6 +436,7 @@ async fn start_claude(
 async fn drive_claude(
     shared: Arc<Shared>,
     mut p: ClaudeProc,
+    message: String,
     tx: mpsc::Sender<ProviderEvent>,
     mut int_rx: mpsc::Receiver<oneshot::Sender<()>>,
 ) {
@@ -441,6 +446,7 @@ async fn drive_claude(
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let mut interrupt_deadline: Option<Instant> = None;
     let mut seq = 0u32;
+    let mut retried = false;
 
     // `None` while the turn runs; then the result and whether the process
     // is still usable.
@@ -514,6 +520,32 @@ async fn drive_claude(
                             emit(&tx, ProviderEvent::SessionId(id)).await;
                         }
                         other => emit(&tx, other).await,
+                    }
+                }
+                if let Some(Outcome::Failed { message: why, .. }) = finished.as_ref().map(|r| &r.outcome) {
+                    if p.resumed && !retried && interrupt_deadline.is_none() && claude::is_missing_session(why) {
+                        // The session to resume no longer exists (~/.claude
+                        // wiped, another machine): run the turn in a new
+                        // session rather than fail every turn of the chat.
+                        retried = true;
+                        let old = lock(&shared.state).session_id.take();
+                        tracing::warn!(session = ?old, "claude session not found; starting a new session");
+                        let fresh = match ClaudeProc::spawn(cfg, p.flags.clone(), None) {
+                            Ok(mut np) => np.send(&message).await.map(|()| np).map_err(ProviderError::Io),
+                            Err(e) => Err(e),
+                        };
+                        match fresh {
+                            Ok(np) => {
+                                let mut gone = std::mem::replace(&mut p, np);
+                                stop_group_fully(&mut gone.child, gone.pgid, cfg.kill_grace).await;
+                                emit(&tx, ProviderEvent::Item(session_lost_item(old.as_deref()))).await;
+                                continue;
+                            }
+                            Err(e) => {
+                                let outcome = Outcome::Failed { code: e.code().into(), message: e.to_string() };
+                                break (TurnResult { outcome, usage: Usage::default() }, false);
+                            }
+                        }
                     }
                 }
                 if let Some(mut r) = finished {
@@ -703,49 +735,76 @@ fn start_codex(
             image_files.push(path);
         }
     }
-    let mut cmd = process::command(&cfg.bin);
-    cmd.args(codex::build_args(&input, resume.as_deref(), &image_files))
-        .current_dir(&cfg.cwd)
-        .envs(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| ProviderError::Spawn {
-        bin: cfg.bin.display().to_string(),
-        source,
-    })?;
-    let pgid = child.id().unwrap_or(0);
-    let start_time = process::process_start_time(pgid);
-    let Some(stdout) = child.stdout.take() else {
-        return Err(ProviderError::Io(std::io::Error::other(
-            "codex stdout not piped",
-        )));
-    };
-    let stderr = StderrTail::drain(child.stderr.take(), ProviderKind::Codex);
-    tracing::info!(pgid, resume = resume.is_some(), "codex process started");
+    let proc = CodexProc::spawn(cfg, &input, resume.as_deref(), &image_files)?;
+    let ids = (proc.pgid, process::process_start_time(proc.pgid));
     let mut parser = CodexParser::new();
     parser.set_thread_usage(thread_usage);
     let run = CodexRun {
-        child,
-        lines: CappedLines::new(
-            BufReader::with_capacity(64 * 1024, stdout),
-            DEFAULT_MAX_LINE,
-        ),
+        proc,
         parser,
-        stderr,
-        pgid,
+        input,
+        image_files,
+        resumed: resume.is_some(),
         _images: images_dir,
     };
     tokio::spawn(drive_codex(shared.clone(), run, tx, int_rx).in_current_span());
-    Ok((pgid, start_time))
+    Ok(ids)
+}
+
+/// One running `codex exec`.
+struct CodexProc {
+    child: Child,
+    lines: CappedLines<BufReader<ChildStdout>>,
+    stderr: StderrTail,
+    pgid: u32,
+}
+
+impl CodexProc {
+    fn spawn(
+        cfg: &SessionConfig,
+        input: &TurnInput,
+        resume: Option<&str>,
+        image_files: &[PathBuf],
+    ) -> Result<Self, ProviderError> {
+        let mut cmd = process::command(&cfg.bin);
+        cmd.args(codex::build_args(input, resume, image_files))
+            .current_dir(&cfg.cwd)
+            .envs(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|source| ProviderError::Spawn {
+            bin: cfg.bin.display().to_string(),
+            source,
+        })?;
+        let pgid = child.id().unwrap_or(0);
+        let Some(stdout) = child.stdout.take() else {
+            return Err(ProviderError::Io(std::io::Error::other(
+                "codex stdout not piped",
+            )));
+        };
+        let stderr = StderrTail::drain(child.stderr.take(), ProviderKind::Codex);
+        tracing::info!(pgid, resume = resume.is_some(), "codex process started");
+        Ok(Self {
+            child,
+            lines: CappedLines::new(
+                BufReader::with_capacity(64 * 1024, stdout),
+                DEFAULT_MAX_LINE,
+            ),
+            stderr,
+            pgid,
+        })
+    }
 }
 
 struct CodexRun {
-    child: Child,
-    lines: CappedLines<BufReader<ChildStdout>>,
+    proc: CodexProc,
     parser: CodexParser,
-    stderr: StderrTail,
-    pgid: u32,
+    /// Kept to start the turn again in a fresh thread when the thread to
+    /// resume no longer exists.
+    input: TurnInput,
+    image_files: Vec<PathBuf>,
+    resumed: bool,
     /// Deleted when the turn ends.
     _images: Option<tempfile::TempDir>,
 }
@@ -762,14 +821,15 @@ async fn drive_codex(
     tokio::pin!(timeout);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let mut reported: Option<TurnResult> = None;
+    let mut retried = false;
 
     let result = loop {
         tokio::select! {
             biased;
             Some(done) = int_rx.recv() => {
                 waiters.push(done);
-                tracing::info!(pgid = r.pgid, "interrupting codex turn");
-                stop_group_fully(&mut r.child, r.pgid, cfg.kill_grace).await;
+                tracing::info!(pgid = r.proc.pgid, "interrupting codex turn");
+                stop_group_fully(&mut r.proc.child, r.proc.pgid, cfg.kill_grace).await;
                 let outcome = match reported.take() {
                     // It had already reported the end: keep that.
                     Some(done) => break done,
@@ -778,15 +838,15 @@ async fn drive_codex(
                 break TurnResult { outcome, usage: Usage::default() };
             }
             _ = &mut timeout => {
-                tracing::warn!(pgid = r.pgid, "codex turn timed out; stopping its group");
-                stop_group_fully(&mut r.child, r.pgid, cfg.kill_grace).await;
+                tracing::warn!(pgid = r.proc.pgid, "codex turn timed out; stopping its group");
+                stop_group_fully(&mut r.proc.child, r.proc.pgid, cfg.kill_grace).await;
                 let outcome = Outcome::Failed {
                     code: "timeout".into(),
                     message: format!("the turn ran longer than {} s", cfg.turn_timeout.as_secs()),
                 };
                 break TurnResult { outcome, usage: Usage::default() };
             }
-            line = r.lines.next_line() => {
+            line = r.proc.lines.next_line() => {
                 match line {
                     Ok(Some(Line::Text(s))) => {
                         let events = match serde_json::from_str(s) {
@@ -810,7 +870,30 @@ async fn drive_codex(
                     }
                     Ok(Some(other)) => log_skipped(ProviderKind::Codex, &other),
                     Ok(None) | Err(_) => {
-                        let status = reap(&mut r.child, cfg.kill_grace, cfg.kill_grace).await;
+                        let status = reap(&mut r.proc.child, cfg.kill_grace, cfg.kill_grace).await;
+                        if reported.is_none() && r.resumed && !retried && thread_is_gone(&r) {
+                            // The thread to resume no longer exists (CODEX_HOME
+                            // wiped, another machine): run the turn in a new
+                            // thread rather than fail every turn of the chat.
+                            retried = true;
+                            let old = lock(&shared.state).session_id.take();
+                            tracing::warn!(thread = ?old, "codex thread not found; starting a new thread");
+                            process::kill_group_stragglers(r.proc.pgid, cfg.kill_grace).await;
+                            match CodexProc::spawn(cfg, &r.input, None, &r.image_files) {
+                                Ok(p) => {
+                                    r.proc = p;
+                                    r.resumed = false;
+                                    r.parser = CodexParser::new();
+                                    r.parser.begin_turn();
+                                    emit(&tx, ProviderEvent::Item(session_lost_item(old.as_deref()))).await;
+                                    continue;
+                                }
+                                Err(e) => {
+                                    let outcome = Outcome::Failed { code: e.code().into(), message: e.to_string() };
+                                    break TurnResult { outcome, usage: Usage::default() };
+                                }
+                            }
+                        }
                         break match reported.take() {
                             Some(res) => res,
                             None => {
@@ -820,7 +903,7 @@ async fn drive_codex(
                                         message: codex::last_error(&r.parser).unwrap_or("authentication failed").to_string(),
                                     }
                                 } else {
-                                    let mut stderr = r.stderr.text();
+                                    let mut stderr = r.proc.stderr.text();
                                     if let Some(e) = codex::last_error(&r.parser) {
                                         stderr = format!("{e}\n{stderr}");
                                     }
@@ -838,14 +921,30 @@ async fn drive_codex(
         }
     };
     // The turn is over only when nothing of it runs any more.
-    process::kill_group_stragglers(r.pgid, cfg.kill_grace).await;
-    settle_group(r.pgid).await;
-    tracing::info!(pgid = r.pgid, outcome = ?result.outcome, "codex turn finished");
+    process::kill_group_stragglers(r.proc.pgid, cfg.kill_grace).await;
+    settle_group(r.proc.pgid).await;
+    tracing::info!(pgid = r.proc.pgid, outcome = ?result.outcome, "codex turn finished");
     shared.end_turn(None, r.parser.thread_usage());
     emit(&tx, ProviderEvent::Finished(result)).await;
     for w in waiters {
         let _ = w.send(());
     }
+}
+
+/// Whether a resumed codex failed because its thread does not exist.
+fn thread_is_gone(r: &CodexRun) -> bool {
+    codex::last_error(&r.parser).is_some_and(codex::is_missing_thread)
+        || codex::is_missing_thread(&r.proc.stderr.text())
+}
+
+/// The history note for a session that could not be resumed.
+fn session_lost_item(old: Option<&str>) -> super::NormalizedItem {
+    let mut item = super::NormalizedItem::new(super::ItemKind::System);
+    item.text = Some(format!(
+        "The previous agent session ({}) could not be resumed; continuing in a new session.",
+        old.unwrap_or("unknown")
+    ));
+    item
 }
 
 /// Base64 as clients send it (standard alphabet, padding optional);
