@@ -13,7 +13,10 @@ use std::collections::{HashMap, VecDeque};
 
 use serde_json::{json, Value};
 
-use super::{Image, ItemKind, NormalizedItem, Outcome, ProviderEvent, ToolInfo, TurnResult, Usage};
+use super::{
+    attach_raw, Image, ItemKind, NormalizedItem, Outcome, ProviderEvent, ToolInfo, TurnResult,
+    Usage,
+};
 
 /// The flags a Claude process is started with. Two turns can share one
 /// process only when these are equal (apart from `resume`).
@@ -165,7 +168,6 @@ pub fn parse_value(p: &mut ClaudeParser, v: Value) -> Vec<ProviderEvent> {
                 if sub == "compact_boundary" {
                     let mut item = NormalizedItem::new(ItemKind::System);
                     item.text = Some("Conversation compacted".into());
-                    item.raw = Some(v);
                     out.push(ProviderEvent::Item(item));
                 }
             }
@@ -176,6 +178,7 @@ pub fn parse_value(p: &mut ClaudeParser, v: Value) -> Vec<ProviderEvent> {
         "result" => result(p, &v, &mut out),
         _ => {}
     }
+    attach_raw(&mut out, v);
     out
 }
 
@@ -249,7 +252,6 @@ fn assistant(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
                     }
                     let mut item = NormalizedItem::new(ItemKind::Error);
                     item.text = Some(text.to_string());
-                    item.raw = Some(v.clone());
                     out.push(ProviderEvent::Item(item));
                     continue;
                 }
@@ -262,7 +264,6 @@ fn assistant(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
                 let mut item = NormalizedItem::new(ItemKind::AssistantMessage);
                 item.text = Some(text.to_string());
                 item.key = Some(key);
-                item.raw = Some(v.clone());
                 out.push(ProviderEvent::Item(item));
             }
             "thinking" | "redacted_thinking" => {
@@ -273,7 +274,6 @@ fn assistant(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
                 let mut item = NormalizedItem::new(ItemKind::Reasoning);
                 item.text = Some(text.to_string());
                 item.key = Some(format!("{msg_id}:thinking:{i}"));
-                item.raw = Some(v.clone());
                 out.push(ProviderEvent::Item(item));
             }
             "tool_use" | "server_tool_use" => {
@@ -289,7 +289,6 @@ fn assistant(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
                     exit_code: None,
                 });
                 item.key = Some(id.to_string());
-                item.raw = Some(v.clone());
                 out.push(ProviderEvent::Item(item));
             }
             _ => {}
@@ -328,7 +327,6 @@ fn user(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
                     exit_code: None,
                 });
                 item.key = Some(format!("result:{id}"));
-                item.raw = Some(v.clone());
                 out.push(ProviderEvent::Item(item));
             }
             "text" => {
@@ -338,7 +336,6 @@ fn user(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
                 if text.starts_with('[') {
                     let mut item = NormalizedItem::new(ItemKind::System);
                     item.text = Some(text.to_string());
-                    item.raw = Some(v.clone());
                     out.push(ProviderEvent::Item(item));
                 }
             }

@@ -5,6 +5,7 @@
 //! Usage: `replicas-bench [area ...]` (default: all areas).
 
 mod events;
+mod providers;
 
 use std::time::Duration;
 
@@ -15,6 +16,9 @@ async fn main() -> anyhow::Result<()> {
     let want = |area: &str| all || args.iter().any(|a| a == area);
     if want("events") {
         events::run().await?;
+    }
+    if want("providers") {
+        providers::run().await?;
     }
     Ok(())
 }
