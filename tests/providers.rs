@@ -428,6 +428,19 @@ async fn missing_binary_fails_the_turn_not_the_caller() {
         let (_, r) = drain(&mut t).await;
         assert_eq!(failed_code(&r), "spawn_failed", "{kind}");
         assert!(!s.is_busy());
+
+        // A working directory that vanished is named as such.
+        let mut cfg = env.config(kind);
+        cfg.cwd = env.path("gone");
+        let mut s = ProviderSession::new(cfg);
+        let mut t = s.start_turn(prompt("hi")).await.unwrap();
+        let (_, r) = drain(&mut t).await;
+        match &r.outcome {
+            Outcome::Failed { message, .. } => {
+                assert!(message.contains("working directory"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
 

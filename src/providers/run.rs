@@ -135,28 +135,45 @@ pub(super) async fn start_turn(
     let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
     let (int_tx, int_rx) = mpsc::channel(4);
     let interrupter = Interrupter { tx: int_tx };
-    lock(&shared.state).current = Some(interrupter.clone());
+    {
+        let mut st = lock(&shared.state);
+        st.current = Some(interrupter.clone());
+        // A session that was shut down may be used again (e.g. after an
+        // interrupt with clearQueue); it simply starts fresh processes.
+        st.closed = false;
+    }
 
-    let started = match shared.cfg.kind {
-        ProviderKind::Claude => {
-            start_claude(
+    // A missing cwd would surface as a confusing "could not start <bin>".
+    let started = if !shared.cfg.cwd.is_dir() {
+        Err(ProviderError::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "the chat's working directory {} does not exist",
+                shared.cfg.cwd.display()
+            ),
+        )))
+    } else {
+        match shared.cfg.kind {
+            ProviderKind::Claude => {
+                start_claude(
+                    shared,
+                    input,
+                    resume,
+                    idle_claude,
+                    events_tx.clone(),
+                    int_rx,
+                )
+                .await
+            }
+            ProviderKind::Codex => start_codex(
                 shared,
                 input,
                 resume,
-                idle_claude,
+                codex_usage,
                 events_tx.clone(),
                 int_rx,
-            )
-            .await
+            ),
         }
-        ProviderKind::Codex => start_codex(
-            shared,
-            input,
-            resume,
-            codex_usage,
-            events_tx.clone(),
-            int_rx,
-        ),
     };
     match started {
         Ok((pgid, start_time)) => Ok(RunningTurn {
