@@ -34,6 +34,8 @@ use crate::process;
 /// Events buffered between a driver and its consumer; the driver waits
 /// (and so stops reading the CLI's stdout) when the consumer lags.
 const EVENT_BUFFER: usize = 256;
+/// Upper bound for configured waits: `Instant + Duration` must not overflow.
+const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How much of a CLI's stderr is kept for the error message of a turn.
 const STDERR_TAIL_LINES: usize = 20;
 
@@ -458,7 +460,7 @@ async fn drive_claude(
     mut int_rx: mpsc::Receiver<oneshot::Sender<()>>,
 ) {
     let cfg = &shared.cfg;
-    let timeout = tokio::time::sleep(cfg.turn_timeout);
+    let timeout = tokio::time::sleep(cfg.turn_timeout.min(MAX_WAIT));
     tokio::pin!(timeout);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let mut interrupt_deadline: Option<Instant> = None;
@@ -482,7 +484,7 @@ async fn drive_claude(
                     if let Err(e) = p.send(&line).await {
                         tracing::debug!(error = %e, "interrupt request not delivered");
                     }
-                    interrupt_deadline = Some(Instant::now() + cfg.interrupt_grace);
+                    interrupt_deadline = Some(Instant::now() + cfg.interrupt_grace.min(MAX_WAIT));
                 }
             }
             _ = int_sleep, if interrupt_deadline.is_some() => {
@@ -834,7 +836,7 @@ async fn drive_codex(
     mut int_rx: mpsc::Receiver<oneshot::Sender<()>>,
 ) {
     let cfg = &shared.cfg;
-    let timeout = tokio::time::sleep(cfg.turn_timeout);
+    let timeout = tokio::time::sleep(cfg.turn_timeout.min(MAX_WAIT));
     tokio::pin!(timeout);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let mut reported: Option<TurnResult> = None;
