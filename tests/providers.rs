@@ -615,3 +615,26 @@ async fn a_session_that_cannot_be_resumed_continues_in_a_new_one() {
         s.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_reader_may_await_interrupt_without_draining() {
+    // Thousands of events are queued and nobody reads them while the
+    // interrupt is awaited: the driver must not wait on the reader.
+    for kind in KINDS {
+        let env = Env::new();
+        let mut cfg = env.config(kind);
+        cfg.interrupt_grace = Duration::from_millis(300);
+        let mut s = ProviderSession::new(cfg);
+        let mut t = s
+            .start_turn(prompt("FAKE_LINES=5000 FAKE_HANG"))
+            .await
+            .unwrap();
+        first_item(&mut t).await;
+        tokio::time::timeout(Duration::from_secs(20), t.interrupter().interrupt())
+            .await
+            .expect("interrupt returned");
+        let (_, r) = drain(&mut t).await;
+        assert_eq!(r.outcome, Outcome::Interrupted, "{kind}");
+        s.shutdown().await;
+    }
+}

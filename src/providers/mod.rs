@@ -292,7 +292,9 @@ pub struct ProviderSession {
 
 /// A turn in progress: read `events` until [`ProviderEvent::Finished`].
 pub struct RunningTurn {
-    pub events: mpsc::Receiver<ProviderEvent>,
+    /// Unbounded: the driver never waits for the reader, so a reader may
+    /// await [`Interrupter::interrupt`] without draining first.
+    pub events: mpsc::UnboundedReceiver<ProviderEvent>,
     /// Process group of the process running this turn; record it (with
     /// `start_time`) so a later engine can end strays
     /// ([`crate::process::kill_recorded_group`]).

@@ -31,9 +31,6 @@ use super::{
 };
 use crate::process;
 
-/// Events buffered between a driver and its consumer; the driver waits
-/// (and so stops reading the CLI's stdout) when the consumer lags.
-const EVENT_BUFFER: usize = 256;
 /// Upper bound for configured waits: `Instant + Duration` must not overflow.
 const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How much of a CLI's stderr is kept for the error message of a turn.
@@ -134,7 +131,11 @@ pub(super) async fn start_turn(
         st.busy = true;
         (st.session_id.clone(), st.claude.take(), st.codex_usage)
     };
-    let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+    // Unbounded on purpose: a driver must never block on a consumer that is
+    // itself waiting for `interrupt()` to return, or the two would wait on
+    // each other. What is queued is bounded by what the CLI printed in this
+    // turn, and the consumer is in-process.
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (int_tx, int_rx) = mpsc::channel(4);
     let interrupter = Interrupter { tx: int_tx };
     {
@@ -192,7 +193,7 @@ pub(super) async fn start_turn(
                 code: e.code().into(),
                 message: e.to_string(),
             };
-            let _ = events_tx.try_send(ProviderEvent::Finished(TurnResult {
+            let _ = events_tx.send(ProviderEvent::Finished(TurnResult {
                 outcome,
                 usage: Usage::default(),
             }));
@@ -285,8 +286,8 @@ fn exited_message(who: &str, status: Option<ExitStatus>, stderr: &str) -> String
 
 /// Forward an event; a consumer that went away does not stop the turn (it
 /// must still be driven to its end so the session stays consistent).
-async fn emit(tx: &mpsc::Sender<ProviderEvent>, ev: ProviderEvent) {
-    let _ = tx.send(ev).await;
+async fn emit(tx: &mpsc::UnboundedSender<ProviderEvent>, ev: ProviderEvent) {
+    let _ = tx.send(ev);
 }
 
 fn log_skipped(provider: ProviderKind, line: &Line<'_>) {
@@ -404,7 +405,7 @@ async fn start_claude(
     input: TurnInput,
     resume: Option<String>,
     idle: Option<ClaudeProc>,
-    tx: mpsc::Sender<ProviderEvent>,
+    tx: mpsc::UnboundedSender<ProviderEvent>,
     int_rx: mpsc::Receiver<oneshot::Sender<()>>,
 ) -> Result<(u32, Option<u64>), ProviderError> {
     let cfg = &shared.cfg;
@@ -456,7 +457,7 @@ async fn drive_claude(
     shared: Arc<Shared>,
     mut p: ClaudeProc,
     message: String,
-    tx: mpsc::Sender<ProviderEvent>,
+    tx: mpsc::UnboundedSender<ProviderEvent>,
     mut int_rx: mpsc::Receiver<oneshot::Sender<()>>,
 ) {
     let cfg = &shared.cfg;
@@ -720,7 +721,7 @@ fn start_codex(
     input: TurnInput,
     resume: Option<String>,
     thread_usage: Option<Usage>,
-    tx: mpsc::Sender<ProviderEvent>,
+    tx: mpsc::UnboundedSender<ProviderEvent>,
     int_rx: mpsc::Receiver<oneshot::Sender<()>>,
 ) -> Result<(u32, Option<u64>), ProviderError> {
     let cfg = &shared.cfg;
@@ -832,7 +833,7 @@ struct CodexRun {
 async fn drive_codex(
     shared: Arc<Shared>,
     mut r: CodexRun,
-    tx: mpsc::Sender<ProviderEvent>,
+    tx: mpsc::UnboundedSender<ProviderEvent>,
     mut int_rx: mpsc::Receiver<oneshot::Sender<()>>,
 ) {
     let cfg = &shared.cfg;
