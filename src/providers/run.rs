@@ -504,8 +504,8 @@ async fn drive_claude(
             }
             line = p.lines.next_line() => {
                 let events = match line {
-                    Ok(Some(Line::Text(s))) => match serde_json::from_str(s) {
-                        Ok(v) => claude::parse_value(&mut p.parser, v),
+                    Ok(Some(Line::Text(s))) => match claude::try_parse_line(&mut p.parser, s) {
+                        Ok(events) => events,
                         Err(_) => {
                             log_not_json(ProviderKind::Claude, s);
                             continue;
