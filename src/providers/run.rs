@@ -131,6 +131,12 @@ pub(super) async fn start_turn(
         st.busy = true;
         (st.session_id.clone(), st.claude.take(), st.codex_usage)
     };
+    // If this future is dropped before a driver owns the turn (a caller's
+    // select!, a runtime shutting down), the session must not stay busy.
+    let mut guard = BusyGuard {
+        shared,
+        armed: true,
+    };
     // Unbounded on purpose: a driver must never block on a consumer that is
     // itself waiting for `interrupt()` to return, or the two would wait on
     // each other. What is queued is bounded by what the CLI printed in this
@@ -178,6 +184,8 @@ pub(super) async fn start_turn(
             ),
         }
     };
+    // From here on the driver (or the error path below) ends the turn.
+    guard.armed = false;
     match started {
         Ok((pgid, start_time)) => Ok(RunningTurn {
             events: events_rx,
@@ -203,6 +211,20 @@ pub(super) async fn start_turn(
                 start_time: None,
                 interrupter,
             })
+        }
+    }
+}
+
+/// Marks the session idle again unless disarmed; see [`start_turn`].
+struct BusyGuard<'a> {
+    shared: &'a Shared,
+    armed: bool,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.end_turn(None, None);
         }
     }
 }
