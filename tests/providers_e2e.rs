@@ -6,7 +6,8 @@
 //! Covered for both CLIs: a plain turn, a tool turn, resume (the second
 //! turn's request carries the first turn's conversation, in the same process
 //! and after a respawn), interrupt of a slow turn, and a session id the CLI
-//! does not know (the turn continues in a new session).
+//! does not know (the turn continues in a new session), and the turn options
+//! (plan mode, effort, model, system prompt) accepted by the real CLIs.
 
 // The shared harness re-exports what other test files use.
 #[allow(unused_imports)]
@@ -285,5 +286,57 @@ async fn claude_unknown_session_starts_fresh() {
 async fn codex_unknown_session_starts_fresh() {
     if e2e::enabled("codex_unknown_session_starts_fresh") {
         unknown_session_starts_fresh(ProviderKind::Codex).await;
+    }
+}
+
+/// Plan mode, an effort level, a model and a system prompt: the real CLI
+/// accepts the flags we build, and the system prompt reaches the model.
+async fn turn_options(kind: ProviderKind) {
+    let e = E2eEnv::start().await;
+    let mut s = ProviderSession::new(config(&e, kind));
+    let input = TurnInput {
+        prompt: "hello with options".into(),
+        plan_mode: true,
+        thinking_level: Some("high".into()),
+        system_prompt: Some("Always mention REPLICAS_SYS_MARKER.".into()),
+        model: Some(match kind {
+            ProviderKind::Claude => "claude-sonnet-4-5".into(),
+            ProviderKind::Codex => "gpt-5.5".into(),
+        }),
+        ..TurnInput::default()
+    };
+    let mut t = s.start_turn(input).await.unwrap();
+    let (ev, r) = drain(&mut t).await;
+    assert_eq!(r.outcome, Outcome::Completed, "{kind}: {ev:?}");
+    let requests = match kind {
+        ProviderKind::Claude => e.anthropic.requests(),
+        ProviderKind::Codex => e.openai.requests(),
+    };
+    let last = requests.last().expect("a model request");
+    assert_eq!(
+        last["model"],
+        match kind {
+            ProviderKind::Claude => "claude-sonnet-4-5",
+            ProviderKind::Codex => "gpt-5.5",
+        }
+    );
+    if kind == ProviderKind::Claude {
+        // The mock logs the end of the system prompt, where ours is appended.
+        assert!(last.to_string().contains("REPLICAS_SYS_MARKER"), "{last}");
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn claude_turn_options() {
+    if e2e::enabled("claude_turn_options") {
+        turn_options(ProviderKind::Claude).await;
+    }
+}
+
+#[tokio::test]
+async fn codex_turn_options() {
+    if e2e::enabled("codex_turn_options") {
+        turn_options(ProviderKind::Codex).await;
     }
 }
