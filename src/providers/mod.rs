@@ -286,6 +286,11 @@ impl ProviderError {
 /// died or when the turn needs other process flags (model, plan mode,
 /// effort, system prompt); Codex spawns one `codex exec` (or `exec resume`)
 /// per turn. One turn at a time.
+///
+/// A session id the CLI no longer knows (its files are gone) does not wedge
+/// the chat: the turn is re-run once in a new session, a `system` item says
+/// so, and the new id arrives as [`ProviderEvent::SessionId`]. The process
+/// group then differs from [`RunningTurn::pgid`] for the rest of that turn.
 pub struct ProviderSession {
     inner: Arc<run::Shared>,
 }
