@@ -638,3 +638,19 @@ async fn a_reader_may_await_interrupt_without_draining() {
         s.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn an_unreadable_claude_result_still_ends_the_turn() {
+    let env = Env::new();
+    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
+    let mut t = s.start_turn(prompt("FAKE_HUGE_RESULT")).await.unwrap();
+    let (_, r) = drain(&mut t).await;
+    assert_eq!(failed_code(&r), "output_too_large");
+    // The process is fine and serves the next turn.
+    let mut t2 = s.start_turn(prompt("next")).await.unwrap();
+    let (ev2, r2) = drain(&mut t2).await;
+    assert_eq!(r2.outcome, Outcome::Completed);
+    assert!(answer(&ev2).contains("turn=2"));
+    assert_eq!(t.pgid, t2.pgid);
+    s.shutdown().await;
+}

@@ -314,14 +314,25 @@ async fn emit(tx: &mpsc::UnboundedSender<ProviderEvent>, ev: ProviderEvent) {
 
 fn log_skipped(provider: ProviderKind, line: &Line<'_>) {
     match line {
-        Line::TooLong { len } => {
-            tracing::warn!(provider = %provider, bytes = len, "skipped an over-long provider line")
+        Line::TooLong { len, head } => {
+            let head = String::from_utf8_lossy(&head[..head.len().min(80)]);
+            tracing::warn!(provider = %provider, bytes = len, head = %head, "skipped an over-long provider line")
         }
         Line::NotUtf8 { len } => {
             tracing::warn!(provider = %provider, bytes = len, "skipped a non-UTF-8 provider line")
         }
         Line::Text(_) => {}
     }
+}
+
+/// Whether the start of a Claude line is a `result` event.
+fn is_result_head(head: &[u8]) -> bool {
+    let compact: Vec<u8> = head
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    compact.starts_with(br#"{"type":"result""#)
 }
 
 fn log_not_json(provider: ProviderKind, line: &str) {
@@ -535,6 +546,17 @@ async fn drive_claude(
                     },
                     Ok(Some(other)) => {
                         log_skipped(ProviderKind::Claude, &other);
+                        // A result we cannot read still ends the turn; waiting
+                        // for another would hang it until the timeout.
+                        if let Line::TooLong { head, .. } = other {
+                            if is_result_head(head) {
+                                let outcome = Outcome::Failed {
+                                    code: "output_too_large".into(),
+                                    message: "claude's result line was too large to read".into(),
+                                };
+                                break (TurnResult { outcome, usage: Usage::default() }, true);
+                            }
+                        }
                         continue;
                     }
                     Ok(None) | Err(_) => {
