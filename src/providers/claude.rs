@@ -9,11 +9,15 @@
 //! `--include-partial-messages` `stream_event` lines carry text deltas; a
 //! `result` line ends the turn, success read from `subtype` + `is_error`.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 
 use serde_json::{json, Value};
 
-use super::{Image, ItemKind, NormalizedItem, Outcome, ProviderEvent, ToolInfo, TurnResult, Usage};
+use super::{
+    attach_raw, Image, ItemKind, NormalizedItem, Outcome, ProviderEvent, ToolInfo, TurnResult,
+    Usage,
+};
 
 /// The flags a Claude process is started with. Two turns can share one
 /// process only when these are equal (apart from `resume`).
@@ -144,10 +148,77 @@ impl ClaudeParser {
 /// Parse one stdout line. Unknown types and fields yield nothing; a line
 /// that is not JSON yields nothing (the caller logs it).
 pub fn parse_line(p: &mut ClaudeParser, line: &str) -> Vec<ProviderEvent> {
-    let Ok(v) = serde_json::from_str::<Value>(line) else {
-        return Vec::new();
-    };
-    parse_value(p, v)
+    try_parse_line(p, line).unwrap_or_default()
+}
+
+/// [`parse_line`], telling a line that is not JSON (`Err`) from one that
+/// yields nothing.
+///
+/// `stream_event` lines (most of a streamed turn: one per text delta) take a
+/// typed fast path that borrows from the line and skips what it does not
+/// need, instead of building a full JSON tree.
+pub fn try_parse_line(
+    p: &mut ClaudeParser,
+    line: &str,
+) -> Result<Vec<ProviderEvent>, serde_json::Error> {
+    let head = &line.as_bytes()[..line.len().min(48)];
+    if memchr::memmem::find(head, b"\"stream_event\"").is_some() {
+        match serde_json::from_str::<StreamLine<'_>>(line) {
+            Ok(l) if l.kind == "stream_event" => {
+                let mut out = Vec::new();
+                stream_event(p, l, &mut out);
+                return Ok(out);
+            }
+            _ => {} // not what it looked like: the general path decides
+        }
+    }
+    let v = serde_json::from_str::<Value>(line)?;
+    Ok(parse_value(p, v))
+}
+
+/// The parts of a `stream_event` line we read.
+#[derive(serde::Deserialize)]
+struct StreamLine<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    event: StreamEvent<'a>,
+    #[serde(default)]
+    parent_tool_use_id: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default)]
+    index: u64,
+    #[serde(default, borrow)]
+    delta: Option<StreamDelta<'a>>,
+    #[serde(default, borrow)]
+    content_block: Option<Typed<'a>>,
+    #[serde(default, borrow)]
+    message: Option<StreamMessage<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamDelta<'a> {
+    #[serde(rename = "type", default, borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Typed<'a> {
+    #[serde(rename = "type", default, borrow)]
+    kind: Cow<'a, str>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamMessage<'a> {
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
 }
 
 /// [`parse_line`] for an already parsed line.
@@ -165,17 +236,24 @@ pub fn parse_value(p: &mut ClaudeParser, v: Value) -> Vec<ProviderEvent> {
                 if sub == "compact_boundary" {
                     let mut item = NormalizedItem::new(ItemKind::System);
                     item.text = Some("Conversation compacted".into());
-                    item.raw = Some(v);
                     out.push(ProviderEvent::Item(item));
                 }
             }
         }
-        "stream_event" => stream_event(p, &v, &mut out),
+        // Lines the fast path did not take (other key order or spacing).
+        // Rare: the fast path in `try_parse_line` takes the CLI's own key order.
+        "stream_event" => {
+            let text = v.to_string();
+            if let Ok(l) = serde_json::from_str::<StreamLine<'_>>(&text) {
+                stream_event(p, l, &mut out);
+            }
+        }
         "assistant" => assistant(p, &v, &mut out),
         "user" => user(p, &v, &mut out),
         "result" => result(p, &v, &mut out),
         _ => {}
     }
+    attach_raw(&mut out, v);
     out
 }
 
@@ -183,44 +261,34 @@ fn str_field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
     v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
-fn stream_event(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
+fn stream_event(p: &mut ClaudeParser, l: StreamLine<'_>, out: &mut Vec<ProviderEvent>) {
     // Deltas of sub-agents (parent_tool_use_id set) are not streamed; their
     // final lines still arrive.
-    if v.get("parent_tool_use_id").is_some_and(|x| !x.is_null()) {
+    if l.parent_tool_use_id.is_some() {
         return;
     }
-    let Some(ev) = v.get("event") else { return };
-    match ev.get("type").and_then(Value::as_str).unwrap_or("") {
+    let ev = l.event;
+    match &*ev.kind {
         "message_start" => {
-            p.stream_msg = ev
-                .pointer("/message/id")
-                .and_then(Value::as_str)
-                .map(str::to_string);
+            p.stream_msg = ev.message.and_then(|m| m.id).map(Cow::into_owned);
             p.streamed_text_keys.clear();
             p.block_keys.clear();
         }
-        "content_block_start" => {
-            let idx = ev.get("index").and_then(Value::as_u64).unwrap_or(0);
-            let kind = ev.pointer("/content_block/type").and_then(Value::as_str);
-            if kind == Some("text") {
-                let key = format!("{}:{idx}", p.stream_msg.as_deref().unwrap_or("msg"));
-                p.block_keys.insert(idx, key.clone());
-                p.streamed_text_keys.push_back(key);
-            }
+        "content_block_start" if ev.content_block.is_some_and(|b| b.kind == "text") => {
+            let key = format!("{}:{}", p.stream_msg.as_deref().unwrap_or("msg"), ev.index);
+            p.block_keys.insert(ev.index, key.clone());
+            p.streamed_text_keys.push_back(key);
         }
         "content_block_delta" => {
-            let idx = ev.get("index").and_then(Value::as_u64).unwrap_or(0);
-            if ev.pointer("/delta/type").and_then(Value::as_str) == Some("text_delta") {
-                let text = ev
-                    .pointer("/delta/text")
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                if let (Some(key), false) = (p.block_keys.get(&idx), text.is_empty()) {
-                    out.push(ProviderEvent::TextDelta {
-                        item_key: key.clone(),
-                        text: text.to_string(),
-                    });
-                }
+            let Some(delta) = ev.delta.filter(|d| d.kind == "text_delta") else {
+                return;
+            };
+            let text = delta.text.unwrap_or_default();
+            if let (Some(key), false) = (p.block_keys.get(&ev.index), text.is_empty()) {
+                out.push(ProviderEvent::TextDelta {
+                    item_key: key.clone(),
+                    text: text.into_owned(),
+                });
             }
         }
         _ => {}
@@ -249,7 +317,6 @@ fn assistant(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
                     }
                     let mut item = NormalizedItem::new(ItemKind::Error);
                     item.text = Some(text.to_string());
-                    item.raw = Some(v.clone());
                     out.push(ProviderEvent::Item(item));
                     continue;
                 }
@@ -262,7 +329,6 @@ fn assistant(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
                 let mut item = NormalizedItem::new(ItemKind::AssistantMessage);
                 item.text = Some(text.to_string());
                 item.key = Some(key);
-                item.raw = Some(v.clone());
                 out.push(ProviderEvent::Item(item));
             }
             "thinking" | "redacted_thinking" => {
@@ -273,7 +339,6 @@ fn assistant(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
                 let mut item = NormalizedItem::new(ItemKind::Reasoning);
                 item.text = Some(text.to_string());
                 item.key = Some(format!("{msg_id}:thinking:{i}"));
-                item.raw = Some(v.clone());
                 out.push(ProviderEvent::Item(item));
             }
             "tool_use" | "server_tool_use" => {
@@ -289,7 +354,6 @@ fn assistant(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
                     exit_code: None,
                 });
                 item.key = Some(id.to_string());
-                item.raw = Some(v.clone());
                 out.push(ProviderEvent::Item(item));
             }
             _ => {}
@@ -328,7 +392,6 @@ fn user(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
                     exit_code: None,
                 });
                 item.key = Some(format!("result:{id}"));
-                item.raw = Some(v.clone());
                 out.push(ProviderEvent::Item(item));
             }
             "text" => {
@@ -338,7 +401,6 @@ fn user(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
                 if text.starts_with('[') {
                     let mut item = NormalizedItem::new(ItemKind::System);
                     item.text = Some(text.to_string());
-                    item.raw = Some(v.clone());
                     out.push(ProviderEvent::Item(item));
                 }
             }
@@ -398,14 +460,17 @@ fn result(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
         Outcome::Completed
     } else {
         let message = result_message(v);
-        let auth = p.auth_failed
+        // Reported once per turn: the assistant line may have done it.
+        let already = p.auth_failed;
+        let auth = already
             || v.get("api_error_status").and_then(Value::as_u64) == Some(401)
             || is_auth_failure(&message);
-        p.auth_failed = false;
         if auth {
-            out.push(ProviderEvent::AuthFailure {
-                message: message.clone(),
-            });
+            if !already {
+                out.push(ProviderEvent::AuthFailure {
+                    message: message.clone(),
+                });
+            }
             Outcome::Failed {
                 code: "auth_expired".into(),
                 message,
@@ -420,6 +485,7 @@ fn result(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
         }
     };
     // A new turn starts a new message stream.
+    p.auth_failed = false;
     p.streamed_text_keys.clear();
     p.block_keys.clear();
     out.push(ProviderEvent::Finished(TurnResult { outcome, usage }));
@@ -467,6 +533,11 @@ fn result_usage(v: &Value) -> Usage {
         cached_input_tokens: cached,
         cost_usd: v.get("total_cost_usd").and_then(Value::as_f64),
     }
+}
+
+/// Whether an error says the session to resume does not exist.
+pub fn is_missing_session(text: &str) -> bool {
+    text.contains("No conversation found with session ID")
 }
 
 /// Whether an error text reports bad or expired credentials.
@@ -687,6 +758,29 @@ mod tests {
             .collect();
         assert_eq!(texts.len(), 2);
         assert_eq!(texts[1].key.as_deref(), Some(keys[6]));
+    }
+
+    #[test]
+    fn stream_events_parse_the_same_whatever_the_spacing() {
+        let path = format!(
+            "{}/tests/fixtures/claude/partial.jsonl",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (mut a, mut b) = (ClaudeParser::new(), ClaudeParser::new());
+        for line in text.lines() {
+            // Python's json.dumps style: spaces after separators.
+            let v: Value = serde_json::from_str(line).unwrap();
+            let spaced = serde_json::to_string_pretty(&v).unwrap().replace('\n', "");
+            assert_eq!(parse_line(&mut a, line), parse_line(&mut b, &spaced));
+        }
+        // A line that mentions stream_event but is something else.
+        let odd = r#"{"type":"assistant","note":"stream_event","message":{"id":"m","content":[{"type":"text","text":"x"}]}}"#;
+        assert!(matches!(
+            &parse_line(&mut a, odd)[..],
+            [ProviderEvent::Item(_)]
+        ));
+        assert!(try_parse_line(&mut a, "{\"type\":\"stream_event\"").is_err());
     }
 
     #[test]

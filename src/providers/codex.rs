@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use super::{
-    ItemKind, NormalizedItem, Outcome, ProviderEvent, ToolInfo, TurnInput, TurnResult, Usage,
+    attach_raw, ItemKind, NormalizedItem, Outcome, ProviderEvent, ToolInfo, TurnInput, TurnResult,
+    Usage,
 };
 
 /// Arguments for one `codex exec` turn. `image_files` are the turn's images
@@ -168,7 +169,7 @@ pub fn parse_value(p: &mut CodexParser, v: Value) -> Vec<ProviderEvent> {
                     if n.kind == ItemKind::Error {
                         note_error(p, n.text.as_deref().unwrap_or(""), &mut out);
                     }
-                    out.push(ProviderEvent::Item(with_raw(n, &v)));
+                    out.push(ProviderEvent::Item(n));
                 }
             }
         }
@@ -217,10 +218,11 @@ pub fn parse_value(p: &mut CodexParser, v: Value) -> Vec<ProviderEvent> {
             note_error(p, &message, &mut out);
             let mut item = NormalizedItem::new(ItemKind::Error);
             item.text = Some(message);
-            out.push(ProviderEvent::Item(with_raw(item, &v)));
+            out.push(ProviderEvent::Item(item));
         }
         _ => {}
     }
+    attach_raw(&mut out, v);
     out
 }
 
@@ -244,11 +246,6 @@ pub fn saw_auth_failure(p: &CodexParser) -> bool {
 /// The last error message of the turn, if any.
 pub fn last_error(p: &CodexParser) -> Option<&str> {
     p.last_error.as_deref()
-}
-
-fn with_raw(mut item: NormalizedItem, raw: &Value) -> NormalizedItem {
-    item.raw = Some(raw.clone());
-    item
 }
 
 /// One Codex item → a normalized item; `None` for items not worth a history
@@ -417,6 +414,12 @@ fn turn_usage(p: &mut CodexParser, u: Option<&Value>) -> Usage {
         };
     p.thread_usage = Some(total);
     delta
+}
+
+/// Whether an error says the thread to resume does not exist.
+pub fn is_missing_thread(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("no rollout found") || t.contains("thread not found")
 }
 
 /// Whether an error text reports bad or expired credentials.

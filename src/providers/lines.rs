@@ -11,7 +11,9 @@ pub enum Line<'a> {
     /// A complete line without its trailing `\n` (and `\r`).
     Text(&'a str),
     /// A line longer than the cap, skipped; `len` bytes were discarded.
-    TooLong { len: usize },
+    /// `head` is its first bytes (up to [`HEAD_BYTES`]), enough to tell
+    /// what kind of event it was.
+    TooLong { len: usize, head: &'a [u8] },
     /// A line that is not UTF-8, skipped.
     NotUtf8 { len: usize },
 }
@@ -30,7 +32,12 @@ pub struct CappedLines<R> {
     in_line: bool,
     /// The previous call returned a line: clear before reading the next.
     returned: bool,
+    /// The first bytes of an over-long line.
+    head: Vec<u8>,
 }
+
+/// How much of an over-long line is kept to identify it.
+pub const HEAD_BYTES: usize = 256;
 
 /// The default cap: generous for any real JSON event, small enough to bound
 /// memory per chat.
@@ -45,6 +52,7 @@ impl<R: AsyncBufRead + Unpin> CappedLines<R> {
             discarded: 0,
             in_line: false,
             returned: false,
+            head: Vec::with_capacity(HEAD_BYTES),
         }
     }
 
@@ -56,6 +64,7 @@ impl<R: AsyncBufRead + Unpin> CappedLines<R> {
             self.discarded = 0;
             self.in_line = false;
             self.returned = false;
+            self.head.clear();
         }
         loop {
             // `fill_buf` is cancel-safe; everything after it runs without an
@@ -76,8 +85,16 @@ impl<R: AsyncBufRead + Unpin> CappedLines<R> {
             if self.discarded == 0 && self.buf.len() + take <= self.max {
                 self.buf.extend_from_slice(&chunk[..take]);
             } else {
-                // Over the cap: drop what we held and count the rest.
-                self.discarded += self.buf.len() + take;
+                // Over the cap: keep the head, drop the rest and count it.
+                if self.discarded == 0 {
+                    self.buf.extend_from_slice(&chunk[..take.min(HEAD_BYTES)]);
+                    let n = self.buf.len().min(HEAD_BYTES);
+                    self.head.extend_from_slice(&self.buf[..n]);
+                    self.discarded = self.buf.len().saturating_sub(take.min(HEAD_BYTES));
+                    self.discarded += take;
+                } else {
+                    self.discarded += take;
+                }
                 self.buf.clear();
             }
             self.reader.consume(done);
@@ -89,6 +106,7 @@ impl<R: AsyncBufRead + Unpin> CappedLines<R> {
         if self.discarded > 0 {
             return Ok(Some(Line::TooLong {
                 len: self.discarded,
+                head: &self.head,
             }));
         }
         if self.buf.last() == Some(&b'\r') {
@@ -114,7 +132,10 @@ mod tests {
         while let Some(line) = r.next_line().await.unwrap() {
             out.push(match line {
                 Line::Text(s) => s.to_string(),
-                Line::TooLong { len } => format!("<too long {len}>"),
+                Line::TooLong { len, head } => format!(
+                    "<too long {len} {}>",
+                    String::from_utf8_lossy(&head[..head.len().min(3)])
+                ),
                 Line::NotUtf8 { len } => format!("<not utf8 {len}>"),
             });
         }
@@ -133,13 +154,13 @@ mod tests {
         input.extend(std::iter::repeat_n(b'x', 10_000));
         input.extend(b"\nafter\n");
         let got = collect(&input, 1000, 64).await;
-        assert_eq!(got, vec!["ok", "<too long 10000>", "after"]);
+        assert_eq!(got, vec!["ok", "<too long 10000 xxx>", "after"]);
     }
 
     #[tokio::test]
     async fn a_line_exactly_at_the_cap_is_kept() {
         let got = collect(b"12345\n123456\n", 5, 2).await;
-        assert_eq!(got, vec!["12345", "<too long 6>"]);
+        assert_eq!(got, vec!["12345", "<too long 6 123>"]);
     }
 
     #[tokio::test]

@@ -286,13 +286,20 @@ impl ProviderError {
 /// died or when the turn needs other process flags (model, plan mode,
 /// effort, system prompt); Codex spawns one `codex exec` (or `exec resume`)
 /// per turn. One turn at a time.
+///
+/// A session id the CLI no longer knows (its files are gone) does not wedge
+/// the chat: the turn is re-run once in a new session, a `system` item says
+/// so, and the new id arrives as [`ProviderEvent::SessionId`]. The process
+/// group then differs from [`RunningTurn::pgid`] for the rest of that turn.
 pub struct ProviderSession {
     inner: Arc<run::Shared>,
 }
 
 /// A turn in progress: read `events` until [`ProviderEvent::Finished`].
 pub struct RunningTurn {
-    pub events: mpsc::Receiver<ProviderEvent>,
+    /// Unbounded: the driver never waits for the reader, so a reader may
+    /// await [`Interrupter::interrupt`] without draining first.
+    pub events: mpsc::UnboundedReceiver<ProviderEvent>,
     /// Process group of the process running this turn; record it (with
     /// `start_time`) so a later engine can end strays
     /// ([`crate::process::kill_recorded_group`]).
@@ -373,7 +380,81 @@ impl ProviderSession {
     }
 }
 
+/// Give each item of a line that line as `raw`: moved when there is one
+/// item (the common case), cloned otherwise. Items that carry a narrower
+/// raw (a permission denial) keep theirs.
+pub(crate) fn attach_raw(out: &mut [ProviderEvent], v: Value) {
+    let mut wanting = out
+        .iter_mut()
+        .filter_map(|e| match e {
+            ProviderEvent::Item(i) if i.raw.is_none() => Some(i),
+            _ => None,
+        })
+        .collect::<Vec<_>>();
+    if let Some(last) = wanting.pop() {
+        for item in wanting {
+            item.raw = Some(v.clone());
+        }
+        last.raw = Some(v);
+    }
+}
+
 /// A lock that survives a panicked holder: provider state must stay usable.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_cross_tasks() {
+        assert_send_sync::<ProviderSession>();
+        assert_send_sync::<Interrupter>();
+        assert_send_sync::<ProviderEvent>();
+        fn turn_is_send(t: RunningTurn) -> impl Send {
+            t
+        }
+        let _ = turn_is_send;
+        let mut s = ProviderSession::new(SessionConfig::new(ProviderKind::Codex, "codex", "/"));
+        assert_send(&s.start_turn(TurnInput::default()));
+        assert_send(&s.shutdown());
+    }
+
+    #[test]
+    fn items_serialize_as_the_contract_says() {
+        let mut item = NormalizedItem::new(ItemKind::ToolResult);
+        item.tool = Some(ToolInfo {
+            name: "Bash".into(),
+            input: serde_json::json!({"command": "ls"}),
+            output: Some("a".into()),
+            is_error: false,
+            exit_code: None,
+        });
+        item.key = Some("internal".into());
+        let v = serde_json::to_value(&item).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"kind": "tool_result", "tool": {"name": "Bash", "input": {"command": "ls"}, "output": "a", "isError": false}})
+        );
+        let u = serde_json::to_value(Usage {
+            input_tokens: 1,
+            ..Usage::default()
+        })
+        .unwrap();
+        assert_eq!(
+            u,
+            serde_json::json!({"inputTokens": 1, "outputTokens": 0, "cachedInputTokens": 0, "costUsd": null})
+        );
+        assert_eq!(
+            serde_json::to_value(ProviderKind::Claude).unwrap(),
+            "claude"
+        );
+        assert_eq!(ProviderKind::parse("codex"), Some(ProviderKind::Codex));
+        assert_eq!(ProviderKind::parse("gpt"), None);
+    }
 }

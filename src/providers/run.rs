@@ -10,6 +10,7 @@
 //! by whoever reacts to `Finished`, always finds the session idle.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +20,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::claude::{self, ClaudeFlags, ClaudeParser};
 use super::codex::{self, CodexParser};
@@ -29,9 +31,8 @@ use super::{
 };
 use crate::process;
 
-/// Events buffered between a driver and its consumer; the driver waits
-/// (and so stops reading the CLI's stdout) when the consumer lags.
-const EVENT_BUFFER: usize = 256;
+/// Upper bound for configured waits: `Instant + Duration` must not overflow.
+const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How much of a CLI's stderr is kept for the error message of a turn.
 const STDERR_TAIL_LINES: usize = 20;
 
@@ -106,6 +107,17 @@ impl Shared {
     }
 }
 
+impl Drop for Shared {
+    /// The session is gone (its chat dropped without `shutdown`): do not
+    /// leave its idle Claude process, or anything in its group, behind.
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = state.claude.take() {
+            let _ = process::signal_group(p.pgid, Signal::SIGKILL);
+        }
+    }
+}
+
 /// Start a turn on `shared`. See [`super::ProviderSession::start_turn`].
 pub(super) async fn start_turn(
     shared: &Arc<Shared>,
@@ -119,32 +131,61 @@ pub(super) async fn start_turn(
         st.busy = true;
         (st.session_id.clone(), st.claude.take(), st.codex_usage)
     };
-    let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+    // If this future is dropped before a driver owns the turn (a caller's
+    // select!, a runtime shutting down), the session must not stay busy.
+    let mut guard = BusyGuard {
+        shared,
+        armed: true,
+    };
+    // Unbounded on purpose: a driver must never block on a consumer that is
+    // itself waiting for `interrupt()` to return, or the two would wait on
+    // each other. What is queued is bounded by what the CLI printed in this
+    // turn, and the consumer is in-process.
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (int_tx, int_rx) = mpsc::channel(4);
     let interrupter = Interrupter { tx: int_tx };
-    lock(&shared.state).current = Some(interrupter.clone());
+    {
+        let mut st = lock(&shared.state);
+        st.current = Some(interrupter.clone());
+        // A session that was shut down may be used again (e.g. after an
+        // interrupt with clearQueue); it simply starts fresh processes.
+        st.closed = false;
+    }
 
-    let started = match shared.cfg.kind {
-        ProviderKind::Claude => {
-            start_claude(
+    // A missing cwd would surface as a confusing "could not start <bin>".
+    let started = if !shared.cfg.cwd.is_dir() {
+        Err(ProviderError::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "the chat's working directory {} does not exist",
+                shared.cfg.cwd.display()
+            ),
+        )))
+    } else {
+        match shared.cfg.kind {
+            ProviderKind::Claude => {
+                start_claude(
+                    shared,
+                    input,
+                    resume,
+                    idle_claude,
+                    events_tx.clone(),
+                    int_rx,
+                )
+                .await
+            }
+            ProviderKind::Codex => start_codex(
                 shared,
                 input,
                 resume,
-                idle_claude,
+                codex_usage,
                 events_tx.clone(),
                 int_rx,
-            )
-            .await
+            ),
         }
-        ProviderKind::Codex => start_codex(
-            shared,
-            input,
-            resume,
-            codex_usage,
-            events_tx.clone(),
-            int_rx,
-        ),
     };
+    // From here on the driver (or the error path below) ends the turn.
+    guard.armed = false;
     match started {
         Ok((pgid, start_time)) => Ok(RunningTurn {
             events: events_rx,
@@ -160,7 +201,7 @@ pub(super) async fn start_turn(
                 code: e.code().into(),
                 message: e.to_string(),
             };
-            let _ = events_tx.try_send(ProviderEvent::Finished(TurnResult {
+            let _ = events_tx.send(ProviderEvent::Finished(TurnResult {
                 outcome,
                 usage: Usage::default(),
             }));
@@ -170,6 +211,20 @@ pub(super) async fn start_turn(
                 start_time: None,
                 interrupter,
             })
+        }
+    }
+}
+
+/// Marks the session idle again unless disarmed; see [`start_turn`].
+struct BusyGuard<'a> {
+    shared: &'a Shared,
+    armed: bool,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.end_turn(None, None);
         }
     }
 }
@@ -253,20 +308,31 @@ fn exited_message(who: &str, status: Option<ExitStatus>, stderr: &str) -> String
 
 /// Forward an event; a consumer that went away does not stop the turn (it
 /// must still be driven to its end so the session stays consistent).
-async fn emit(tx: &mpsc::Sender<ProviderEvent>, ev: ProviderEvent) {
-    let _ = tx.send(ev).await;
+async fn emit(tx: &mpsc::UnboundedSender<ProviderEvent>, ev: ProviderEvent) {
+    let _ = tx.send(ev);
 }
 
 fn log_skipped(provider: ProviderKind, line: &Line<'_>) {
     match line {
-        Line::TooLong { len } => {
-            tracing::warn!(provider = %provider, bytes = len, "skipped an over-long provider line")
+        Line::TooLong { len, head } => {
+            let head = String::from_utf8_lossy(&head[..head.len().min(80)]);
+            tracing::warn!(provider = %provider, bytes = len, head = %head, "skipped an over-long provider line")
         }
         Line::NotUtf8 { len } => {
             tracing::warn!(provider = %provider, bytes = len, "skipped a non-UTF-8 provider line")
         }
         Line::Text(_) => {}
     }
+}
+
+/// Whether the start of a Claude line is a `result` event.
+fn is_result_head(head: &[u8]) -> bool {
+    let compact: Vec<u8> = head
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    compact.starts_with(br#"{"type":"result""#)
 }
 
 fn log_not_json(provider: ProviderKind, line: &str) {
@@ -297,6 +363,8 @@ struct ClaudeProc {
     stderr: StderrTail,
     pgid: u32,
     start_time: Option<u64>,
+    /// Started with `--resume`.
+    resumed: bool,
 }
 
 impl ClaudeProc {
@@ -337,6 +405,7 @@ impl ClaudeProc {
             stderr,
             pgid,
             start_time: process::process_start_time(pgid),
+            resumed: resume.is_some(),
         })
     }
 
@@ -350,7 +419,7 @@ impl ClaudeProc {
     }
 
     async fn stop(mut self, grace: Duration) {
-        let _ = process::stop_group(&mut self.child, grace).await;
+        stop_group_fully(&mut self.child, self.pgid, grace).await;
         tracing::info!(pgid = self.pgid, "claude process stopped");
     }
 }
@@ -369,7 +438,7 @@ async fn start_claude(
     input: TurnInput,
     resume: Option<String>,
     idle: Option<ClaudeProc>,
-    tx: mpsc::Sender<ProviderEvent>,
+    tx: mpsc::UnboundedSender<ProviderEvent>,
     int_rx: mpsc::Receiver<oneshot::Sender<()>>,
 ) -> Result<(u32, Option<u64>), ProviderError> {
     let cfg = &shared.cfg;
@@ -399,7 +468,7 @@ async fn start_claude(
             Ok(()) => {
                 let ids = (p.pgid, p.start_time);
                 let shared = shared.clone();
-                tokio::spawn(drive_claude(shared, p, tx, int_rx));
+                tokio::spawn(drive_claude(shared, p, message, tx, int_rx).in_current_span());
                 return Ok(ids);
             }
             Err(e) => {
@@ -420,15 +489,17 @@ async fn start_claude(
 async fn drive_claude(
     shared: Arc<Shared>,
     mut p: ClaudeProc,
-    tx: mpsc::Sender<ProviderEvent>,
+    message: String,
+    tx: mpsc::UnboundedSender<ProviderEvent>,
     mut int_rx: mpsc::Receiver<oneshot::Sender<()>>,
 ) {
     let cfg = &shared.cfg;
-    let timeout = tokio::time::sleep(cfg.turn_timeout);
+    let timeout = tokio::time::sleep(cfg.turn_timeout.min(MAX_WAIT));
     tokio::pin!(timeout);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let mut interrupt_deadline: Option<Instant> = None;
     let mut seq = 0u32;
+    let mut retried = false;
 
     // `None` while the turn runs; then the result and whether the process
     // is still usable.
@@ -447,17 +518,17 @@ async fn drive_claude(
                     if let Err(e) = p.send(&line).await {
                         tracing::debug!(error = %e, "interrupt request not delivered");
                     }
-                    interrupt_deadline = Some(Instant::now() + cfg.interrupt_grace);
+                    interrupt_deadline = Some(Instant::now() + cfg.interrupt_grace.min(MAX_WAIT));
                 }
             }
             _ = int_sleep, if interrupt_deadline.is_some() => {
                 tracing::warn!(pgid = p.pgid, "claude did not answer the interrupt; stopping its group");
-                let _ = process::stop_group(&mut p.child, cfg.kill_grace).await;
+                stop_group_fully(&mut p.child, p.pgid, cfg.kill_grace).await;
                 break (TurnResult { outcome: Outcome::Interrupted, usage: Usage::default() }, false);
             }
             _ = &mut timeout => {
                 tracing::warn!(pgid = p.pgid, "claude turn timed out; stopping its group");
-                let _ = process::stop_group(&mut p.child, cfg.kill_grace).await;
+                stop_group_fully(&mut p.child, p.pgid, cfg.kill_grace).await;
                 let outcome = Outcome::Failed {
                     code: "timeout".into(),
                     message: format!("the turn ran longer than {} s", cfg.turn_timeout.as_secs()),
@@ -466,21 +537,33 @@ async fn drive_claude(
             }
             line = p.lines.next_line() => {
                 let events = match line {
-                    Ok(Some(Line::Text(s))) => {
-                        let events = claude::parse_line(&mut p.parser, s);
-                        if events.is_empty() && serde_json::from_str::<serde::de::IgnoredAny>(s).is_err() {
+                    Ok(Some(Line::Text(s))) => match claude::try_parse_line(&mut p.parser, s) {
+                        Ok(events) => events,
+                        Err(_) => {
                             log_not_json(ProviderKind::Claude, s);
+                            continue;
                         }
-                        events
-                    }
+                    },
                     Ok(Some(other)) => {
                         log_skipped(ProviderKind::Claude, &other);
+                        // A result we cannot read still ends the turn; waiting
+                        // for another would hang it until the timeout.
+                        if let Line::TooLong { head, .. } = other {
+                            if is_result_head(head) {
+                                let outcome = Outcome::Failed {
+                                    code: "output_too_large".into(),
+                                    message: "claude's result line was too large to read".into(),
+                                };
+                                break (TurnResult { outcome, usage: Usage::default() }, true);
+                            }
+                        }
                         continue;
                     }
                     Ok(None) | Err(_) => {
                         // stdout closed: the process is ending without a result.
                         let status = reap(&mut p.child, cfg.kill_grace, cfg.kill_grace).await;
                         process::kill_group_stragglers(p.pgid, cfg.kill_grace).await;
+                        settle_group(p.pgid).await;
                         let outcome = if interrupt_deadline.is_some() {
                             Outcome::Interrupted
                         } else {
@@ -503,6 +586,32 @@ async fn drive_claude(
                         other => emit(&tx, other).await,
                     }
                 }
+                if let Some(Outcome::Failed { message: why, .. }) = finished.as_ref().map(|r| &r.outcome) {
+                    if p.resumed && !retried && interrupt_deadline.is_none() && claude::is_missing_session(why) {
+                        // The session to resume no longer exists (~/.claude
+                        // wiped, another machine): run the turn in a new
+                        // session rather than fail every turn of the chat.
+                        retried = true;
+                        let old = lock(&shared.state).session_id.take();
+                        tracing::warn!(session = ?old, "claude session not found; starting a new session");
+                        let fresh = match ClaudeProc::spawn(cfg, p.flags.clone(), None) {
+                            Ok(mut np) => np.send(&message).await.map(|()| np).map_err(ProviderError::Io),
+                            Err(e) => Err(e),
+                        };
+                        match fresh {
+                            Ok(np) => {
+                                let mut gone = std::mem::replace(&mut p, np);
+                                stop_group_fully(&mut gone.child, gone.pgid, cfg.kill_grace).await;
+                                emit(&tx, ProviderEvent::Item(session_lost_item(old.as_deref()))).await;
+                                continue;
+                            }
+                            Err(e) => {
+                                let outcome = Outcome::Failed { code: e.code().into(), message: e.to_string() };
+                                break (TurnResult { outcome, usage: Usage::default() }, false);
+                            }
+                        }
+                    }
+                }
                 if let Some(mut r) = finished {
                     if interrupt_deadline.is_some() {
                         // The agent stopped; its tools may not have. End every
@@ -523,7 +632,7 @@ async fn drive_claude(
         Some(p)
     } else {
         // Make sure nothing of a process we give up survives.
-        let _ = process::stop_group(&mut p.child, cfg.kill_grace).await;
+        stop_group_fully(&mut p.child, p.pgid, cfg.kill_grace).await;
         None
     };
     tracing::info!(pgid, outcome = ?result.outcome, "claude turn finished");
@@ -558,8 +667,38 @@ async fn end_tool_processes(pgid: u32, leader: Option<u32>, grace: Duration) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Anything they spawned meanwhile is in the same set by construction.
-    for pid in targets.into_iter().chain(tool_processes(pgid, leader)) {
+    let targets: Vec<u32> = targets
+        .into_iter()
+        .chain(tool_processes(pgid, leader))
+        .collect();
+    for &pid in &targets {
         signal_pid(pid, Signal::SIGKILL);
+    }
+    // KILL is delivered asynchronously: wait until it took effect, so
+    // "interrupted" really means "nothing of the turn runs".
+    let deadline = Instant::now() + KILL_SETTLE;
+    while Instant::now() < deadline && targets.iter().any(|&p| pid_alive(p)) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How long a KILLed process may take to actually be gone.
+const KILL_SETTLE: Duration = Duration::from_secs(2);
+
+/// Stop `child`'s whole group and wait until no member is left (KILL takes
+/// effect asynchronously).
+async fn stop_group_fully(child: &mut Child, pgid: u32, grace: Duration) {
+    if let Err(e) = process::stop_group(child, grace).await {
+        tracing::warn!(pgid, error = %e, "stopping a provider process group failed");
+    }
+    settle_group(pgid).await;
+}
+
+/// Wait (bounded) until group `pgid` has no live member.
+async fn settle_group(pgid: u32) {
+    let deadline = Instant::now() + KILL_SETTLE;
+    while process::group_alive(pgid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -626,7 +765,7 @@ fn start_codex(
     input: TurnInput,
     resume: Option<String>,
     thread_usage: Option<Usage>,
-    tx: mpsc::Sender<ProviderEvent>,
+    tx: mpsc::UnboundedSender<ProviderEvent>,
     int_rx: mpsc::Receiver<oneshot::Sender<()>>,
 ) -> Result<(u32, Option<u64>), ProviderError> {
     let cfg = &shared.cfg;
@@ -660,49 +799,76 @@ fn start_codex(
             image_files.push(path);
         }
     }
-    let mut cmd = process::command(&cfg.bin);
-    cmd.args(codex::build_args(&input, resume.as_deref(), &image_files))
-        .current_dir(&cfg.cwd)
-        .envs(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| ProviderError::Spawn {
-        bin: cfg.bin.display().to_string(),
-        source,
-    })?;
-    let pgid = child.id().unwrap_or(0);
-    let start_time = process::process_start_time(pgid);
-    let Some(stdout) = child.stdout.take() else {
-        return Err(ProviderError::Io(std::io::Error::other(
-            "codex stdout not piped",
-        )));
-    };
-    let stderr = StderrTail::drain(child.stderr.take(), ProviderKind::Codex);
-    tracing::info!(pgid, resume = resume.is_some(), "codex process started");
+    let proc = CodexProc::spawn(cfg, &input, resume.as_deref(), &image_files)?;
+    let ids = (proc.pgid, process::process_start_time(proc.pgid));
     let mut parser = CodexParser::new();
     parser.set_thread_usage(thread_usage);
     let run = CodexRun {
-        child,
-        lines: CappedLines::new(
-            BufReader::with_capacity(64 * 1024, stdout),
-            DEFAULT_MAX_LINE,
-        ),
+        proc,
         parser,
-        stderr,
-        pgid,
+        input,
+        image_files,
+        resumed: resume.is_some(),
         _images: images_dir,
     };
-    tokio::spawn(drive_codex(shared.clone(), run, tx, int_rx));
-    Ok((pgid, start_time))
+    tokio::spawn(drive_codex(shared.clone(), run, tx, int_rx).in_current_span());
+    Ok(ids)
+}
+
+/// One running `codex exec`.
+struct CodexProc {
+    child: Child,
+    lines: CappedLines<BufReader<ChildStdout>>,
+    stderr: StderrTail,
+    pgid: u32,
+}
+
+impl CodexProc {
+    fn spawn(
+        cfg: &SessionConfig,
+        input: &TurnInput,
+        resume: Option<&str>,
+        image_files: &[PathBuf],
+    ) -> Result<Self, ProviderError> {
+        let mut cmd = process::command(&cfg.bin);
+        cmd.args(codex::build_args(input, resume, image_files))
+            .current_dir(&cfg.cwd)
+            .envs(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|source| ProviderError::Spawn {
+            bin: cfg.bin.display().to_string(),
+            source,
+        })?;
+        let pgid = child.id().unwrap_or(0);
+        let Some(stdout) = child.stdout.take() else {
+            return Err(ProviderError::Io(std::io::Error::other(
+                "codex stdout not piped",
+            )));
+        };
+        let stderr = StderrTail::drain(child.stderr.take(), ProviderKind::Codex);
+        tracing::info!(pgid, resume = resume.is_some(), "codex process started");
+        Ok(Self {
+            child,
+            lines: CappedLines::new(
+                BufReader::with_capacity(64 * 1024, stdout),
+                DEFAULT_MAX_LINE,
+            ),
+            stderr,
+            pgid,
+        })
+    }
 }
 
 struct CodexRun {
-    child: Child,
-    lines: CappedLines<BufReader<ChildStdout>>,
+    proc: CodexProc,
     parser: CodexParser,
-    stderr: StderrTail,
-    pgid: u32,
+    /// Kept to start the turn again in a fresh thread when the thread to
+    /// resume no longer exists.
+    input: TurnInput,
+    image_files: Vec<PathBuf>,
+    resumed: bool,
     /// Deleted when the turn ends.
     _images: Option<tempfile::TempDir>,
 }
@@ -711,22 +877,23 @@ struct CodexRun {
 async fn drive_codex(
     shared: Arc<Shared>,
     mut r: CodexRun,
-    tx: mpsc::Sender<ProviderEvent>,
+    tx: mpsc::UnboundedSender<ProviderEvent>,
     mut int_rx: mpsc::Receiver<oneshot::Sender<()>>,
 ) {
     let cfg = &shared.cfg;
-    let timeout = tokio::time::sleep(cfg.turn_timeout);
+    let timeout = tokio::time::sleep(cfg.turn_timeout.min(MAX_WAIT));
     tokio::pin!(timeout);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let mut reported: Option<TurnResult> = None;
+    let mut retried = false;
 
     let result = loop {
         tokio::select! {
             biased;
             Some(done) = int_rx.recv() => {
                 waiters.push(done);
-                tracing::info!(pgid = r.pgid, "interrupting codex turn");
-                let _ = process::stop_group(&mut r.child, cfg.kill_grace).await;
+                tracing::info!(pgid = r.proc.pgid, "interrupting codex turn");
+                stop_group_fully(&mut r.proc.child, r.proc.pgid, cfg.kill_grace).await;
                 let outcome = match reported.take() {
                     // It had already reported the end: keep that.
                     Some(done) => break done,
@@ -735,21 +902,24 @@ async fn drive_codex(
                 break TurnResult { outcome, usage: Usage::default() };
             }
             _ = &mut timeout => {
-                tracing::warn!(pgid = r.pgid, "codex turn timed out; stopping its group");
-                let _ = process::stop_group(&mut r.child, cfg.kill_grace).await;
+                tracing::warn!(pgid = r.proc.pgid, "codex turn timed out; stopping its group");
+                stop_group_fully(&mut r.proc.child, r.proc.pgid, cfg.kill_grace).await;
                 let outcome = Outcome::Failed {
                     code: "timeout".into(),
                     message: format!("the turn ran longer than {} s", cfg.turn_timeout.as_secs()),
                 };
                 break TurnResult { outcome, usage: Usage::default() };
             }
-            line = r.lines.next_line() => {
+            line = r.proc.lines.next_line() => {
                 match line {
                     Ok(Some(Line::Text(s))) => {
-                        let events = codex::parse_line(&mut r.parser, s);
-                        if events.is_empty() && serde_json::from_str::<serde::de::IgnoredAny>(s).is_err() {
-                            log_not_json(ProviderKind::Codex, s);
-                        }
+                        let events = match serde_json::from_str(s) {
+                            Ok(v) => codex::parse_value(&mut r.parser, v),
+                            Err(_) => {
+                                log_not_json(ProviderKind::Codex, s);
+                                Vec::new()
+                            }
+                        };
                         for ev in events {
                             match ev {
                                 // Held until the process has exited.
@@ -764,7 +934,30 @@ async fn drive_codex(
                     }
                     Ok(Some(other)) => log_skipped(ProviderKind::Codex, &other),
                     Ok(None) | Err(_) => {
-                        let status = reap(&mut r.child, cfg.kill_grace, cfg.kill_grace).await;
+                        let status = reap(&mut r.proc.child, cfg.kill_grace, cfg.kill_grace).await;
+                        if reported.is_none() && r.resumed && !retried && thread_is_gone(&r) {
+                            // The thread to resume no longer exists (CODEX_HOME
+                            // wiped, another machine): run the turn in a new
+                            // thread rather than fail every turn of the chat.
+                            retried = true;
+                            let old = lock(&shared.state).session_id.take();
+                            tracing::warn!(thread = ?old, "codex thread not found; starting a new thread");
+                            process::kill_group_stragglers(r.proc.pgid, cfg.kill_grace).await;
+                            match CodexProc::spawn(cfg, &r.input, None, &r.image_files) {
+                                Ok(p) => {
+                                    r.proc = p;
+                                    r.resumed = false;
+                                    r.parser = CodexParser::new();
+                                    r.parser.begin_turn();
+                                    emit(&tx, ProviderEvent::Item(session_lost_item(old.as_deref()))).await;
+                                    continue;
+                                }
+                                Err(e) => {
+                                    let outcome = Outcome::Failed { code: e.code().into(), message: e.to_string() };
+                                    break TurnResult { outcome, usage: Usage::default() };
+                                }
+                            }
+                        }
                         break match reported.take() {
                             Some(res) => res,
                             None => {
@@ -774,7 +967,7 @@ async fn drive_codex(
                                         message: codex::last_error(&r.parser).unwrap_or("authentication failed").to_string(),
                                     }
                                 } else {
-                                    let mut stderr = r.stderr.text();
+                                    let mut stderr = r.proc.stderr.text();
                                     if let Some(e) = codex::last_error(&r.parser) {
                                         stderr = format!("{e}\n{stderr}");
                                     }
@@ -792,13 +985,30 @@ async fn drive_codex(
         }
     };
     // The turn is over only when nothing of it runs any more.
-    process::kill_group_stragglers(r.pgid, cfg.kill_grace).await;
-    tracing::info!(pgid = r.pgid, outcome = ?result.outcome, "codex turn finished");
+    process::kill_group_stragglers(r.proc.pgid, cfg.kill_grace).await;
+    settle_group(r.proc.pgid).await;
+    tracing::info!(pgid = r.proc.pgid, outcome = ?result.outcome, "codex turn finished");
     shared.end_turn(None, r.parser.thread_usage());
     emit(&tx, ProviderEvent::Finished(result)).await;
     for w in waiters {
         let _ = w.send(());
     }
+}
+
+/// Whether a resumed codex failed because its thread does not exist.
+fn thread_is_gone(r: &CodexRun) -> bool {
+    codex::last_error(&r.parser).is_some_and(codex::is_missing_thread)
+        || codex::is_missing_thread(&r.proc.stderr.text())
+}
+
+/// The history note for a session that could not be resumed.
+fn session_lost_item(old: Option<&str>) -> super::NormalizedItem {
+    let mut item = super::NormalizedItem::new(super::ItemKind::System);
+    item.text = Some(format!(
+        "The previous agent session ({}) could not be resumed; continuing in a new session.",
+        old.unwrap_or("unknown")
+    ));
+    item
 }
 
 /// Base64 as clients send it (standard alphabet, padding optional);

@@ -6,6 +6,7 @@
 
 mod chats;
 mod events;
+mod providers;
 mod repos;
 mod upstream;
 
@@ -30,6 +31,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if want("repos") {
         repos::run().await?;
+    }
+    if want("providers") {
+        providers::run().await?;
     }
     Ok(())
 }

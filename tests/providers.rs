@@ -1,0 +1,656 @@
+//! Provider sessions driving the fake CLIs (`tests/fixtures/bin/fake-*`):
+//! real subprocesses in their own process groups, real pipes, the failure
+//! modes a real CLI has (early exit, garbage, a 10 MB line, auth failure,
+//! a tool child that ignores TERM, a hang).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use replicas_engine::process;
+use replicas_engine::providers::{
+    Image, ItemKind, NormalizedItem, Outcome, ProviderError, ProviderEvent, ProviderKind,
+    ProviderSession, RunningTurn, SessionConfig, TurnInput, TurnResult,
+};
+
+const KINDS: [ProviderKind; 2] = [ProviderKind::Claude, ProviderKind::Codex];
+
+fn fake_bin(kind: ProviderKind) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/bin")
+        .join(format!("fake-{kind}"))
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn config(&self, kind: ProviderKind) -> SessionConfig {
+        let mut cfg = SessionConfig::new(kind, fake_bin(kind), self.dir.path());
+        cfg.turn_timeout = Duration::from_secs(30);
+        cfg.interrupt_grace = Duration::from_secs(3);
+        cfg.kill_grace = Duration::from_millis(500);
+        cfg.env = vec![
+            ("HOME".into(), self.dir.path().display().to_string()),
+            ("CODEX_HOME".into(), self.dir.path().display().to_string()),
+            (
+                "FAKE_PID_FILE".into(),
+                self.path("child.pid").display().to_string(),
+            ),
+            (
+                "FAKE_ARGS_FILE".into(),
+                self.path("args.jsonl").display().to_string(),
+            ),
+        ];
+        cfg
+    }
+
+    fn args_log(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.path("args.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// The pid the fake CLI's lingering child wrote, once it exists.
+    async fn child_pid(&self) -> u32 {
+        wait_until(|| std::fs::read_to_string(self.path("child.pid")).is_ok_and(|s| !s.is_empty()))
+            .await;
+        std::fs::read_to_string(self.path("child.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+fn prompt(text: &str) -> TurnInput {
+    TurnInput {
+        prompt: text.into(),
+        ..TurnInput::default()
+    }
+}
+
+/// Poll `cond` until it holds, failing the test after 10 s.
+async fn wait_until(mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every event of a turn up to and including `Finished` (checked to be last
+/// and unique: the channel closes right after it).
+async fn drain(turn: &mut RunningTurn) -> (Vec<ProviderEvent>, TurnResult) {
+    let mut events = Vec::new();
+    let fut = async {
+        while let Some(ev) = turn.events.recv().await {
+            events.push(ev);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .expect("turn did not end");
+    let finished: Vec<&TurnResult> = events
+        .iter()
+        .filter_map(|e| match e {
+            ProviderEvent::Finished(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(finished.len(), 1, "exactly one Finished: {events:?}");
+    let result = finished[0].clone();
+    assert!(
+        matches!(events.last(), Some(ProviderEvent::Finished(_))),
+        "Finished is last"
+    );
+    (events, result)
+}
+
+/// Wait for the first item of a turn (it is running and producing).
+async fn first_item(turn: &mut RunningTurn) -> Vec<ProviderEvent> {
+    let mut seen = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), turn.events.recv())
+            .await
+            .expect("no item in time")
+            .expect("turn ended early");
+        let done = matches!(ev, ProviderEvent::Item(_) | ProviderEvent::TextDelta { .. });
+        assert!(
+            !matches!(ev, ProviderEvent::Finished(_)),
+            "finished early: {ev:?}"
+        );
+        seen.push(ev);
+        if done {
+            return seen;
+        }
+    }
+}
+
+fn items(events: &[ProviderEvent]) -> Vec<&NormalizedItem> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ProviderEvent::Item(i) => Some(i),
+            _ => None,
+        })
+        .collect()
+}
+
+fn answer(events: &[ProviderEvent]) -> String {
+    items(events)
+        .into_iter()
+        .filter(|i| i.kind == ItemKind::AssistantMessage)
+        .filter_map(|i| i.text.clone())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn failed_code(r: &TurnResult) -> &str {
+    match &r.outcome {
+        Outcome::Failed { code, .. } => code,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+fn pid_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => {
+            let state = s
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            matches!(state, Some("Z") | Some("X"))
+        }
+    }
+}
+
+#[tokio::test]
+async fn plain_turn_reports_session_text_and_usage() {
+    for kind in KINDS {
+        let env = Env::new();
+        let mut s = ProviderSession::new(env.config(kind));
+        let mut turn = s.start_turn(prompt("hello")).await.unwrap();
+        assert!(turn.pgid > 0 && turn.start_time.is_some());
+        let (events, result) = drain(&mut turn).await;
+        assert_eq!(result.outcome, Outcome::Completed, "{kind}");
+        assert!(answer(&events).contains("turn=1"), "{kind}: {events:?}");
+        let id = s.session_id().expect("session id known");
+        assert!(events.contains(&ProviderEvent::SessionId(id.clone())));
+        assert!(
+            result.usage.input_tokens > 0 && result.usage.output_tokens > 0,
+            "{kind}"
+        );
+        assert!(!s.is_busy());
+        if kind == ProviderKind::Claude {
+            assert_eq!(result.usage.cost_usd, Some(0.000235));
+            let deltas: String = events
+                .iter()
+                .filter_map(|e| match e {
+                    ProviderEvent::TextDelta { text, .. } => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(deltas, answer(&events), "deltas add up to the final text");
+            // The process lives on for the next turn, with the flags we need.
+            let args = &env.args_log()[0];
+            assert_eq!(args["env"]["IS_SANDBOX"], "1");
+            assert_eq!(args["env"]["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1");
+            assert!(args["argv"].to_string().contains("bypassPermissions"));
+            assert!(process::group_alive(turn.pgid));
+        } else {
+            assert!(!process::group_alive(turn.pgid), "codex exec has exited");
+        }
+        s.shutdown().await;
+        assert!(
+            !process::group_alive(turn.pgid),
+            "{kind}: shutdown ends the process group"
+        );
+    }
+}
+
+#[tokio::test]
+async fn later_turns_resume_the_session() {
+    for kind in KINDS {
+        let env = Env::new();
+        let mut s = ProviderSession::new(env.config(kind));
+        let mut t1 = s.start_turn(prompt("one")).await.unwrap();
+        let (_, r1) = drain(&mut t1).await;
+        assert_eq!(r1.outcome, Outcome::Completed);
+        let id = s.session_id().unwrap();
+
+        let mut t2 = s.start_turn(prompt("two")).await.unwrap();
+        let (ev2, r2) = drain(&mut t2).await;
+        assert!(answer(&ev2).contains("turn=2"), "{kind}: {ev2:?}");
+        assert_eq!(s.session_id().as_deref(), Some(id.as_str()));
+        if kind == ProviderKind::Claude {
+            assert_eq!(t1.pgid, t2.pgid, "one long-lived claude process");
+            assert_eq!(env.args_log().len(), 1);
+        } else {
+            // Usage is per turn although codex counts per thread.
+            assert_eq!(r2.usage.input_tokens, r1.usage.input_tokens);
+            let argv = env.args_log()[1]["argv"].to_string();
+            assert!(argv.contains("\"resume\"") && argv.contains(&id), "{argv}");
+        }
+        s.shutdown().await;
+
+        // A new engine resumes from the persisted id (and codex totals).
+        let mut cfg = env.config(kind);
+        cfg.resume_session_id = Some(id.clone());
+        cfg.codex_thread_usage = s.codex_thread_usage();
+        let mut s2 = ProviderSession::new(cfg);
+        let mut t3 = s2.start_turn(prompt("three")).await.unwrap();
+        let (ev3, r3) = drain(&mut t3).await;
+        assert!(answer(&ev3).contains("turn=3"), "{kind}: {ev3:?}");
+        assert!(answer(&ev3).contains(&id));
+        assert_eq!(r3.usage.input_tokens, r1.usage.input_tokens, "{kind}");
+        assert!(env.args_log().last().unwrap()["argv"]
+            .to_string()
+            .contains(&id));
+        s2.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn claude_respawns_with_resume_when_its_process_died_or_flags_change() {
+    let env = Env::new();
+    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
+    let mut t1 = s.start_turn(prompt("one")).await.unwrap();
+    drain(&mut t1).await;
+    let id = s.session_id().unwrap();
+    // The process dies between turns (OOM killer, crash).
+    process::signal_group(t1.pgid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(|| !process::group_alive(t1.pgid)).await;
+    let mut t2 = s.start_turn(prompt("two")).await.unwrap();
+    let (ev2, r2) = drain(&mut t2).await;
+    assert_eq!(r2.outcome, Outcome::Completed);
+    assert!(answer(&ev2).contains("turn=2"), "{ev2:?}");
+    assert_ne!(t1.pgid, t2.pgid);
+    let log = env.args_log();
+    assert!(log[1]["argv"]
+        .to_string()
+        .contains(&format!("\"--resume\",\"{id}\"")));
+
+    // Plan mode and another model need other process flags: a new process.
+    let input = TurnInput {
+        prompt: "three".into(),
+        plan_mode: true,
+        model: Some("opus".into()),
+        ..TurnInput::default()
+    };
+    let mut t3 = s.start_turn(input).await.unwrap();
+    let (ev3, _) = drain(&mut t3).await;
+    assert!(
+        answer(&ev3).contains("turn=3 ")
+            && answer(&ev3).contains("mode=plan")
+            && answer(&ev3).contains("model=opus")
+    );
+    assert!(
+        !process::group_alive(t2.pgid),
+        "the old process was stopped"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn tool_turns_are_normalized() {
+    let env = Env::new();
+    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
+    let mut t = s.start_turn(prompt("FAKE_TOOL")).await.unwrap();
+    let (ev, r) = drain(&mut t).await;
+    assert_eq!(r.outcome, Outcome::Completed);
+    let it = items(&ev);
+    assert_eq!(it[0].kind, ItemKind::ToolCall);
+    assert_eq!(it[0].tool.as_ref().unwrap().input["command"], "echo hi");
+    assert_eq!(it[1].kind, ItemKind::ToolResult);
+    assert_eq!(it[1].tool.as_ref().unwrap().output.as_deref(), Some("hi"));
+    s.shutdown().await;
+
+    let mut s = ProviderSession::new(env.config(ProviderKind::Codex));
+    let mut t = s.start_turn(prompt("FAKE_TOOL FAKE_PATCH")).await.unwrap();
+    let (ev, _) = drain(&mut t).await;
+    let it = items(&ev);
+    let cmd = it
+        .iter()
+        .rev()
+        .find(|i| i.kind == ItemKind::Command)
+        .unwrap();
+    assert_eq!(cmd.tool.as_ref().unwrap().exit_code, Some(0));
+    assert!(it.iter().any(|i| i.kind == ItemKind::FileChange));
+    assert!(
+        env.path("fake_patch.txt").exists(),
+        "the agent ran in the session's cwd"
+    );
+}
+
+#[tokio::test]
+async fn interrupt_ends_the_turn_and_every_tool_process() {
+    for kind in KINDS {
+        let env = Env::new();
+        let mut s = ProviderSession::new(env.config(kind));
+        let mut t = s.start_turn(prompt("FAKE_LINGER")).await.unwrap();
+        first_item(&mut t).await;
+        let child = env.child_pid().await;
+        assert!(!pid_gone(child));
+        t.interrupter().interrupt().await;
+        // interrupt() returns after the end: the tool child is gone already.
+        assert!(
+            pid_gone(child),
+            "{kind}: the TERM-ignoring tool child was killed"
+        );
+        let (_, r) = drain(&mut t).await;
+        assert_eq!(r.outcome, Outcome::Interrupted, "{kind}");
+        assert!(!s.is_busy());
+        if kind == ProviderKind::Claude {
+            // Claude answered the interrupt: its process stays for the next turn.
+            assert!(process::group_alive(t.pgid));
+        } else {
+            assert!(!process::group_alive(t.pgid));
+        }
+        // The session is usable and remembers the conversation.
+        let mut t2 = s.start_turn(prompt("after")).await.unwrap();
+        let (ev2, r2) = drain(&mut t2).await;
+        assert_eq!(r2.outcome, Outcome::Completed, "{kind}");
+        assert!(answer(&ev2).contains("turn=2"), "{kind}: {ev2:?}");
+        if kind == ProviderKind::Claude {
+            assert_eq!(t.pgid, t2.pgid);
+        }
+        // Interrupting a finished turn is a no-op.
+        t2.interrupter().interrupt().await;
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn claude_that_ignores_the_interrupt_is_stopped_and_resumed_next_turn() {
+    let env = Env::new();
+    let mut cfg = env.config(ProviderKind::Claude);
+    cfg.interrupt_grace = Duration::from_millis(300);
+    let mut s = ProviderSession::new(cfg);
+    let mut t = s
+        .start_turn(prompt("FAKE_HANG FAKE_IGNORE_INTERRUPT"))
+        .await
+        .unwrap();
+    first_item(&mut t).await;
+    let i = t.interrupter();
+    // Two concurrent interrupts both return once the turn is over.
+    tokio::join!(i.interrupt(), i.interrupt());
+    assert!(!process::group_alive(t.pgid));
+    let (_, r) = drain(&mut t).await;
+    assert_eq!(r.outcome, Outcome::Interrupted);
+    let mut t2 = s.start_turn(prompt("next")).await.unwrap();
+    let (ev2, _) = drain(&mut t2).await;
+    assert!(answer(&ev2).contains("turn=2"), "{ev2:?}");
+    assert_ne!(t.pgid, t2.pgid);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_turn_past_its_timeout_fails_and_its_group_is_killed() {
+    for kind in KINDS {
+        let env = Env::new();
+        let mut cfg = env.config(kind);
+        cfg.turn_timeout = Duration::from_millis(800);
+        let mut s = ProviderSession::new(cfg);
+        let mut t = s.start_turn(prompt("FAKE_HANG")).await.unwrap();
+        let (_, r) = drain(&mut t).await;
+        assert_eq!(failed_code(&r), "timeout", "{kind}");
+        assert!(!process::group_alive(t.pgid), "{kind}");
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn missing_binary_fails_the_turn_not_the_caller() {
+    for kind in KINDS {
+        let env = Env::new();
+        let mut cfg = env.config(kind);
+        cfg.bin = env.path("no-such-cli");
+        let mut s = ProviderSession::new(cfg);
+        let mut t = s.start_turn(prompt("hi")).await.unwrap();
+        assert_eq!(t.pgid, 0);
+        let (_, r) = drain(&mut t).await;
+        assert_eq!(failed_code(&r), "spawn_failed", "{kind}");
+        assert!(!s.is_busy());
+
+        // A working directory that vanished is named as such.
+        let mut cfg = env.config(kind);
+        cfg.cwd = env.path("gone");
+        let mut s = ProviderSession::new(cfg);
+        let mut t = s.start_turn(prompt("hi")).await.unwrap();
+        let (_, r) = drain(&mut t).await;
+        match &r.outcome {
+            Outcome::Failed { message, .. } => {
+                assert!(message.contains("working directory"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn early_exit_fails_with_the_cli_error_and_the_session_recovers() {
+    for kind in KINDS {
+        let env = Env::new();
+        let mut s = ProviderSession::new(env.config(kind));
+        let mut t = s.start_turn(prompt("FAKE_EXIT")).await.unwrap();
+        let (_, r) = drain(&mut t).await;
+        assert_eq!(failed_code(&r), "exited", "{kind}");
+        if let Outcome::Failed { message, .. } = &r.outcome {
+            assert!(message.contains("exit status"), "{kind}: {message}");
+        }
+        assert!(!process::group_alive(t.pgid));
+        let mut t2 = s.start_turn(prompt("again")).await.unwrap();
+        let (ev2, r2) = drain(&mut t2).await;
+        assert_eq!(r2.outcome, Outcome::Completed, "{kind}: {ev2:?}");
+        assert!(
+            answer(&ev2).contains("turn=2"),
+            "{kind}: resumed the session: {ev2:?}"
+        );
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn garbage_and_a_10mb_line_are_skipped() {
+    for kind in KINDS {
+        let env = Env::new();
+        let mut s = ProviderSession::new(env.config(kind));
+        let mut t = s
+            .start_turn(prompt("FAKE_GARBAGE FAKE_HUGE"))
+            .await
+            .unwrap();
+        let (ev, r) = drain(&mut t).await;
+        assert_eq!(r.outcome, Outcome::Completed, "{kind}");
+        assert!(answer(&ev).contains("turn=1"), "{kind}");
+        assert!(
+            answer(&ev).len() < 10_000,
+            "the huge line was not delivered"
+        );
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn auth_failure_is_reported_then_fails_the_turn() {
+    for kind in KINDS {
+        let env = Env::new();
+        let mut s = ProviderSession::new(env.config(kind));
+        let mut t = s.start_turn(prompt("FAKE_AUTH")).await.unwrap();
+        let (ev, r) = drain(&mut t).await;
+        let auth = ev
+            .iter()
+            .filter(|e| matches!(e, ProviderEvent::AuthFailure { .. }))
+            .count();
+        assert_eq!(auth, 1, "{kind}: {ev:?}");
+        assert_eq!(failed_code(&r), "auth_expired", "{kind}");
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn cli_reported_failures_keep_the_cli_reason() {
+    let env = Env::new();
+    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
+    let mut t = s.start_turn(prompt("FAKE_FAIL")).await.unwrap();
+    let (_, r) = drain(&mut t).await;
+    assert_eq!(failed_code(&r), "error_max_turns");
+    s.shutdown().await;
+    let mut s = ProviderSession::new(env.config(ProviderKind::Codex));
+    let mut t = s.start_turn(prompt("FAKE_FAIL")).await.unwrap();
+    let (_, r) = drain(&mut t).await;
+    assert_eq!(failed_code(&r), "turn_failed");
+}
+
+#[tokio::test]
+async fn one_turn_at_a_time_and_shutdown_ends_a_running_turn() {
+    for kind in KINDS {
+        let env = Env::new();
+        let mut s = ProviderSession::new(env.config(kind));
+        let mut t = s.start_turn(prompt("FAKE_LINGER")).await.unwrap();
+        first_item(&mut t).await;
+        let child = env.child_pid().await;
+        assert!(matches!(
+            s.start_turn(prompt("x")).await,
+            Err(ProviderError::Busy)
+        ));
+        s.shutdown().await;
+        let (_, r) = drain(&mut t).await;
+        assert_eq!(r.outcome, Outcome::Interrupted, "{kind}");
+        assert!(!process::group_alive(t.pgid), "{kind}");
+        assert!(pid_gone(child), "{kind}");
+    }
+}
+
+#[tokio::test]
+async fn images_reach_the_cli() {
+    // A 1x1 PNG.
+    let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+    for kind in KINDS {
+        let env = Env::new();
+        let mut s = ProviderSession::new(env.config(kind));
+        let input = TurnInput {
+            prompt: "look".into(),
+            images: vec![Image {
+                media_type: "image/png".into(),
+                data_base64: png.into(),
+            }],
+            ..TurnInput::default()
+        };
+        let mut t = s.start_turn(input).await.unwrap();
+        let (ev, _) = drain(&mut t).await;
+        assert!(answer(&ev).contains("images=1"), "{kind}: {ev:?}");
+        s.shutdown().await;
+    }
+    // Bad base64 for codex (which needs a file) fails that turn clearly.
+    let env = Env::new();
+    let mut s = ProviderSession::new(env.config(ProviderKind::Codex));
+    let input = TurnInput {
+        prompt: "look".into(),
+        images: vec![Image {
+            media_type: "image/png".into(),
+            data_base64: "not base64!".into(),
+        }],
+        ..TurnInput::default()
+    };
+    let mut t = s.start_turn(input).await.unwrap();
+    let (_, r) = drain(&mut t).await;
+    assert_eq!(failed_code(&r), "io");
+}
+
+#[tokio::test]
+async fn a_dropped_consumer_does_not_wedge_the_session() {
+    let env = Env::new();
+    let mut s = ProviderSession::new(env.config(ProviderKind::Codex));
+    let t = s.start_turn(prompt("FAKE_LINES=2000")).await.unwrap();
+    drop(t);
+    wait_until(|| !s.is_busy()).await;
+    let mut t2 = s.start_turn(prompt("again")).await.unwrap();
+    let (_, r) = drain(&mut t2).await;
+    assert_eq!(r.outcome, Outcome::Completed);
+}
+
+#[tokio::test]
+async fn a_session_that_cannot_be_resumed_continues_in_a_new_one() {
+    for kind in KINDS {
+        let env = Env::new();
+        let mut cfg = env.config(kind);
+        cfg.resume_session_id = Some("0000-gone".into());
+        let mut s = ProviderSession::new(cfg);
+        let mut t = s.start_turn(prompt("hello")).await.unwrap();
+        let (ev, r) = drain(&mut t).await;
+        assert_eq!(r.outcome, Outcome::Completed, "{kind}: {ev:?}");
+        assert!(answer(&ev).contains("turn=1"), "{kind}: {ev:?}");
+        let note = items(&ev)
+            .into_iter()
+            .find(|i| i.kind == ItemKind::System)
+            .expect("a note");
+        assert!(note.text.as_deref().unwrap().contains("0000-gone"));
+        let fresh = s.session_id().unwrap();
+        assert_ne!(fresh, "0000-gone");
+        assert_eq!(
+            ev.iter().rev().find_map(|e| match e {
+                ProviderEvent::SessionId(id) => Some(id.clone()),
+                _ => None,
+            }),
+            Some(fresh),
+            "{kind}: the new id is the last one reported, so it gets persisted"
+        );
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_reader_may_await_interrupt_without_draining() {
+    // Thousands of events are queued and nobody reads them while the
+    // interrupt is awaited: the driver must not wait on the reader.
+    for kind in KINDS {
+        let env = Env::new();
+        let mut cfg = env.config(kind);
+        cfg.interrupt_grace = Duration::from_millis(300);
+        let mut s = ProviderSession::new(cfg);
+        let mut t = s
+            .start_turn(prompt("FAKE_LINES=5000 FAKE_HANG"))
+            .await
+            .unwrap();
+        first_item(&mut t).await;
+        tokio::time::timeout(Duration::from_secs(20), t.interrupter().interrupt())
+            .await
+            .expect("interrupt returned");
+        let (_, r) = drain(&mut t).await;
+        assert_eq!(r.outcome, Outcome::Interrupted, "{kind}");
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn an_unreadable_claude_result_still_ends_the_turn() {
+    let env = Env::new();
+    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
+    let mut t = s.start_turn(prompt("FAKE_HUGE_RESULT")).await.unwrap();
+    let (_, r) = drain(&mut t).await;
+    assert_eq!(failed_code(&r), "output_too_large");
+    // The process is fine and serves the next turn.
+    let mut t2 = s.start_turn(prompt("next")).await.unwrap();
+    let (ev2, r2) = drain(&mut t2).await;
+    assert_eq!(r2.outcome, Outcome::Completed);
+    assert!(answer(&ev2).contains("turn=2"));
+    assert_eq!(t.pgid, t2.pgid);
+    s.shutdown().await;
+}

@@ -1,0 +1,342 @@
+//! End to end: [`ProviderSession`] driving the REAL `claude` and `codex`
+//! CLIs against the mock model servers (`tests/e2e/`), offline. Runs only
+//! with `REPLICAS_E2E=1` (scripts/test.sh); otherwise each test prints
+//! "skipped" and passes.
+//!
+//! Covered for both CLIs: a plain turn, a tool turn, resume (the second
+//! turn's request carries the first turn's conversation, in the same process
+//! and after a respawn), interrupt of a slow turn, and a session id the CLI
+//! does not know (the turn continues in a new session), and the turn options
+//! (plan mode, effort, model, system prompt) accepted by the real CLIs.
+
+// The shared harness re-exports what other test files use.
+#[allow(unused_imports)]
+mod common;
+
+use std::time::Duration;
+
+use common::e2e::{self, E2eEnv};
+use replicas_engine::process;
+use replicas_engine::providers::{
+    ItemKind, NormalizedItem, Outcome, ProviderEvent, ProviderKind, ProviderSession, RunningTurn,
+    SessionConfig, TurnInput, TurnResult,
+};
+
+fn config(e: &E2eEnv, kind: ProviderKind) -> SessionConfig {
+    let bin = match kind {
+        ProviderKind::Claude => e.claude_bin.clone(),
+        ProviderKind::Codex => e.codex_bin.clone(),
+    };
+    let mut cfg = SessionConfig::new(kind, bin, &e.workspace);
+    cfg.turn_timeout = Duration::from_secs(120);
+    cfg.env = e.env();
+    cfg
+}
+
+fn prompt(text: &str) -> TurnInput {
+    TurnInput {
+        prompt: text.into(),
+        ..TurnInput::default()
+    }
+}
+
+async fn drain(turn: &mut RunningTurn) -> (Vec<ProviderEvent>, TurnResult) {
+    let mut events = Vec::new();
+    let collect = async {
+        while let Some(ev) = turn.events.recv().await {
+            events.push(ev);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(150), collect)
+        .await
+        .expect("turn did not end");
+    let result = match events.last() {
+        Some(ProviderEvent::Finished(r)) => r.clone(),
+        other => panic!("last event is not Finished: {other:?}"),
+    };
+    (events, result)
+}
+
+fn items(events: &[ProviderEvent]) -> Vec<&NormalizedItem> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ProviderEvent::Item(i) => Some(i),
+            _ => None,
+        })
+        .collect()
+}
+
+fn answer(events: &[ProviderEvent]) -> String {
+    items(events)
+        .into_iter()
+        .filter(|i| i.kind == ItemKind::AssistantMessage)
+        .filter_map(|i| i.text.clone())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The largest conversation size the mock saw in requests from index `from`.
+fn conversation_size(requests: &[serde_json::Value], from: usize) -> u64 {
+    requests[from..]
+        .iter()
+        .filter_map(|r| {
+            r.get("n_messages")
+                .or_else(|| r.get("n_input"))
+                .and_then(|n| n.as_u64())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+async fn plain_tool_and_resume(kind: ProviderKind) {
+    let e = E2eEnv::start().await;
+    let mock = match kind {
+        ProviderKind::Claude => &e.anthropic,
+        ProviderKind::Codex => &e.openai,
+    };
+    let mut s = ProviderSession::new(config(&e, kind));
+
+    // Plain turn.
+    let mut t1 = s.start_turn(prompt("hello there")).await.unwrap();
+    let (ev1, r1) = drain(&mut t1).await;
+    assert_eq!(r1.outcome, Outcome::Completed, "{kind}: {ev1:?}");
+    assert!(answer(&ev1).contains("Hello from mock"), "{kind}: {ev1:?}");
+    assert!(
+        r1.usage.input_tokens > 0 && r1.usage.output_tokens > 0,
+        "{kind}: {r1:?}"
+    );
+    let session = s.session_id().expect("the CLI reported its session");
+    let first_size = conversation_size(&mock.requests(), 0);
+
+    // Tool turn, resuming the same session.
+    let before = mock.requests().len();
+    let tool_prompt = match kind {
+        ProviderKind::Claude => "please USE_BASH",
+        ProviderKind::Codex => "please USE_SHELL",
+    };
+    let mut t2 = s.start_turn(prompt(tool_prompt)).await.unwrap();
+    let (ev2, r2) = drain(&mut t2).await;
+    assert_eq!(r2.outcome, Outcome::Completed, "{kind}: {ev2:?}");
+    let it = items(&ev2);
+    match kind {
+        ProviderKind::Claude => {
+            let call = it
+                .iter()
+                .find(|i| i.kind == ItemKind::ToolCall)
+                .expect("tool call");
+            assert_eq!(call.tool.as_ref().unwrap().name, "Bash");
+            let res = it
+                .iter()
+                .find(|i| i.kind == ItemKind::ToolResult)
+                .expect("tool result");
+            assert_eq!(res.tool.as_ref().unwrap().output.as_deref(), Some("hi"));
+            assert_eq!(t1.pgid, t2.pgid, "one long-lived claude process");
+        }
+        ProviderKind::Codex => {
+            let cmd = it
+                .iter()
+                .rev()
+                .find(|i| i.kind == ItemKind::Command)
+                .expect("command");
+            let tool = cmd.tool.as_ref().unwrap();
+            assert_eq!(tool.exit_code, Some(0));
+            assert_eq!(tool.output.as_deref(), Some("hi\n"));
+            // Codex counts usage per thread; we report this turn's share.
+            assert!(
+                r2.usage.input_tokens < r1.usage.input_tokens * 3,
+                "{r1:?} {r2:?}"
+            );
+        }
+    }
+    assert!(answer(&ev2).contains("hi"), "{kind}: {ev2:?}");
+    assert_eq!(
+        s.session_id().as_deref(),
+        Some(session.as_str()),
+        "{kind}: same session"
+    );
+    assert!(
+        conversation_size(&mock.requests(), before) > first_size,
+        "{kind}: the second turn carried the first turn's conversation"
+    );
+    s.shutdown().await;
+    assert!(!process::group_alive(t2.pgid));
+
+    // A new session object (as after an engine restart) resumes by id.
+    let before = mock.requests().len();
+    let mut cfg = config(&e, kind);
+    cfg.resume_session_id = Some(session.clone());
+    cfg.codex_thread_usage = s.codex_thread_usage();
+    let mut s2 = ProviderSession::new(cfg);
+    let mut t3 = s2.start_turn(prompt("and again")).await.unwrap();
+    let (ev3, r3) = drain(&mut t3).await;
+    assert_eq!(r3.outcome, Outcome::Completed, "{kind}: {ev3:?}");
+    assert_eq!(
+        s2.session_id().as_deref(),
+        Some(session.as_str()),
+        "{kind}: resumed"
+    );
+    assert!(
+        conversation_size(&mock.requests(), before) > first_size,
+        "{kind}: the resumed turn carried the earlier conversation"
+    );
+    s2.shutdown().await;
+}
+
+async fn interrupt_slow_turn(kind: ProviderKind) {
+    let e = E2eEnv::start().await;
+    let mut s = ProviderSession::new(config(&e, kind));
+    let mut t = s.start_turn(prompt("count slowly SLOW")).await.unwrap();
+    // Wait until the agent is producing (claude streams deltas; codex shows
+    // nothing before the message completes, so give its request time to
+    // reach the mock).
+    match kind {
+        ProviderKind::Claude => loop {
+            let ev = tokio::time::timeout(Duration::from_secs(60), t.events.recv())
+                .await
+                .expect("no output in time")
+                .expect("turn ended early");
+            assert!(
+                !matches!(ev, ProviderEvent::Finished(_)),
+                "finished early: {ev:?}"
+            );
+            if matches!(ev, ProviderEvent::TextDelta { .. }) {
+                break;
+            }
+        },
+        ProviderKind::Codex => {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while e.openai.requests().is_empty() {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "codex never called the model"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    t.interrupter().interrupt().await;
+    let (ev, r) = drain(&mut t).await;
+    assert_eq!(r.outcome, Outcome::Interrupted, "{kind}: {ev:?}");
+    if kind == ProviderKind::Codex {
+        assert!(!process::group_alive(t.pgid), "codex's group is gone");
+    }
+    // The chat stays usable, in the same session.
+    let session = s.session_id();
+    let mut t2 = s.start_turn(prompt("hello")).await.unwrap();
+    let (ev2, r2) = drain(&mut t2).await;
+    assert_eq!(r2.outcome, Outcome::Completed, "{kind}: {ev2:?}");
+    assert!(answer(&ev2).contains("Hello from mock"));
+    assert_eq!(s.session_id(), session);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn claude_plain_tool_and_resume() {
+    if e2e::enabled("claude_plain_tool_and_resume") {
+        plain_tool_and_resume(ProviderKind::Claude).await;
+    }
+}
+
+#[tokio::test]
+async fn codex_plain_tool_and_resume() {
+    if e2e::enabled("codex_plain_tool_and_resume") {
+        plain_tool_and_resume(ProviderKind::Codex).await;
+    }
+}
+
+#[tokio::test]
+async fn claude_interrupt() {
+    if e2e::enabled("claude_interrupt") {
+        interrupt_slow_turn(ProviderKind::Claude).await;
+    }
+}
+
+#[tokio::test]
+async fn codex_interrupt() {
+    if e2e::enabled("codex_interrupt") {
+        interrupt_slow_turn(ProviderKind::Codex).await;
+    }
+}
+
+async fn unknown_session_starts_fresh(kind: ProviderKind) {
+    let e = E2eEnv::start().await;
+    let mut cfg = config(&e, kind);
+    // A well-formed id that no session on this machine has.
+    cfg.resume_session_id = Some("01a20078-a686-7092-9ef4-b1cd29baafc8".into());
+    let mut s = ProviderSession::new(cfg);
+    let mut t = s.start_turn(prompt("hello")).await.unwrap();
+    let (ev, r) = drain(&mut t).await;
+    assert_eq!(r.outcome, Outcome::Completed, "{kind}: {ev:?}");
+    assert!(answer(&ev).contains("Hello from mock"));
+    assert!(items(&ev).iter().any(|i| i.kind == ItemKind::System));
+    let id = s.session_id().unwrap();
+    assert_ne!(id, "01a20078-a686-7092-9ef4-b1cd29baafc8", "{kind}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn claude_unknown_session_starts_fresh() {
+    if e2e::enabled("claude_unknown_session_starts_fresh") {
+        unknown_session_starts_fresh(ProviderKind::Claude).await;
+    }
+}
+
+#[tokio::test]
+async fn codex_unknown_session_starts_fresh() {
+    if e2e::enabled("codex_unknown_session_starts_fresh") {
+        unknown_session_starts_fresh(ProviderKind::Codex).await;
+    }
+}
+
+/// Plan mode, an effort level, a model and a system prompt: the real CLI
+/// accepts the flags we build, and the system prompt reaches the model.
+async fn turn_options(kind: ProviderKind) {
+    let e = E2eEnv::start().await;
+    let mut s = ProviderSession::new(config(&e, kind));
+    let input = TurnInput {
+        prompt: "hello with options".into(),
+        plan_mode: true,
+        thinking_level: Some("high".into()),
+        system_prompt: Some("Always mention REPLICAS_SYS_MARKER.".into()),
+        model: Some(match kind {
+            ProviderKind::Claude => "claude-sonnet-4-5".into(),
+            ProviderKind::Codex => "gpt-5.5".into(),
+        }),
+        ..TurnInput::default()
+    };
+    let mut t = s.start_turn(input).await.unwrap();
+    let (ev, r) = drain(&mut t).await;
+    assert_eq!(r.outcome, Outcome::Completed, "{kind}: {ev:?}");
+    let requests = match kind {
+        ProviderKind::Claude => e.anthropic.requests(),
+        ProviderKind::Codex => e.openai.requests(),
+    };
+    let last = requests.last().expect("a model request");
+    assert_eq!(
+        last["model"],
+        match kind {
+            ProviderKind::Claude => "claude-sonnet-4-5",
+            ProviderKind::Codex => "gpt-5.5",
+        }
+    );
+    if kind == ProviderKind::Claude {
+        // The mock logs the end of the system prompt, where ours is appended.
+        assert!(last.to_string().contains("REPLICAS_SYS_MARKER"), "{last}");
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn claude_turn_options() {
+    if e2e::enabled("claude_turn_options") {
+        turn_options(ProviderKind::Claude).await;
+    }
+}
+
+#[tokio::test]
+async fn codex_turn_options() {
+    if e2e::enabled("codex_turn_options") {
+        turn_options(ProviderKind::Codex).await;
+    }
+}
