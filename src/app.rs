@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -82,7 +83,27 @@ impl AppState {
         state
             .hooks
             .start(state.repos.clone(), state.shutdown.clone());
+        tokio::spawn(watch_status(state.clone()));
         Ok(state)
+    }
+
+    /// The `/status` body; also the payload of `engine.status.changed`.
+    pub fn status(&self) -> Value {
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "startedAt": crate::util::ts(self.started_at),
+            "uptimeMs": self.started.elapsed().as_millis() as u64,
+            "workspaceId": self.config.workspace_id,
+            "workspaceRoot": self.config.workspaces_dir,
+            "chats": self.chats.counts(),
+            "repos": {"count": self.repos.count()},
+            "hooks": {"status": self.hooks.status().status},
+            "events": {
+                "lastEventId": self.bus.last_id().to_string(),
+                "subscribers": self.bus.subscriber_count(),
+            },
+            "tokenRefresh": self.upstream.token_refresh().summary(),
+        })
     }
 }
 
@@ -130,5 +151,47 @@ fn chat_deps(
             tokio::spawn(async move { repos.refresh().await });
         }),
         on_auth_failure: Arc::new(move |kind| upstream.request_refresh(kind.as_str())),
+    }
+}
+
+/// The `/status` fields whose change is worth an event: everything but the
+/// ones that move all the time (uptime, event counters).
+fn status_summary(status: &Value) -> Value {
+    json!({
+        "chats": status["chats"],
+        "repos": status["repos"],
+        "hooks": status["hooks"],
+        "tokenRefresh": status["tokenRefresh"],
+    })
+}
+
+/// Publish `engine.status.changed` whenever a summary field of `/status`
+/// changes. Re-checked after the events that can change it and every few
+/// seconds (token refresh recovering has no event of its own).
+async fn watch_status(state: AppState) {
+    use futures_util::StreamExt;
+    const RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+    let mut last = status_summary(&state.status());
+    let mut events = state.bus.subscribe_internal(None);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            item = events.next() => match item {
+                Some(crate::events::SubscriptionItem::Event(ev))
+                    if matches!(ev.kind.as_str(), "chat.created" | "chat.updated" | "chat.deleted"
+                        | "repo.discovered" | "error") || ev.kind.starts_with("hooks.") => {}
+                Some(_) => continue,
+                None => return,
+            },
+            _ = tokio::time::sleep(RECHECK) => {}
+        }
+        let status = state.status();
+        let summary = status_summary(&status);
+        if summary != last {
+            last = summary;
+            state
+                .bus
+                .publish(None, EventKind::EngineStatusChanged { status });
+        }
     }
 }

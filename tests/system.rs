@@ -267,3 +267,31 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn summary_changes_publish_engine_status_changed() {
+    let e = TestEngine::start().await;
+    let mut events = e.events("types=engine.status.changed").await;
+    let chat = e
+        .post_json("/chats", serde_json::json!({"provider": "codex"}), 201)
+        .await;
+    let (ev, _) = events
+        .wait_for(std::time::Duration::from_secs(10), |ev| {
+            ev.json()["payload"]["status"]["chats"]["total"] == 1
+        })
+        .await;
+    let status = &ev.json()["payload"]["status"];
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert!(status["tokenRefresh"].is_object());
+    // Internal consumers (this watcher) are not counted as subscribers.
+    assert_eq!(e.get_json("/status", 200).await["events"]["subscribers"], 1);
+    let id = chat["id"].as_str().unwrap();
+    let res = e.delete(&format!("/chats/{id}")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    events
+        .wait_for(std::time::Duration::from_secs(10), |ev| {
+            ev.json()["payload"]["status"]["chats"]["total"] == 0
+        })
+        .await;
+    e.shutdown().await;
+}

@@ -35,24 +35,5 @@ async fn get_health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
 }
 
 async fn get_status(State(state): State<AppState>) -> Json<Value> {
-    Json(status_body(&state))
-}
-
-/// The `/status` body; also the payload of `engine.status.changed`.
-pub fn status_body(state: &AppState) -> Value {
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "startedAt": crate::util::ts(state.started_at),
-        "uptimeMs": state.started.elapsed().as_millis() as u64,
-        "workspaceId": state.config.workspace_id,
-        "workspaceRoot": state.config.workspaces_dir,
-        "chats": state.chats.counts(),
-        "repos": {"count": state.repos.count()},
-        "hooks": {"status": state.hooks.status().status},
-        "events": {
-            "lastEventId": state.bus.last_id().to_string(),
-            "subscribers": state.bus.subscriber_count(),
-        },
-        "tokenRefresh": state.upstream.token_refresh().summary(),
-    })
+    Json(state.status())
 }
