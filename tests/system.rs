@@ -295,3 +295,34 @@ async fn summary_changes_publish_engine_status_changed() {
         .await;
     e.shutdown().await;
 }
+
+#[tokio::test]
+async fn request_log_names_the_route_and_never_the_secret() {
+    let (spec, guard) = EngineSpec::new();
+    let e = TestEngine::start_spec(spec.with("RUST_LOG", "info,tower_http=debug"), guard).await;
+    let res = e
+        .get("/status")
+        .header("X-Request-Id", "rid-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = reqwest::Client::new()
+        .get(e.url("/status"))
+        .header("X-Replicas-Engine-Secret", "wrong-secret-value")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let logs = e.shutdown_logs().await;
+    let line = logs
+        .lines()
+        .find(|l| l.contains("rid-42") && l.contains("finished processing"))
+        .unwrap_or_else(|| panic!("no request log line:\n{logs}"));
+    assert!(line.contains("route=\"/status\""), "{line}");
+    assert!(line.contains("status=200"), "{line}");
+    assert!(
+        !logs.contains(SECRET) && !logs.contains("wrong-secret-value"),
+        "{logs}"
+    );
+}

@@ -57,10 +57,12 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
             state.clone(),
             auth::require_secret,
         ));
+    // Outermost on the routes: runs before auth so rejections carry the route.
+    let protected = protected.route_layer(middleware::from_fn(record_route));
 
     let body_limit = state.config.max_body_bytes;
     Router::new()
-        .merge(system::public_router())
+        .merge(system::public_router().route_layer(middleware::from_fn(record_route)))
         .merge(protected)
         .fallback(not_found)
         .layer(
@@ -81,18 +83,29 @@ async fn not_found() -> ApiError {
 }
 
 fn request_span(req: &Request) -> tracing::Span {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "<unmatched>".to_owned());
     let request_id = req
         .extensions()
         .get::<RequestId>()
         .and_then(|id| id.header_value().to_str().ok())
         .unwrap_or("-")
         .to_owned();
-    tracing::info_span!("request", method = %req.method(), route, request_id)
+    // The route is only known once the router matched; `record_route`
+    // fills it in (unknown paths stay empty, so scanners do not flood the
+    // log with their guesses).
+    tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route = tracing::field::Empty,
+        request_id
+    )
+}
+
+/// Put the matched route template (`/chats/{chat_id}`) on the request span.
+async fn record_route(req: Request, next: middleware::Next) -> axum::response::Response {
+    if let Some(path) = req.extensions().get::<MatchedPath>() {
+        tracing::Span::current().record("route", path.as_str());
+    }
+    next.run(req).await
 }
 
 #[cfg(test)]

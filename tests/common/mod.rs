@@ -266,6 +266,14 @@ impl TestEngine {
         spec
     }
 
+    /// Graceful stop that must exit 0; returns everything it logged.
+    pub async fn shutdown_logs(self) -> String {
+        let logs = self.logs.clone();
+        self.shutdown().await;
+        let out = logs.lock().unwrap().clone();
+        out
+    }
+
     /// `kill -9` the engine and wait for it.
     pub async fn kill9(mut self) -> EngineSpec {
         self.child.start_kill().unwrap();
