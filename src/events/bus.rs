@@ -211,8 +211,19 @@ impl EventBus {
     /// `None`), in order, forever. Starts with a `Reset` when `after` is older
     /// than the retained journal or newer than the last id ever published.
     pub fn subscribe(&self, after: Option<u64>) -> Subscription {
+        self.subscribe_inner(after, true)
+    }
+
+    /// [`subscribe`](Self::subscribe) for the engine's own consumers (the
+    /// webhook collector): not counted in [`subscriber_count`](Self::subscriber_count),
+    /// which `/status` reports as the number of open SSE streams.
+    pub fn subscribe_internal(&self, after: Option<u64>) -> Subscription {
+        self.subscribe_inner(after, false)
+    }
+
+    fn subscribe_inner(&self, after: Option<u64>, counted: bool) -> Subscription {
         let bus = self.clone();
-        let guard = SubscriberGuard::new(bus.inner.clone());
+        let guard = counted.then(|| SubscriberGuard::new(bus.inner.clone()));
         let stream = async_stream::stream! {
             let _guard = guard;
             let mut cursor = match after {

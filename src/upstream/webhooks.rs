@@ -111,7 +111,7 @@ async fn collect(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let mut sub = bus.subscribe(Some(outbox.resume_after()));
+    let mut sub = bus.subscribe_internal(Some(outbox.resume_after()));
     let mut last_report: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
