@@ -1,9 +1,9 @@
 //! Features together, through the real server with the fake CLIs
 //! (tests/fixtures/bin) and a mock backend: chats wait for start hooks (also
-//! failing ones), a repo's `systemPrompt` reaches both agents, a turn that
-//! edits a repo marks it dirty, an auth failure asks the backend for fresh
-//! credentials, chat webhooks arrive in order, `/status` sums everything up,
-//! and the body cap holds on a real route.
+//! failing ones, and across a restart), a repo's `systemPrompt` reaches both
+//! agents, a turn that edits a repo marks it dirty, an auth failure asks the
+//! backend for fresh credentials, chat webhooks arrive in order, `/status`
+//! sums everything up, and the body cap holds on a real route.
 
 #[allow(unused_imports)] // not every test file uses every harness export
 mod common;
@@ -211,6 +211,43 @@ async fn a_failing_start_hook_still_releases_chats() {
     e.shutdown().await;
 }
 
+/// A message queued behind running start hooks survives a restart: the
+/// interrupted hooks run again (they never finished) and the message runs
+/// after them.
+#[tokio::test]
+async fn a_message_waiting_for_hooks_survives_a_restart() {
+    let (spec, guard) = spec();
+    let go = spec.home.join("go");
+    repo(
+        &spec.workspaces(),
+        "api",
+        &format!(
+            "startHook:\n  commands:\n    - 'while [ ! -f {} ]; do sleep 0.05; done'\n",
+            go.display()
+        ),
+    );
+    let e = TestEngine::start_spec(spec, guard).await;
+    let mut events = e.events("since=0").await;
+    events.wait_type("hooks.started").await;
+    let chat = create_chat(&e, json!({"provider": "codex", "cwd": "api"})).await;
+    let accepted = send(&e, &chat, "after the hooks").await;
+    assert_eq!(accepted["status"], "queued");
+    drop(events);
+
+    let e = e.restart().await;
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(c["status"], "waiting_for_hooks", "{c}");
+    assert_eq!(c["queue"][0]["id"], accepted["messageId"]);
+    let mut events = e.events("since=0").await;
+    std::fs::write(&go, "").unwrap();
+    let done = events.wait_type("hooks.completed").await;
+    let (started, end) =
+        wait_turn(&mut events, &chat, accepted["messageId"].as_str().unwrap()).await;
+    assert!(started.id_num() > done.id_num());
+    assert_eq!(payload(&end)["outcome"], "completed", "{}", end.data);
+    e.shutdown().await;
+}
+
 // ---------------------------------------------------------------- systemPrompt
 
 /// A repo's `systemPrompt` reaches claude (`--append-system-prompt`) and
@@ -381,6 +418,19 @@ async fn an_auth_failure_refreshes_credentials_and_reports_upstream() {
     assert_eq!(hook["payload"]["code"], "auth_expired");
     let body = &mock.requests(backend::WEBHOOK)[0].body;
     assert_eq!(body["workspaceId"], "ws_test");
+
+    // Codex too: its own credential is refreshed.
+    let chat = create_chat(&e, json!({"provider": "codex"})).await;
+    let m = send(&e, &chat, "hello FAKE_AUTH").await;
+    let (_, end) = wait_turn(&mut events, &chat, m["messageId"].as_str().unwrap()).await;
+    assert_eq!(payload(&end)["outcome"], "failed", "{}", end.data);
+    let err = errors.wait_type("error").await;
+    assert_eq!(payload(&err)["code"], "auth_expired", "{}", err.data);
+    assert_eq!(payload(&err)["source"], "codex");
+    mock.wait("a second codex refresh", WAIT, |m| {
+        (m.requests(backend::CODEX).len() >= 2).then_some(())
+    })
+    .await;
     e.shutdown().await;
 }
 
