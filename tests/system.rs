@@ -30,14 +30,31 @@ async fn health_is_public_and_follows_the_readiness_file() {
     e.shutdown().await;
 }
 
-/// Every protected route, with a method that reaches it.
-const PROTECTED: &[(&str, &str)] = &[("GET", "/status"), ("GET", "/events")];
+/// Every protected route, with a method that reaches it and the status it
+/// answers with the right secret (a request without a body, for chats and
+/// plans that do not exist: auth is checked before anything else).
+const PROTECTED: &[(&str, &str, u16)] = &[
+    ("GET", "/status", 200),
+    ("GET", "/events", 200),
+    ("GET", "/chats", 200),
+    ("POST", "/chats", 400),
+    ("GET", "/chats/c_nope", 404),
+    ("DELETE", "/chats/c_nope", 404),
+    ("POST", "/chats/c_nope/messages", 400),
+    ("POST", "/chats/c_nope/interrupt", 404),
+    ("GET", "/chats/c_nope/history", 404),
+    ("GET", "/repos", 200),
+    ("GET", "/hooks/status", 200),
+    ("GET", "/plans", 200),
+    ("GET", "/plans/nope.md", 404),
+    ("GET", "/token-refresh/health", 200),
+];
 
 #[tokio::test]
 async fn every_protected_route_needs_the_secret() {
     let e = TestEngine::start().await;
     let plain = reqwest::Client::new();
-    for (method, path) in PROTECTED {
+    for &(method, path, with_secret) in PROTECTED {
         let m: reqwest::Method = method.parse().unwrap();
         for secret in [
             None,
@@ -60,7 +77,11 @@ async fn every_protected_route_needs_the_secret() {
             }
         }
         let res = e.client.request(m, e.url(path)).send().await.unwrap();
-        assert_eq!(res.status(), 200, "{method} {path} with the secret");
+        assert_eq!(
+            res.status().as_u16(),
+            with_secret,
+            "{method} {path} with the secret"
+        );
     }
     assert!(!e.logs().contains(SECRET), "the secret reached the log");
     e.shutdown().await;

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod e2e;
 pub mod inproc;
 pub mod sse;

@@ -1,0 +1,208 @@
+//! End to end through the engine's HTTP API with the REAL `claude` and
+//! `codex` CLIs against the mock model servers (`tests/e2e/`), offline.
+//! Runs only with `REPLICAS_E2E=1` (scripts/test.sh); otherwise each test
+//! prints "skipped" and passes.
+//!
+//! For each CLI, in one chat: a plain turn (the mock's text lands in the
+//! history), a tool turn (a tool call / command item), resume (the mock sees
+//! the earlier conversation and the provider session id is unchanged), and
+//! interrupt of a slow turn (`chat.interrupted`, back to idle, the next
+//! message works).
+
+#[allow(unused_imports)] // not every test file uses every harness export
+mod common;
+
+use std::time::Duration;
+
+use common::e2e::{self, E2eEnv, MockServer};
+use common::{EngineSpec, SseEvent, SseStream, TestEngine};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn payload(ev: &SseEvent) -> Value {
+    ev.json()["payload"].clone()
+}
+
+async fn send(e: &TestEngine, chat: &str, text: &str) -> String {
+    let m = e
+        .post_json(
+            &format!("/chats/{chat}/messages"),
+            json!({ "message": text }),
+            202,
+        )
+        .await;
+    assert_eq!(m["status"], "sent", "{m}");
+    m["messageId"].as_str().unwrap().to_owned()
+}
+
+/// Wait for the turn of `message_id` to start and end; returns (turn id,
+/// end event type, end payload).
+async fn wait_turn(events: &mut SseStream, message_id: &str) -> (String, String, Value) {
+    let (started, _) = events
+        .wait_for(WAIT, |e| {
+            e.event.as_deref() == Some("chat.turn.started") && payload(e)["messageId"] == message_id
+        })
+        .await;
+    let turn = payload(&started)["turnId"].as_str().unwrap().to_owned();
+    let (end, _) = events
+        .wait_for(WAIT, |e| {
+            matches!(
+                e.event.as_deref(),
+                Some("chat.turn.completed" | "chat.interrupted")
+            ) && payload(e)["turnId"] == turn.as_str()
+        })
+        .await;
+    (turn, end.event.clone().unwrap(), payload(&end))
+}
+
+/// History items of one turn.
+async fn turn_items(e: &TestEngine, chat: &str, turn: &str) -> Vec<Value> {
+    let h = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+    h["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["turnId"] == turn)
+        .cloned()
+        .collect()
+}
+
+fn texts(items: &[Value], kind: &str) -> String {
+    items
+        .iter()
+        .filter(|i| i["kind"] == kind)
+        .filter_map(|i| i["text"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The largest conversation the mock saw in requests from index `from`.
+fn conversation_size(mock: &MockServer, from: usize) -> u64 {
+    mock.requests()[from..]
+        .iter()
+        .filter_map(|r| {
+            r.get("n_messages")
+                .or_else(|| r.get("n_input"))
+                .and_then(Value::as_u64)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+async fn whole_chat(provider: &str) {
+    let (spec, guard) = EngineSpec::new();
+    let env = E2eEnv::start_in(&spec.home).await;
+    let mut spec = spec
+        .with("CLAUDE_BIN", env.claude_bin.display().to_string())
+        .with("CODEX_BIN", env.codex_bin.display().to_string());
+    for (k, v) in env.env() {
+        spec = spec.with(&k, v);
+    }
+    let (mock, tool_prompt) = match provider {
+        "claude" => (&env.anthropic, "please USE_BASH"),
+        _ => (&env.openai, "please USE_SHELL"),
+    };
+    let e = TestEngine::start_spec(spec, guard).await;
+    let mut events = e.events("since=0&types=chat.*").await;
+    let chat = e
+        .post_json("/chats", json!({"provider": provider, "cwd": "demo"}), 201)
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A plain turn: the mock's answer is in the history.
+    let m = send(&e, &chat, "hello there").await;
+    let (turn, end, p) = wait_turn(&mut events, &m).await;
+    assert_eq!(
+        (end.as_str(), &p["outcome"]),
+        ("chat.turn.completed", &json!("completed")),
+        "{provider}: {p}"
+    );
+    let items = turn_items(&e, &chat, &turn).await;
+    assert!(
+        texts(&items, "assistant_message").contains("Hello from mock"),
+        "{provider}: {items:#?}"
+    );
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    let session = c["providerSessionId"].clone();
+    assert!(session.is_string(), "{provider}: {c}");
+    let first_size = conversation_size(mock, 0);
+
+    // A tool turn, resuming the session: the mock sees the earlier turn.
+    let before = mock.requests().len();
+    let m = send(&e, &chat, tool_prompt).await;
+    let (turn, _, p) = wait_turn(&mut events, &m).await;
+    assert_eq!(p["outcome"], "completed", "{provider}: {p}");
+    let items = turn_items(&e, &chat, &turn).await;
+    let tool_kind = if provider == "claude" {
+        "tool_call"
+    } else {
+        "command"
+    };
+    assert!(
+        items.iter().any(|i| i["kind"] == tool_kind),
+        "{provider}: no {tool_kind} in {items:#?}"
+    );
+    assert!(
+        conversation_size(mock, before) > first_size,
+        "{provider}: the second turn did not carry the first"
+    );
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(c["providerSessionId"], session, "{provider}: resumed");
+
+    // Interrupt a slow turn once the model is producing.
+    let before = mock.requests().len();
+    let m = send(&e, &chat, "count slowly SLOW").await;
+    events
+        .wait_for(WAIT, |e| {
+            e.event.as_deref() == Some("chat.turn.started") && payload(e)["messageId"] == m.as_str()
+        })
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while mock.requests().len() == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{provider}: no model call"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let res = e
+        .post(&format!("/chats/{chat}/interrupt"))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{provider}: {}", res.status());
+    let (interrupted, _) = events
+        .wait_for(WAIT, |e| e.event.as_deref() == Some("chat.interrupted"))
+        .await;
+    assert_eq!(interrupted.json()["chatId"], chat.as_str());
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(c["status"], "idle", "{provider}: {c}");
+    assert_eq!(c["processing"], false);
+
+    // The chat still works, in the same session.
+    let m = send(&e, &chat, "hello again").await;
+    let (turn, _, p) = wait_turn(&mut events, &m).await;
+    assert_eq!(p["outcome"], "completed", "{provider}: {p}");
+    let items = turn_items(&e, &chat, &turn).await;
+    assert!(texts(&items, "assistant_message").contains("Hello from mock"));
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(c["providerSessionId"], session, "{provider}");
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn claude_chat_end_to_end() {
+    if e2e::enabled("claude_chat_end_to_end") {
+        whole_chat("claude").await;
+    }
+}
+
+#[tokio::test]
+async fn codex_chat_end_to_end() {
+    if e2e::enabled("codex_chat_end_to_end") {
+        whole_chat("codex").await;
+    }
+}
