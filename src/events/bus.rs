@@ -63,6 +63,14 @@ impl Published {
 
     /// Rebuild from a journal line; `None` if it is not a valid envelope.
     pub fn from_line(line: &[u8]) -> Option<Self> {
+        if let Some((id, kind, chat_id)) = fast_header(line) {
+            return Some(Self::new(
+                id,
+                kind.to_owned(),
+                chat_id.map(str::to_owned),
+                std::str::from_utf8(line).ok()?,
+            ));
+        }
         let header: EventHeader = serde_json::from_slice(line).ok()?;
         let id = header.id.parse().ok()?;
         let kind = header.kind.into_owned();
@@ -74,6 +82,32 @@ impl Published {
             std::str::from_utf8(line).ok()?,
         ))
     }
+}
+
+/// The header of a line this engine wrote, read without a JSON parse: the
+/// envelope starts `{"id":"N","ts":"…",["chatId":"…",]"type":"…"` and none
+/// of those strings contain escapes. Anything else returns `None` and gets
+/// the full parse.
+fn fast_header(line: &[u8]) -> Option<(u64, &str, Option<&str>)> {
+    fn string<'a>(rest: &'a [u8], key: &[u8]) -> Option<(&'a str, &'a [u8])> {
+        let rest = rest.strip_prefix(key)?;
+        let end = memchr::memchr2(b'"', b'\\', rest)?;
+        if rest[end] != b'"' {
+            return None;
+        }
+        Some((std::str::from_utf8(&rest[..end]).ok()?, &rest[end + 1..]))
+    }
+    if line.last() != Some(&b'}') {
+        return None;
+    }
+    let (id, rest) = string(line, br#"{"id":""#)?;
+    let (_ts, rest) = string(rest, br#","ts":""#)?;
+    let (chat_id, rest) = match string(rest, br#","chatId":""#) {
+        Some((chat, rest)) => (Some(chat), rest),
+        None => (None, rest),
+    };
+    let (kind, _) = string(rest, br#","type":""#)?;
+    Some((id.parse().ok()?, kind, chat_id))
 }
 
 /// What a subscription yields.
@@ -247,13 +281,17 @@ impl EventBus {
                     (rx, plan, _) = bus.attach(cursor);
                 }
                 if !plan.chunks.is_empty() {
-                    let (lines, read_error) = read_replay(plan, cursor).await;
-                    if let Some(e) = read_error {
-                        tracing::error!(error = %e, "event journal replay failed; live events continue");
-                    }
-                    for ev in lines {
-                        cursor = ev.id;
-                        yield SubscriptionItem::Event(ev);
+                    let mut batches = replay_batches(plan, cursor);
+                    while let Some(batch) = batches.recv().await {
+                        match batch {
+                            Ok(batch) => {
+                                for ev in batch {
+                                    cursor = ev.id;
+                                    yield SubscriptionItem::Event(ev);
+                                }
+                            }
+                            Err(e) => tracing::error!(error = %e, "event journal replay failed; live events continue"),
+                        }
                     }
                 }
                 loop {
@@ -279,29 +317,38 @@ impl EventBus {
     }
 }
 
-/// Read a replay plan off the async threads, in batches so a long replay
-/// streams while it reads. Returns what it read and any read error.
-async fn read_replay(
+/// Read a replay plan on a blocking thread and hand the events over in
+/// batches, so a long replay starts streaming at once, reading and sending
+/// overlap, and memory stays bounded by a few batches whatever the journal
+/// size. Reading stops when the subscriber goes away.
+fn replay_batches(
     plan: ReplayPlan,
     after: u64,
-) -> (Vec<Arc<Published>>, Option<std::io::Error>) {
-    let res = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        let r = journal::read_plan(&plan, |line| {
+) -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<Arc<Published>>>> {
+    const BATCH: usize = 512;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut open = true;
+        let read = journal::read_plan(&plan, |line| {
             match Published::from_line(line) {
-                Some(p) if p.id > after => out.push(Arc::new(p)),
+                Some(p) if p.id > after => batch.push(Arc::new(p)),
                 Some(_) => {}
                 None => tracing::warn!("skipping unreadable event journal line during replay"),
             }
-            true
+            if batch.len() >= BATCH {
+                open = tx.blocking_send(Ok(std::mem::take(&mut batch))).is_ok();
+            }
+            open
         });
-        (out, r.err())
-    })
-    .await;
-    match res {
-        Ok(r) => r,
-        Err(e) => (Vec::new(), Some(std::io::Error::other(e))),
-    }
+        if open && !batch.is_empty() {
+            let _ = tx.blocking_send(Ok(batch));
+        }
+        if let Err(e) = read {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    rx
 }
 
 struct SubscriberGuard(Arc<Inner>);
@@ -397,6 +444,27 @@ mod tests {
         }
         let got = take_ids(&mut sub, n as usize).await;
         assert_eq!(got, (2..=n + 1).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn fast_header_agrees_with_the_full_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open(&dir.path().join("events.jsonl"), 1 << 30).unwrap();
+        let a = bus.publish(Some("c_1"), ev(1));
+        let b = bus.publish(None, EventKind::ChatDeleted {});
+        for p in [a, b] {
+            let line = p.json().as_bytes();
+            let (id, kind, chat) = fast_header(line).expect("engine lines take the fast path");
+            let full: EventHeader = serde_json::from_slice(line).unwrap();
+            assert_eq!(id.to_string(), full.id);
+            assert_eq!(kind, full.kind);
+            assert_eq!(chat, full.chat_id.as_deref());
+        }
+        // Other shapes fall back to the full parse.
+        assert!(fast_header(br#"{"type":"error","id":"3","payload":{}}"#).is_none());
+        assert!(fast_header(br#"{"id":"3","ts":"x\"y","type":"error"}"#).is_none());
+        let p = Published::from_line(br#"{"type":"error","id":"3","payload":{}}"#).unwrap();
+        assert_eq!((p.id, p.kind.as_str()), (3, "error"));
     }
 
     #[tokio::test]
