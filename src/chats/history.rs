@@ -73,9 +73,21 @@ impl HistoryStore {
     pub fn append(&self, chat_id: &str, item: &HistoryItem) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(item).map_err(std::io::Error::other)?;
         line.push(b'\n');
+        self.append_line(chat_id, &item.id, item.kind == ItemKind::UserMessage, &line)
+    }
+
+    /// [`append`](Self::append) for an item its caller already serialized:
+    /// `line` is the item's JSON plus `\n`; `starts_turn` for a user message.
+    pub fn append_line(
+        &self,
+        chat_id: &str,
+        item_id: &str,
+        starts_turn: bool,
+        line: &[u8],
+    ) -> std::io::Result<()> {
         let h = self.chat(chat_id)?;
         let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
-        h.append(&item.id, item.kind == ItemKind::UserMessage, &line)
+        h.append(item_id, starts_turn, line)
     }
 
     /// The newest `limit` items after skipping `offset` from the end,
@@ -270,7 +282,7 @@ mod tests {
             kind: ItemKind::AssistantMessage,
             text: format!("item {n}"),
             tool: None,
-            raw: Some(serde_json::json!({"n": n})),
+            raw: crate::events::RawJson::from_serialize(&serde_json::json!({"n": n})).ok(),
         }
     }
 

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::events::{ErrorBody, EventKind, TurnDelta};
+use crate::events::{ErrorBody, EventKind, RawJson, TurnDelta};
 use crate::providers::{self, ProviderEvent, ProviderSession, SessionConfig, TurnInput};
 use crate::util::{new_id, now_ts};
 
@@ -186,11 +186,33 @@ impl ChatService {
         }
     }
 
+    /// Store an item and stream it. The item is serialized once: the
+    /// `chat.turn.delta` carries that JSON as is, and the history line is
+    /// the same text with `,"raw":…` spliced in before the closing brace
+    /// (`raw` is the last field of [`HistoryItem`]; it is served by
+    /// `?raw=true` history only, not streamed).
     fn publish_item(&self, id: &str, turn_id: &str, mut item: HistoryItem) {
-        self.append_history(id, &item);
-        // `raw` is served by `?raw=true` history only, not streamed.
-        item.raw = None;
-        let wire = serde_json::to_value(&item).expect("history item serializes");
+        let raw = item.raw.take();
+        let wire = RawJson::from_serialize(&item).expect("history item serializes");
+        let json = wire.get().as_bytes();
+        let raw_len = raw.as_ref().map_or(0, |r| r.get().len() + 7);
+        let mut line = Vec::with_capacity(json.len() + raw_len + 1);
+        line.extend_from_slice(json);
+        if let Some(raw) = &raw {
+            // `json` ends with the object's `}`.
+            line.pop();
+            line.extend_from_slice(b",\"raw\":");
+            line.extend_from_slice(raw.get().as_bytes());
+            line.push(b'}');
+        }
+        line.push(b'\n');
+        if let Err(e) =
+            self.inner
+                .history
+                .append_line(id, &item.id, item.kind == ItemKind::UserMessage, &line)
+        {
+            tracing::error!(chat.id = %id, error = %e, "could not append to the chat history");
+        }
         self.inner.bus.publish(
             Some(id),
             EventKind::TurnDelta(TurnDelta::Item {
