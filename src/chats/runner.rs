@@ -191,7 +191,12 @@ impl ChatService {
     /// the same text with `,"raw":…` spliced in before the closing brace
     /// (`raw` is the last field of [`HistoryItem`]; it is served by
     /// `?raw=true` history only, not streamed).
-    fn publish_item(&self, id: &str, turn_id: &str, mut item: HistoryItem) {
+    ///
+    /// `defer` lets the history line wait for [`HistoryStore::flush`] (more
+    /// provider lines are already queued); the event is journaled at once.
+    ///
+    /// [`HistoryStore::flush`]: super::history::HistoryStore::flush
+    fn publish_item(&self, id: &str, turn_id: &str, mut item: HistoryItem, defer: bool) {
         let raw = item.raw.take();
         let wire = RawJson::from_serialize(&item).expect("history item serializes");
         let json = wire.get().as_bytes();
@@ -206,11 +211,13 @@ impl ChatService {
             line.push(b'}');
         }
         line.push(b'\n');
-        if let Err(e) =
-            self.inner
-                .history
-                .append_line(id, &item.id, item.kind == ItemKind::UserMessage, &line)
-        {
+        if let Err(e) = self.inner.history.append_line(
+            id,
+            &item.id,
+            item.kind == ItemKind::UserMessage,
+            &line,
+            defer,
+        ) {
             tracing::error!(chat.id = %id, error = %e, "could not append to the chat history");
         }
         self.inner.bus.publish(
@@ -367,7 +374,15 @@ async fn run_turn(
                     usage: providers::Usage::default(),
                 }
             }
-            Ok(running) => stream_turn(svc, id, rt, &turn, &ctx, running).await,
+            Ok(running) => {
+                let result = stream_turn(svc, id, rt, &turn, &ctx, running).await;
+                // Items deferred while lines were queued reach the file
+                // before the turn is recorded as ended.
+                if let Err(e) = inner.history.flush(id) {
+                    tracing::error!(chat.id = %id, error = %e, "could not append to the chat history");
+                }
+                result
+            }
         }
     };
 
@@ -385,6 +400,7 @@ async fn run_turn(
                 tool: None,
                 raw: None,
             },
+            false,
         );
     }
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -420,6 +436,8 @@ async fn stream_turn(
     svc.persist_in_background();
     let interrupter = running.interrupter();
     let mut stopping = false;
+    // History lines are waiting for the queue to run dry.
+    let mut deferred = false;
     // Provider item key → our item id, so an updated item and the text
     // streamed for it carry the id of the item they belong to.
     let mut item_ids: HashMap<String, String> = HashMap::new();
@@ -455,7 +473,12 @@ async fn stream_turn(
                         tool: item.tool,
                         raw: item.raw,
                     };
-                    svc.publish_item(id, &turn.turn_id, hi);
+                    // While more lines are already queued, the history
+                    // write waits for them (one write per burst); the
+                    // flush comes when the queue runs dry.
+                    let more = !running.events.is_empty();
+                    svc.publish_item(id, &turn.turn_id, hi, more);
+                    deferred = more;
                 }
                 Some(ProviderEvent::TextDelta { item_key, text }) => {
                     inner.bus.publish(
@@ -498,6 +521,12 @@ async fn stream_turn(
                 stopping = true;
                 let i = interrupter.clone();
                 tokio::spawn(async move { i.interrupt().await });
+            }
+        }
+        if deferred && running.events.is_empty() {
+            deferred = false;
+            if let Err(e) = inner.history.flush(id) {
+                tracing::error!(chat.id = %id, error = %e, "could not append to the chat history");
             }
         }
     }
