@@ -42,7 +42,13 @@ struct ChatHistory {
     /// an item as it progresses (a command that started, then finished);
     /// the new line replaces the old one in place.
     turn_ids: HashMap<String, usize>,
+    /// Deferred lines not yet written; they start at file offset
+    /// `len - pending.len()`.
+    pending: Vec<u8>,
 }
+
+/// Deferred history bytes per chat before a write is forced.
+pub const MAX_PENDING: usize = 64 * 1024;
 
 impl HistoryStore {
     pub fn new(dir: PathBuf) -> Self {
@@ -73,9 +79,47 @@ impl HistoryStore {
     pub fn append(&self, chat_id: &str, item: &HistoryItem) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(item).map_err(std::io::Error::other)?;
         line.push(b'\n');
+        self.append_line(
+            chat_id,
+            &item.id,
+            item.kind == ItemKind::UserMessage,
+            &line,
+            false,
+        )
+    }
+
+    /// [`append`](Self::append) for an item its caller already serialized:
+    /// `line` is the item's JSON plus `\n`; `starts_turn` for a user message.
+    ///
+    /// With `defer` the line may wait in memory (up to [`MAX_PENDING`]
+    /// bytes) for the next [`flush`](Self::flush) or non-deferred append,
+    /// so a burst of provider lines costs one write instead of one each.
+    /// Readers of this store always see deferred lines.
+    pub fn append_line(
+        &self,
+        chat_id: &str,
+        item_id: &str,
+        starts_turn: bool,
+        line: &[u8],
+        defer: bool,
+    ) -> std::io::Result<()> {
         let h = self.chat(chat_id)?;
         let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
-        h.append(&item.id, item.kind == ItemKind::UserMessage, &line)
+        h.append(item_id, starts_turn, line, defer)
+    }
+
+    /// Write a chat's deferred lines, if any.
+    pub fn flush(&self, chat_id: &str) -> std::io::Result<()> {
+        let h = self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(chat_id)
+            .cloned();
+        match h {
+            Some(h) => h.lock().unwrap_or_else(|e| e.into_inner()).flush(),
+            None => Ok(()),
+        }
     }
 
     /// The newest `limit` items after skipping `offset` from the end,
@@ -88,7 +132,8 @@ impl HistoryStore {
         raw: bool,
     ) -> std::io::Result<Page> {
         let h = self.chat(chat_id)?;
-        let h = h.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
+        h.flush()?;
         h.page(limit, offset, raw)
     }
 
@@ -111,6 +156,16 @@ impl HistoryStore {
             Err(e) => {
                 tracing::warn!(chat.id = chat_id, error = %e, "could not remove the history file")
             }
+        }
+    }
+}
+
+impl Drop for ChatHistory {
+    /// Deferred lines are written when the engine lets go of a chat's
+    /// history (shutdown), not lost.
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::error!(path = %self.path.display(), error = %e, "could not write the last chat history lines");
         }
     }
 }
@@ -184,10 +239,17 @@ impl ChatHistory {
             lines,
             len,
             turn_ids: HashMap::new(),
+            pending: Vec::new(),
         })
     }
 
-    fn append(&mut self, id: &str, starts_turn: bool, line: &[u8]) -> std::io::Result<()> {
+    fn append(
+        &mut self,
+        id: &str,
+        starts_turn: bool,
+        line: &[u8],
+        defer: bool,
+    ) -> std::io::Result<()> {
         if self.file.is_none() {
             if let Some(dir) = self.path.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -199,18 +261,7 @@ impl ChatHistory {
                     .open(&self.path)?,
             );
         }
-        let Some(f) = self.file.as_mut() else {
-            return Err(std::io::Error::other("history file not open"));
-        };
-        if let Err(e) = f.write_all(line) {
-            // A partial write would leave a torn line; drop the handle and
-            // re-derive the index from the file (which cuts the torn tail).
-            self.file = None;
-            if let Ok(reloaded) = Self::load(self.path.clone()) {
-                *self = reloaded;
-            }
-            return Err(e);
-        }
+        self.pending.extend_from_slice(line);
         if starts_turn {
             self.turn_ids.clear();
         }
@@ -223,6 +274,33 @@ impl ChatHistory {
                 self.turn_ids.insert(id.to_owned(), self.lines.len());
                 self.lines.push(entry);
             }
+        }
+        if !defer || self.pending.len() >= MAX_PENDING {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Write the deferred lines in one `write`.
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let Some(f) = self.file.as_mut() else {
+            self.pending.clear();
+            return Err(std::io::Error::other("history file not open"));
+        };
+        let res = f.write_all(&self.pending);
+        self.pending.clear();
+        if let Err(e) = res {
+            // A partial write would leave a torn line, and the index counts
+            // lines that are not in the file: drop the handle and re-derive
+            // the index from the file (which cuts the torn tail).
+            self.file = None;
+            if let Ok(reloaded) = Self::load(self.path.clone()) {
+                *self = reloaded;
+            }
+            return Err(e);
         }
         Ok(())
     }
@@ -270,7 +348,7 @@ mod tests {
             kind: ItemKind::AssistantMessage,
             text: format!("item {n}"),
             tool: None,
-            raw: Some(serde_json::json!({"n": n})),
+            raw: crate::events::RawJson::from_serialize(&serde_json::json!({"n": n})).ok(),
         }
     }
 
@@ -340,6 +418,45 @@ mod tests {
         check(&store);
         drop(store);
         check(&HistoryStore::new(dir.path().to_path_buf()));
+    }
+
+    fn deferred(store: &HistoryStore, n: usize) {
+        let mut line = serde_json::to_vec(&item(n)).unwrap();
+        line.push(b'\n');
+        store
+            .append_line("c_1", &format!("i_{n}"), false, &line, true)
+            .unwrap();
+    }
+
+    #[test]
+    fn deferred_lines_are_readable_at_once_and_written_on_flush_or_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c_1.jsonl");
+        let store = HistoryStore::new(dir.path().to_path_buf());
+        store.append("c_1", &item(0)).unwrap();
+        deferred(&store, 1);
+        deferred(&store, 2);
+        // Not on disk yet.
+        let on_disk = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(on_disk.lines().count(), 1);
+        // An explicit flush writes them in one go.
+        store.flush("c_1").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3);
+        // A page read sees deferred lines (it flushes first).
+        deferred(&store, 3);
+        let p = store.page("c_1", 10, 0, false).unwrap();
+        assert_eq!(ids(&p), ["i_0", "i_1", "i_2", "i_3"]);
+        // A non-deferred append writes what waited before it, in order.
+        deferred(&store, 4);
+        store.append("c_1", &item(5)).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 6);
+        // Dropping the store (shutdown) writes the rest.
+        deferred(&store, 6);
+        drop(store);
+        let store = HistoryStore::new(dir.path().to_path_buf());
+        let p = store.page("c_1", 10, 0, false).unwrap();
+        assert_eq!(p.total, 7);
+        assert_eq!(ids(&p).last().map(String::as_str), Some("i_6"));
     }
 
     #[test]

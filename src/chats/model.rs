@@ -4,7 +4,6 @@
 //! progress), never stored, so the two cannot disagree.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 pub use crate::providers::{ItemKind, ProviderKind, ToolInfo};
 
@@ -225,8 +224,10 @@ pub struct HistoryItem {
     pub text: String,
     #[serde(default)]
     pub tool: Option<ToolInfo>,
+    /// Last, so a line is the wire item plus `,"raw":…` (see
+    /// `ChatService::publish_item`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub raw: Option<Value>,
+    pub raw: Option<crate::events::RawJson>,
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::events::{ErrorBody, EventKind, TurnDelta};
+use crate::events::{ErrorBody, EventKind, RawJson, TurnDelta};
 use crate::providers::{self, ProviderEvent, ProviderSession, SessionConfig, TurnInput};
 use crate::util::{new_id, now_ts};
 
@@ -186,11 +186,40 @@ impl ChatService {
         }
     }
 
-    fn publish_item(&self, id: &str, turn_id: &str, mut item: HistoryItem) {
-        self.append_history(id, &item);
-        // `raw` is served by `?raw=true` history only, not streamed.
-        item.raw = None;
-        let wire = serde_json::to_value(&item).expect("history item serializes");
+    /// Store an item and stream it. The item is serialized once: the
+    /// `chat.turn.delta` carries that JSON as is, and the history line is
+    /// the same text with `,"raw":…` spliced in before the closing brace
+    /// (`raw` is the last field of [`HistoryItem`]; it is served by
+    /// `?raw=true` history only, not streamed).
+    ///
+    /// `defer` lets the history line wait for [`HistoryStore::flush`] (more
+    /// provider lines are already queued); the event is journaled at once.
+    ///
+    /// [`HistoryStore::flush`]: super::history::HistoryStore::flush
+    fn publish_item(&self, id: &str, turn_id: &str, mut item: HistoryItem, defer: bool) {
+        let raw = item.raw.take();
+        let wire = RawJson::from_serialize(&item).expect("history item serializes");
+        let json = wire.get().as_bytes();
+        let raw_len = raw.as_ref().map_or(0, |r| r.get().len() + 7);
+        let mut line = Vec::with_capacity(json.len() + raw_len + 1);
+        line.extend_from_slice(json);
+        if let Some(raw) = &raw {
+            // `json` ends with the object's `}`.
+            line.pop();
+            line.extend_from_slice(b",\"raw\":");
+            line.extend_from_slice(raw.get().as_bytes());
+            line.push(b'}');
+        }
+        line.push(b'\n');
+        if let Err(e) = self.inner.history.append_line(
+            id,
+            &item.id,
+            item.kind == ItemKind::UserMessage,
+            &line,
+            defer,
+        ) {
+            tracing::error!(chat.id = %id, error = %e, "could not append to the chat history");
+        }
         self.inner.bus.publish(
             Some(id),
             EventKind::TurnDelta(TurnDelta::Item {
@@ -345,7 +374,15 @@ async fn run_turn(
                     usage: providers::Usage::default(),
                 }
             }
-            Ok(running) => stream_turn(svc, id, rt, &turn, &ctx, running).await,
+            Ok(running) => {
+                let result = stream_turn(svc, id, rt, &turn, &ctx, running).await;
+                // Items deferred while lines were queued reach the file
+                // before the turn is recorded as ended.
+                if let Err(e) = inner.history.flush(id) {
+                    tracing::error!(chat.id = %id, error = %e, "could not append to the chat history");
+                }
+                result
+            }
         }
     };
 
@@ -363,6 +400,7 @@ async fn run_turn(
                 tool: None,
                 raw: None,
             },
+            false,
         );
     }
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -398,6 +436,8 @@ async fn stream_turn(
     svc.persist_in_background();
     let interrupter = running.interrupter();
     let mut stopping = false;
+    // History lines are waiting for the queue to run dry.
+    let mut deferred = false;
     // Provider item key → our item id, so an updated item and the text
     // streamed for it carry the id of the item they belong to.
     let mut item_ids: HashMap<String, String> = HashMap::new();
@@ -433,7 +473,12 @@ async fn stream_turn(
                         tool: item.tool,
                         raw: item.raw,
                     };
-                    svc.publish_item(id, &turn.turn_id, hi);
+                    // While more lines are already queued, the history
+                    // write waits for them (one write per burst); the
+                    // flush comes when the queue runs dry.
+                    let more = !running.events.is_empty();
+                    svc.publish_item(id, &turn.turn_id, hi, more);
+                    deferred = more;
                 }
                 Some(ProviderEvent::TextDelta { item_key, text }) => {
                     inner.bus.publish(
@@ -476,6 +521,12 @@ async fn stream_turn(
                 stopping = true;
                 let i = interrupter.clone();
                 tokio::spawn(async move { i.interrupt().await });
+            }
+        }
+        if deferred && running.events.is_empty() {
+            deferred = false;
+            if let Err(e) = inner.history.flush(id) {
+                tracing::error!(chat.id = %id, error = %e, "could not append to the chat history");
             }
         }
     }

@@ -12,6 +12,7 @@
 //! (`Lagged`), it re-attaches from its cursor and is caught up from the
 //! journal instead of losing events. Publishers never wait for subscribers.
 
+use std::io::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -40,6 +41,24 @@ pub struct Published {
 }
 
 impl Published {
+    /// From a complete frame whose envelope JSON starts at `json_start` and
+    /// which ends with `\n\n`.
+    fn from_frame(
+        id: u64,
+        kind: String,
+        chat_id: Option<String>,
+        frame: Vec<u8>,
+        json_start: usize,
+    ) -> Self {
+        Self {
+            id,
+            kind,
+            chat_id,
+            frame: Bytes::from(frame),
+            json_start,
+        }
+    }
+
     pub fn new(id: u64, kind: String, chat_id: Option<String>, json: &str) -> Self {
         let head = format!("id: {id}\nevent: {kind}\ndata: ");
         let mut frame = Vec::with_capacity(head.len() + json.len() + 2);
@@ -182,26 +201,39 @@ impl EventBus {
     /// event is still delivered live.
     pub fn publish(&self, chat_id: Option<&str>, kind: EventKind) -> Arc<Published> {
         let type_name = kind.type_name();
-        let body = serde_json::to_string(&Unnumbered {
-            ts: crate::util::now_ts(),
-            chat_id,
-            kind: &kind,
-        })
+        let mut body = Vec::with_capacity(256);
+        serde_json::to_writer(
+            &mut body,
+            &Unnumbered {
+                ts: crate::util::now_ts(),
+                chat_id,
+                kind: &kind,
+            },
+        )
         .expect("events serialize");
         let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         let id = state.last_id + 1;
         state.last_id = id;
+        // The SSE frame is built in one buffer; the journal line is a slice
+        // of it (the envelope plus the first of the two closing newlines).
         // `body` starts with `{`; put the id first so the journal index can
         // read it without a full parse.
-        let json = format!("{{\"id\":\"{id}\",{}", &body[1..]);
-        if let Err(e) = state.journal.append(id, &json) {
+        let mut frame = Vec::with_capacity(body.len() + type_name.len() + 64);
+        let _ = write!(frame, "id: {id}\nevent: {type_name}\ndata: ");
+        let json_start = frame.len();
+        let _ = write!(frame, "{{\"id\":\"{id}\",");
+        frame.extend_from_slice(&body[1..]);
+        frame.push(b'\n');
+        if let Err(e) = state.journal.append_line(id, &frame[json_start..]) {
             tracing::error!(error = %e, id, "could not append to the event journal");
         }
-        let published = Arc::new(Published::new(
+        frame.push(b'\n');
+        let published = Arc::new(Published::from_frame(
             id,
             type_name.to_owned(),
             chat_id.map(str::to_owned),
-            &json,
+            frame,
+            json_start,
         ));
         // No receivers is fine.
         let _ = self.inner.tx.send(published.clone());

@@ -135,15 +135,21 @@ impl Journal {
 
     /// Append one serialized event (without the trailing newline).
     pub fn append(&mut self, id: u64, json: &str) -> io::Result<()> {
-        if self.current.len >= self.segment_max {
-            self.rotate()?;
-        }
         let mut buf = Vec::with_capacity(json.len() + 1);
         buf.extend_from_slice(json.as_bytes());
         buf.push(b'\n');
-        (&*self.current.file).write_all(&buf)?;
+        self.append_line(id, &buf)
+    }
+
+    /// Append one serialized event that already ends with its `\n`.
+    pub fn append_line(&mut self, id: u64, line: &[u8]) -> io::Result<()> {
+        debug_assert_eq!(line.last(), Some(&b'\n'));
+        if self.current.len >= self.segment_max {
+            self.rotate()?;
+        }
+        (&*self.current.file).write_all(line)?;
         self.current.index.push((id, self.current.len));
-        self.current.len += buf.len() as u64;
+        self.current.len += line.len() as u64;
         Ok(())
     }
 

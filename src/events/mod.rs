@@ -113,7 +113,8 @@ pub enum TurnDelta {
     Item {
         #[serde(rename = "turnId")]
         turn_id: String,
-        item: Value,
+        /// The history item's JSON, serialized once by its producer.
+        item: RawJson,
     },
     Text {
         #[serde(rename = "turnId")]
@@ -178,6 +179,53 @@ pub struct EventHeader<'a> {
     pub kind: std::borrow::Cow<'a, str>,
     #[serde(rename = "chatId", borrow, default)]
     pub chat_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A JSON value kept as its text (`serde_json`'s `RawValue`): written out
+/// verbatim, so storing or streaming it costs a copy, not a parse into a
+/// tree and a serialization back. Two values are equal when they are equal
+/// as JSON (spacing and key order do not matter).
+#[derive(Clone, Debug, Serialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// Wrap JSON text; `None` if it is not valid JSON.
+    pub fn from_text(text: &str) -> Option<Self> {
+        serde_json::value::RawValue::from_string(text.trim().to_owned())
+            .ok()
+            .map(Self)
+    }
+
+    /// Serialize anything serializable (infallible for `Value`-like data).
+    pub fn from_serialize<T: Serialize + ?Sized>(v: &T) -> serde_json::Result<Self> {
+        serde_json::value::to_raw_value(v).map(Self)
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Parse into a tree.
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get() || self.to_value() == other.to_value()
+    }
+}
+
+impl<'de> Deserialize<'de> for RawJson {
+    /// Through a tree, so it also works inside untagged enums (whose
+    /// content serde buffers, which `RawValue` cannot read from).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        Self::from_serialize(&v).map_err(serde::de::Error::custom)
+    }
 }
 
 #[cfg(test)]

@@ -173,7 +173,7 @@ pub fn try_parse_line(
         }
     }
     let v = serde_json::from_str::<Value>(line)?;
-    Ok(parse_value(p, v))
+    Ok(parse_value(p, v, line))
 }
 
 /// The parts of a `stream_event` line we read.
@@ -221,8 +221,9 @@ struct StreamMessage<'a> {
     id: Option<Cow<'a, str>>,
 }
 
-/// [`parse_line`] for an already parsed line.
-pub fn parse_value(p: &mut ClaudeParser, v: Value) -> Vec<ProviderEvent> {
+/// [`parse_line`] for an already parsed line (`line` is its text, kept as
+/// the items' `raw`).
+pub fn parse_value(p: &mut ClaudeParser, v: Value, line: &str) -> Vec<ProviderEvent> {
     let mut out = Vec::new();
     match v.get("type").and_then(Value::as_str).unwrap_or("") {
         "system" => {
@@ -253,7 +254,7 @@ pub fn parse_value(p: &mut ClaudeParser, v: Value) -> Vec<ProviderEvent> {
         "result" => result(p, &v, &mut out),
         _ => {}
     }
-    attach_raw(&mut out, v);
+    attach_raw(&mut out, line);
     out
 }
 
@@ -450,7 +451,7 @@ fn result(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
             is_error: true,
             exit_code: None,
         });
-        item.raw = Some(denial.clone());
+        item.raw = super::RawJson::from_serialize(denial).ok();
         out.push(ProviderEvent::Item(item));
     }
     let usage = result_usage(v);

@@ -147,11 +147,12 @@ pub fn parse_line(p: &mut CodexParser, line: &str) -> Vec<ProviderEvent> {
     let Ok(v) = serde_json::from_str::<Value>(line) else {
         return Vec::new();
     };
-    parse_value(p, v)
+    parse_value(p, v, line)
 }
 
-/// [`parse_line`] for an already parsed line.
-pub fn parse_value(p: &mut CodexParser, v: Value) -> Vec<ProviderEvent> {
+/// [`parse_line`] for an already parsed line (`line` is its text, kept as
+/// the items' `raw`).
+pub fn parse_value(p: &mut CodexParser, v: Value, line: &str) -> Vec<ProviderEvent> {
     let mut out = Vec::new();
     match v.get("type").and_then(Value::as_str).unwrap_or("") {
         "thread.started" => {
@@ -222,7 +223,7 @@ pub fn parse_value(p: &mut CodexParser, v: Value) -> Vec<ProviderEvent> {
         }
         _ => {}
     }
-    attach_raw(&mut out, v);
+    attach_raw(&mut out, line);
     out
 }
 

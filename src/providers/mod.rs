@@ -34,6 +34,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+pub use crate::events::RawJson;
+
 /// Which agent CLI a chat drives.
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Hash, Debug)]
 #[serde(rename_all = "lowercase")]
@@ -187,9 +189,10 @@ pub struct NormalizedItem {
     /// key `result:<tool id>`). Not part of the wire item.
     #[serde(skip)]
     pub key: Option<String>,
-    /// The provider's raw line (served only with `?raw=true`).
+    /// The provider's raw line (served only with `?raw=true`), kept as
+    /// text: it is stored, never inspected.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub raw: Option<Value>,
+    pub raw: Option<RawJson>,
 }
 
 impl NormalizedItem {
@@ -382,8 +385,9 @@ impl ProviderSession {
 
 /// Give each item of a line that line as `raw`: moved when there is one
 /// item (the common case), cloned otherwise. Items that carry a narrower
-/// raw (a permission denial) keep theirs.
-pub(crate) fn attach_raw(out: &mut [ProviderEvent], v: Value) {
+/// raw (a permission denial) keep theirs. `line` must be valid JSON (the
+/// caller parsed it).
+pub(crate) fn attach_raw(out: &mut [ProviderEvent], line: &str) {
     let mut wanting = out
         .iter_mut()
         .filter_map(|e| match e {
@@ -391,12 +395,16 @@ pub(crate) fn attach_raw(out: &mut [ProviderEvent], v: Value) {
             _ => None,
         })
         .collect::<Vec<_>>();
-    if let Some(last) = wanting.pop() {
-        for item in wanting {
-            item.raw = Some(v.clone());
-        }
-        last.raw = Some(v);
+    let Some(last) = wanting.pop() else {
+        return;
+    };
+    let Some(raw) = RawJson::from_text(line) else {
+        return;
+    };
+    for item in wanting {
+        item.raw = Some(raw.clone());
     }
+    last.raw = Some(raw);
 }
 
 /// A lock that survives a panicked holder: provider state must stay usable.

@@ -914,7 +914,7 @@ async fn drive_codex(
                 match line {
                     Ok(Some(Line::Text(s))) => {
                         let events = match serde_json::from_str(s) {
-                            Ok(v) => codex::parse_value(&mut r.parser, v),
+                            Ok(v) => codex::parse_value(&mut r.parser, v, s),
                             Err(_) => {
                                 log_not_json(ProviderKind::Codex, s);
                                 Vec::new()
