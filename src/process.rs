@@ -70,21 +70,47 @@ pub fn group_alive(pgid: u32) -> bool {
         return true;
     };
     dir.flatten().any(|entry| {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             return false;
         };
-        matches!(stat_fields(pid), Some((state, group)) if group == pgid && state != 'Z' && state != 'X')
+        matches!(proc_stat(pid), Some((state, _, group)) if group == pgid && is_live(state))
     })
 }
 
-/// `(state, pgrp)` of a process from `/proc/<pid>/stat`.
-fn stat_fields(pid: u32) -> Option<(char, u32)> {
+/// `(state, ppid, pgrp)` of a process from `/proc/<pid>/stat`.
+pub fn proc_stat(pid: u32) -> Option<(char, u32, u32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut rest = stat[stat.rfind(')')? + 2..].split_whitespace();
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let mut rest = stat.get(stat.rfind(')')? + 2..)?.split_whitespace();
     let state = rest.next()?.chars().next()?;
-    let _ppid = rest.next()?;
+    let ppid = rest.next()?.parse().ok()?;
     let pgrp = rest.next()?.parse().ok()?;
-    Some((state, pgrp))
+    Some((state, ppid, pgrp))
+}
+
+fn is_live(state: char) -> bool {
+    state != 'Z' && state != 'X'
+}
+
+/// Whether `pid` exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    matches!(proc_stat(pid), Some((state, _, _)) if is_live(state))
+}
+
+/// How long a KILLed process may take to actually be gone.
+pub const KILL_SETTLE: Duration = Duration::from_secs(2);
+
+/// Wait (at most [`KILL_SETTLE`]) until group `pgid` has no live member:
+/// KILL is delivered asynchronously.
+pub async fn settle_group(pgid: u32) {
+    let deadline = tokio::time::Instant::now() + KILL_SETTLE;
+    while group_alive(pgid) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// End `child` and everything in its process group: TERM, wait up to
@@ -109,13 +135,18 @@ pub async fn stop_group(child: &mut Child, grace: Duration) -> std::io::Result<E
 }
 
 /// After a group leader exited, give the rest of its group `grace` to leave
-/// on their own, then KILL whatever remains.
+/// on their own, then KILL whatever remains and wait (briefly) until the
+/// kernel has actually ended them, so callers can report "stopped" truthfully.
 pub async fn kill_group_stragglers(pgid: u32, grace: Duration) {
     let deadline = tokio::time::Instant::now() + grace;
     while group_alive(pgid) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    if !group_alive(pgid) {
+        return;
+    }
     let _ = signal_group(pgid, Signal::SIGKILL);
+    settle_group(pgid).await;
 }
 
 /// Start time of `pid` in clock ticks since boot (field 22 of
@@ -177,10 +208,7 @@ mod tests {
             .await
             .unwrap();
         assert!(!group_alive(pgid));
-        assert!(matches!(
-            stat_fields(grandchild as u32),
-            None | Some(('Z', _))
-        ));
+        assert!(!pid_alive(grandchild as u32));
     }
 
     #[test]

@@ -563,7 +563,7 @@ async fn drive_claude(
                         // stdout closed: the process is ending without a result.
                         let status = reap(&mut p.child, cfg.kill_grace, cfg.kill_grace).await;
                         process::kill_group_stragglers(p.pgid, cfg.kill_grace).await;
-                        settle_group(p.pgid).await;
+                        process::settle_group(p.pgid).await;
                         let outcome = if interrupt_deadline.is_some() {
                             Outcome::Interrupted
                         } else {
@@ -626,7 +626,9 @@ async fn drive_claude(
             }
         }
     };
-    let keep = keep && p.alive();
+    // A shutdown that interrupted this turn wants no process kept: stop it
+    // here, before `Finished`, so "shut down" means the group is gone.
+    let keep = keep && p.alive() && !lock(&shared.state).closed;
     let pgid = p.pgid;
     let proc = if keep {
         Some(p)
@@ -663,7 +665,7 @@ async fn end_tool_processes(pgid: u32, leader: Option<u32>, grace: Duration) {
         signal_pid(pid, Signal::SIGTERM);
     }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && targets.iter().any(|&p| pid_alive(p)) {
+    while Instant::now() < deadline && targets.iter().any(|&p| process::pid_alive(p)) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Anything they spawned meanwhile is in the same set by construction.
@@ -676,29 +678,16 @@ async fn end_tool_processes(pgid: u32, leader: Option<u32>, grace: Duration) {
     }
     // KILL is delivered asynchronously: wait until it took effect, so
     // "interrupted" really means "nothing of the turn runs".
-    let deadline = Instant::now() + KILL_SETTLE;
-    while Instant::now() < deadline && targets.iter().any(|&p| pid_alive(p)) {
+    let deadline = Instant::now() + process::KILL_SETTLE;
+    while Instant::now() < deadline && targets.iter().any(|&p| process::pid_alive(p)) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
-/// How long a KILLed process may take to actually be gone.
-const KILL_SETTLE: Duration = Duration::from_secs(2);
-
-/// Stop `child`'s whole group and wait until no member is left (KILL takes
-/// effect asynchronously).
+/// Stop `child`'s whole group; returns once no member is left.
 async fn stop_group_fully(child: &mut Child, pgid: u32, grace: Duration) {
     if let Err(e) = process::stop_group(child, grace).await {
         tracing::warn!(pgid, error = %e, "stopping a provider process group failed");
-    }
-    settle_group(pgid).await;
-}
-
-/// Wait (bounded) until group `pgid` has no live member.
-async fn settle_group(pgid: u32) {
-    let deadline = Instant::now() + KILL_SETTLE;
-    while process::group_alive(pgid) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -712,7 +701,7 @@ fn tool_processes(pgid: u32, leader: u32) -> Vec<u32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| {
-            let (state, ppid, pgrp) = stat_of(pid)?;
+            let (state, ppid, pgrp) = process::proc_stat(pid)?;
             (state != 'Z' && state != 'X').then_some((pid, ppid, pgrp))
         })
         .collect();
@@ -739,19 +728,6 @@ fn tool_processes(pgid: u32, leader: u32) -> Vec<u32> {
 }
 
 /// `(state, ppid, pgrp)` from `/proc/<pid>/stat`.
-fn stat_of(pid: u32) -> Option<(char, u32, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut rest = stat.get(stat.rfind(')')? + 2..)?.split_whitespace();
-    let state = rest.next()?.chars().next()?;
-    let ppid = rest.next()?.parse().ok()?;
-    let pgrp = rest.next()?.parse().ok()?;
-    Some((state, ppid, pgrp))
-}
-
-fn pid_alive(pid: u32) -> bool {
-    matches!(stat_of(pid), Some((state, _, _)) if state != 'Z' && state != 'X')
-}
-
 fn signal_pid(pid: u32, sig: Signal) {
     if pid > 1 {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
@@ -986,7 +962,7 @@ async fn drive_codex(
     };
     // The turn is over only when nothing of it runs any more.
     process::kill_group_stragglers(r.proc.pgid, cfg.kill_grace).await;
-    settle_group(r.proc.pgid).await;
+    process::settle_group(r.proc.pgid).await;
     tracing::info!(pgid = r.proc.pgid, outcome = ?result.outcome, "codex turn finished");
     shared.end_turn(None, r.parser.thread_usage());
     emit(&tx, ProviderEvent::Finished(result)).await;
