@@ -11,19 +11,17 @@
 //!
 //! Needs `cargo build --release --bins` first.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::ffi::OsStr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
-use crate::percentiles;
+use crate::engine::{engine_bin, Engine};
+use crate::{ms, percentiles};
 
-const SECRET: &str = "bench-secret";
 const LINES: usize = 100_000;
 const STARTED_SAMPLES: usize = 40;
 const CONCURRENT: usize = 20;
@@ -59,16 +57,7 @@ out.flush()
 "#;
 
 pub async fn run() -> anyhow::Result<()> {
-    let bin = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/target/release/replicas-engine"
-    ));
-    if !bin.exists() {
-        bail!(
-            "{} is missing; run `cargo build --release --bins` first",
-            bin.display()
-        );
-    }
+    let bin = engine_bin()?;
     let home = tempfile::tempdir()?;
     let fake = home.path().join("bench-codex");
     std::fs::write(&fake, FAKE_CODEX)?;
@@ -76,7 +65,17 @@ pub async fn run() -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755))?;
     }
-    let engine = Engine::start(&bin, home.path(), &fake).await?;
+    let engine = Engine::start(
+        home.path(),
+        &[
+            ("CODEX_BIN", fake.as_os_str()),
+            (
+                "RUST_LOG",
+                OsStr::new("warn,replicas_engine=info,replicas_engine::chats=warn,replicas_engine::providers=warn"),
+            ),
+        ],
+    )
+    .await?;
     println!(
         "chats: engine {} with a python fake codex (line text = write time)",
         bin.display()
@@ -166,7 +165,7 @@ async fn concurrent(engine: &Engine, n: usize) -> anyhow::Result<(Vec<Duration>,
     }
     let mut tasks = Vec::new();
     for (chat, mut sse) in chats {
-        let engine = engine.clone_handle();
+        let engine = engine.handle();
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
             engine.send(&chat, &format!("PACED={PACED_LINES}")).await?;
@@ -181,10 +180,6 @@ async fn concurrent(engine: &Engine, n: usize) -> anyhow::Result<(Vec<Duration>,
         start.push(s);
     }
     Ok((lat, start))
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 struct TurnRun {
@@ -249,86 +244,8 @@ struct Frame {
     wall: SystemTime,
 }
 
-struct Engine {
-    child: Option<tokio::process::Child>,
-    base: String,
-    client: reqwest::Client,
-}
-
+/// Chat calls on the shared bench engine.
 impl Engine {
-    async fn start(bin: &Path, home: &Path, fake: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(home.join("workspaces"))?;
-        let mut child = tokio::process::Command::new(bin)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("REPLICAS_ENGINE_SECRET", SECRET)
-            .env("WORKSPACE_HOME", home)
-            .env("HOME", home)
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .env("REPLICAS_READY_FILE", home.join("ready"))
-            .env("CODEX_BIN", fake)
-            .env("RUST_LOG", "warn,replicas_engine=info,replicas_engine::chats=warn,replicas_engine::providers=warn")
-            .current_dir(home)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting the engine")?;
-        let mut lines = BufReader::new(child.stderr.take().context("engine stderr")?).lines();
-        let base = loop {
-            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-                .await
-                .context("engine did not start")??
-                .context("engine exited")?;
-            if let Some(i) = line.find("listening on http://") {
-                break line[i + "listening on ".len()..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert("x-replicas-engine-secret", SECRET.parse()?);
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .build()?;
-        Ok(Self {
-            child: Some(child),
-            base,
-            client,
-        })
-    }
-
-    /// CPU time (user + system) the engine process used so far, in seconds.
-    fn cpu_secs(&self) -> f64 {
-        let Some(pid) = self.child.as_ref().and_then(|c| c.id()) else {
-            return 0.0;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return 0.0;
-        };
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            return 0.0;
-        };
-        // Fields 14 and 15 (utime, stime), counted from field 3 here.
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-        ticks / 100.0
-    }
-
-    fn clone_handle(&self) -> Self {
-        Self {
-            child: None,
-            base: self.base.clone(),
-            client: self.client.clone(),
-        }
-    }
-
     async fn create_chat(&self) -> anyhow::Result<String> {
         let res = self
             .client
@@ -397,17 +314,5 @@ impl Engine {
             }
         });
         Ok(rx)
-    }
-
-    async fn stop(mut self) {
-        if let Some(child) = self.child.as_mut() {
-            if let Some(pid) = child.id() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-        }
     }
 }

@@ -11,7 +11,8 @@
 //! re-executed as `__engine-host`, which runs the same library code
 //! (`AppState::build` + `app::run`) plus a timed publisher.
 
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::path::Path;
 use std::process::Stdio;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,9 +22,8 @@ use replicas_engine::events::{EventBus, EventKind};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::percentiles;
-
-const SECRET: &str = "bench-secret";
+use crate::engine::{Engine, SECRET};
+use crate::{ms, percentiles};
 
 pub async fn run() -> anyhow::Result<()> {
     println!("== events");
@@ -55,11 +55,6 @@ pub async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn engine_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.with_file_name("replicas-engine")
-}
-
 fn now_nanos() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -87,77 +82,18 @@ fn home_with_events(n: usize) -> anyhow::Result<tempfile::TempDir> {
     Ok(home)
 }
 
-struct Engine {
-    child: tokio::process::Child,
-    addr: String,
-}
-
-impl Engine {
-    async fn start(home: &Path) -> anyhow::Result<(Self, Duration)> {
-        let started = Instant::now();
-        let mut child = tokio::process::Command::new(engine_bin())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("REPLICAS_ENGINE_SECRET", SECRET)
-            .env("WORKSPACE_HOME", home)
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .env("REPLICAS_READY_FILE", "/dev/null")
-            .env("RUST_LOG", "warn,replicas_engine=info")
-            .env("REPLICAS_EVENTS_MAX_BYTES", "1099511627776")
-            .current_dir(home)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("start the release engine (cargo build --release --bins)")?;
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next_line()
-                .await?
-                .context("engine exited before listening")?;
-            if let Some(i) = line.find("listening on http://") {
-                break line[i + "listening on http://".len()..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .to_owned();
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        // First 200 from /health.
-        loop {
-            if let Ok((200, _)) = raw_get(&addr, "/health").await {
-                break;
-            }
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
-        Ok((Self { child, addr }, started.elapsed()))
+/// Start the engine on `home` and time spawn → first 200 from `/health`.
+async fn start_timed(home: &Path) -> anyhow::Result<(Engine, Duration)> {
+    let engine = Engine::start(
+        home,
+        &[("REPLICAS_EVENTS_MAX_BYTES", OsStr::new("1099511627776"))],
+    )
+    .await?;
+    while !matches!(raw_get(&engine.addr, "/health").await, Ok((200, _))) {
+        tokio::time::sleep(Duration::from_micros(200)).await;
     }
-
-    fn rss_kb(&self) -> u64 {
-        let pid = self.child.id().unwrap_or(0);
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-            })
-            .unwrap_or(0)
-    }
-
-    async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        let _ = self.child.wait().await;
-    }
+    let took = engine.spawned_at.elapsed();
+    Ok((engine, took))
 }
 
 /// One HTTP/1.1 GET on a fresh connection; returns (status, body).
@@ -178,9 +114,9 @@ async fn startup_and_rss() -> anyhow::Result<()> {
     for n in [0usize, 100_000] {
         let home = home_with_events(n)?;
         let mut times = Vec::new();
-        let mut rss = 0;
+        let mut rss = 0.0;
         for run in 0..5 {
-            let (engine, took) = Engine::start(home.path()).await?;
+            let (engine, took) = start_timed(home.path()).await?;
             times.push(took);
             if run == 0 {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -193,7 +129,7 @@ async fn startup_and_rss() -> anyhow::Result<()> {
             "startup to first /health 200 with {n} events: median {:.1} ms (max {:.1} ms over 5 runs); idle RSS {:.1} MB",
             ms(p50),
             ms(max),
-            rss as f64 / 1024.0
+            rss / 1024.0
         );
     }
     Ok(())
@@ -202,7 +138,7 @@ async fn startup_and_rss() -> anyhow::Result<()> {
 async fn replay() -> anyhow::Result<()> {
     let n = 100_000usize;
     let home = home_with_events(n)?;
-    let (engine, _) = Engine::start(home.path()).await?;
+    let (engine, _) = start_timed(home.path()).await?;
     let last = n as u64 + 1; // + engine.ready
     let mut runs = Vec::new();
     for _ in 0..3 {
@@ -244,7 +180,7 @@ async fn replay() -> anyhow::Result<()> {
 
 async fn request_throughput() -> anyhow::Result<()> {
     let home = home_with_events(0)?;
-    let (engine, _) = Engine::start(home.path()).await?;
+    let (engine, _) = start_timed(home.path()).await?;
     for path in ["/health", "/status"] {
         let conns = 64;
         let dur = Duration::from_secs(5);
@@ -465,8 +401,4 @@ async fn subscriber(
     }
     let ok = in_order && lat.len() == total;
     Ok((lat, ok))
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }

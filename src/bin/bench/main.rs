@@ -5,6 +5,7 @@
 //! Usage: `replicas-bench [area ...]` (default: all areas).
 
 mod chats;
+mod engine;
 mod events;
 mod providers;
 mod repos;
@@ -46,4 +47,9 @@ pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration, Duration) {
     samples.sort_unstable();
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     (at(0.50), at(0.99), *samples.last().unwrap())
+}
+
+/// A duration in milliseconds, for reports.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }

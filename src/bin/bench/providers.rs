@@ -10,9 +10,11 @@
 //!   start-up included).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
+
+use crate::ms;
 use replicas_engine::providers::lines::{CappedLines, Line};
 use replicas_engine::providers::{
     claude, codex, ProviderEvent, ProviderKind, ProviderSession, SessionConfig, TurnInput,
@@ -185,8 +187,4 @@ async fn turn_start(kind: ProviderKind, home: &Path) -> anyhow::Result<()> {
         ms(max)
     );
     Ok(())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }

@@ -5,18 +5,19 @@
 //!    run by hand on the same repo (target ≤ 1.3×);
 //! 2. `GET /repos` over 20 small repos (target ≤ 100 ms).
 
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Context};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use anyhow::bail;
 
-const SECRET: &str = "bench-secret";
+use crate::engine::{engine_bin, Engine};
+
 const ROUNDS: usize = 15;
 
 pub async fn run() -> anyhow::Result<()> {
-    let bin = engine_binary()?;
+    let bin = engine_bin()?;
     println!("repos: engine {}", bin.display());
 
     // 1. One big repo.
@@ -29,7 +30,7 @@ pub async fn run() -> anyhow::Result<()> {
         "repos: generated 20,000 files / 500 changed in {:.1?}",
         t.elapsed()
     );
-    let engine = Engine::start(&bin, home.path()).await?;
+    let engine = Engine::start(home.path(), &[("GH_BIN", OsStr::new("/nonexistent/gh"))]).await?;
     let mut api = Vec::new();
     let mut bytes = 0;
     for i in 0..ROUNDS + 2 {
@@ -72,7 +73,7 @@ pub async fn run() -> anyhow::Result<()> {
     for i in 0..20 {
         generate_big_repo(&ws.join(format!("repo-{i:02}")), 20, 2)?;
     }
-    let engine = Engine::start(&bin, home.path()).await?;
+    let engine = Engine::start(home.path(), &[("GH_BIN", OsStr::new("/nonexistent/gh"))]).await?;
     let mut list = Vec::new();
     for i in 0..ROUNDS * 2 + 2 {
         let t = Instant::now();
@@ -102,18 +103,6 @@ pub async fn run() -> anyhow::Result<()> {
     );
     engine.stop().await;
     Ok(())
-}
-
-fn engine_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.with_file_name("replicas-engine");
-    if !bin.exists() {
-        bail!(
-            "{} not found; run `cargo build --release --bins` first",
-            bin.display()
-        );
-    }
-    Ok(bin)
 }
 
 fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -160,87 +149,4 @@ fn generate_big_repo(dir: &Path, files: usize, changed: usize) -> anyhow::Result
     // Let git record fresh stat data once, as an agent's own git use would.
     git(dir, &["status"])?;
     Ok(())
-}
-
-struct Engine {
-    child: tokio::process::Child,
-    base: String,
-    client: reqwest::Client,
-}
-
-impl Engine {
-    async fn start(bin: &Path, home: &Path) -> anyhow::Result<Self> {
-        std::fs::write(home.join("ready"), "")?;
-        let mut child = tokio::process::Command::new(bin)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("REPLICAS_ENGINE_SECRET", SECRET)
-            .env("WORKSPACE_HOME", home)
-            .env("HOME", home)
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .env("REPLICAS_READY_FILE", home.join("ready"))
-            .env("GH_BIN", "/nonexistent/gh")
-            .env("RUST_LOG", "info")
-            .current_dir(home)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning the engine")?;
-        let stderr = child.stderr.take().context("engine stderr")?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let mut tx = Some(tx);
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(i) = line.find("listening on http://") {
-                    if let Some(tx) = tx.take() {
-                        let addr = line[i + "listening on ".len()..]
-                            .split_whitespace()
-                            .next()
-                            .unwrap_or("")
-                            .to_owned();
-                        let _ = tx.send(addr);
-                    }
-                }
-            }
-        });
-        let base = tokio::time::timeout(Duration::from_secs(30), rx)
-            .await
-            .context("engine start")??;
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert("x-replicas-engine-secret", SECRET.parse()?);
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .build()?;
-        Ok(Self {
-            child,
-            base,
-            client,
-        })
-    }
-
-    async fn get(&self, path: &str) -> anyhow::Result<String> {
-        let res = self
-            .client
-            .get(format!("{}{}", self.base, path))
-            .send()
-            .await?;
-        if !res.status().is_success() {
-            bail!("GET {path}: {}", res.status());
-        }
-        Ok(res.text().await?)
-    }
-
-    async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
-    }
 }

@@ -12,13 +12,12 @@
 //!    until it "comes back"; time from then to the first delivery (the
 //!    sender's backoff wait) and until the backlog is drained.
 
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use axum::body::Bytes;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -29,6 +28,8 @@ use replicas_engine::upstream::outbox::{Outbox, OutboxConfig};
 use replicas_engine::upstream::Webhooks;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+
+use crate::engine::Engine;
 
 const BACKLOG: u64 = 10_000;
 const LIVE_EVENTS: u64 = 20_000;
@@ -104,17 +105,8 @@ fn turn_completed(i: u64) -> EventKind {
 
 pub async fn run() -> anyhow::Result<()> {
     live_throughput().await?;
-    let engine = std::env::current_exe()?
-        .parent()
-        .context("bench binary has no directory")?
-        .join("replicas-engine");
-    anyhow::ensure!(
-        engine.exists(),
-        "{} missing: run `cargo build --release --bins` first",
-        engine.display()
-    );
-    recovery(&engine, false).await?;
-    recovery(&engine, true).await?;
+    recovery(false).await?;
+    recovery(true).await?;
     Ok(())
 }
 
@@ -185,30 +177,20 @@ fn seed_backlog(home: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn recovery(engine: &Path, backend_down_first: bool) -> anyhow::Result<()> {
+async fn recovery(backend_down_first: bool) -> anyhow::Result<()> {
     let (counter, url) = mock_backend().await?;
     counter.down.store(backend_down_first, Ordering::Relaxed);
     let home = tempfile::tempdir()?;
     seed_backlog(home.path())?;
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(engine)
-        .env_clear()
-        .env("REPLICAS_ENGINE_SECRET", "bench-secret")
-        .env("WORKSPACE_HOME", home.path())
-        .env("HOME", home.path())
-        .env("HOST", "127.0.0.1")
-        .env("PORT", "0")
-        .env("WORKSPACE_ID", "ws_bench")
-        .env("MONOLITH_URL", &url)
-        .env("REPLICAS_READY_FILE", home.path().join("ready"))
-        .env("RUST_LOG", "warn")
-        .current_dir(home.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the engine")?;
+    let engine = Engine::start(
+        home.path(),
+        &[
+            ("WORKSPACE_ID", OsStr::new("ws_bench")),
+            ("MONOLITH_URL", OsStr::new(&url)),
+        ],
+    )
+    .await?;
     if backend_down_first {
         // Let it fail a few times (backoff 0.5 s, 1 s, …), then come back.
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -235,7 +217,6 @@ async fn recovery(engine: &Path, backend_down_first: bool) -> anyhow::Result<()>
             counter.out_of_order.load(Ordering::Relaxed),
         );
     }
-    let _ = child.start_kill();
-    let _ = child.wait().await;
+    engine.stop().await;
     Ok(())
 }
