@@ -367,6 +367,32 @@ struct ClaudeProc {
     resumed: bool,
 }
 
+/// Spawn a provider CLI (args and stdin already set on `cmd`) in the
+/// session's cwd with its extra env, stdout and stderr piped; stderr is
+/// drained into a tail for error messages.
+fn spawn_provider(
+    mut cmd: tokio::process::Command,
+    cfg: &SessionConfig,
+    kind: ProviderKind,
+) -> Result<(Child, u32, ChildStdout, StderrTail), ProviderError> {
+    cmd.current_dir(&cfg.cwd)
+        .envs(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| ProviderError::Spawn {
+        bin: cfg.bin.display().to_string(),
+        source,
+    })?;
+    let pgid = child.id().unwrap_or(0);
+    let Some(stdout) = child.stdout.take() else {
+        return Err(ProviderError::Io(std::io::Error::other(format!(
+            "{kind} stdout not piped"
+        ))));
+    };
+    let stderr = StderrTail::drain(child.stderr.take(), kind);
+    Ok((child, pgid, stdout, stderr))
+}
+
 impl ClaudeProc {
     fn spawn(
         cfg: &SessionConfig,
@@ -375,23 +401,14 @@ impl ClaudeProc {
     ) -> Result<Self, ProviderError> {
         let mut cmd = process::command(&cfg.bin);
         cmd.args(claude::build_args(&flags, resume))
-            .current_dir(&cfg.cwd)
             .envs(claude::ENV)
-            .envs(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|source| ProviderError::Spawn {
-            bin: cfg.bin.display().to_string(),
-            source,
-        })?;
-        let pgid = child.id().unwrap_or(0);
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            .stdin(Stdio::piped());
+        let (mut child, pgid, stdout, stderr) = spawn_provider(cmd, cfg, ProviderKind::Claude)?;
+        let Some(stdin) = child.stdin.take() else {
             return Err(ProviderError::Io(std::io::Error::other(
-                "claude stdio not piped",
+                "claude stdin not piped",
             )));
         };
-        let stderr = StderrTail::drain(child.stderr.take(), ProviderKind::Claude);
         tracing::info!(pgid, resume = resume.is_some(), "claude process started");
         Ok(Self {
             child,
@@ -808,22 +825,8 @@ impl CodexProc {
     ) -> Result<Self, ProviderError> {
         let mut cmd = process::command(&cfg.bin);
         cmd.args(codex::build_args(input, resume, image_files))
-            .current_dir(&cfg.cwd)
-            .envs(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|source| ProviderError::Spawn {
-            bin: cfg.bin.display().to_string(),
-            source,
-        })?;
-        let pgid = child.id().unwrap_or(0);
-        let Some(stdout) = child.stdout.take() else {
-            return Err(ProviderError::Io(std::io::Error::other(
-                "codex stdout not piped",
-            )));
-        };
-        let stderr = StderrTail::drain(child.stderr.take(), ProviderKind::Codex);
+            .stdin(Stdio::null());
+        let (child, pgid, stdout, stderr) = spawn_provider(cmd, cfg, ProviderKind::Codex)?;
         tracing::info!(pgid, resume = resume.is_some(), "codex process started");
         Ok(Self {
             child,
