@@ -66,19 +66,68 @@ pub fn group_alive(pgid: u32) -> bool {
     if pgid == 0 || killpg(Pid::from_raw(pgid as i32), None).is_err() {
         return false;
     }
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return true;
+    match live_processes() {
+        Some(procs) => procs.iter().any(|p| p.pgrp == pgid),
+        None => true,
+    }
+}
+
+/// One live process as `/proc` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub pid: u32,
+    pub ppid: u32,
+    pub pgrp: u32,
+}
+
+/// Every live (non-zombie) process, from one pass over `/proc`; `None`
+/// when `/proc` cannot be read. The one `/proc` directory reader.
+pub fn live_processes() -> Option<Vec<ProcInfo>> {
+    let dir = std::fs::read_dir("/proc").ok()?;
+    Some(
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(|pid| {
+                let (state, ppid, pgrp) = proc_stat(pid)?;
+                is_live(state).then_some(ProcInfo { pid, ppid, pgrp })
+            })
+            .collect(),
+    )
+}
+
+/// Live processes in group `pgid` or descended from `leader` (even when they
+/// moved to a group of their own), except `leader` itself: what a
+/// long-lived agent's tools left running.
+pub fn members_and_descendants(pgid: u32, leader: u32) -> Vec<u32> {
+    let Some(procs) = live_processes() else {
+        return Vec::new();
     };
-    dir.flatten().any(|entry| {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            return false;
-        };
-        matches!(proc_stat(pid), Some((state, _, group)) if group == pgid && is_live(state))
-    })
+    let mut out: Vec<u32> = procs
+        .iter()
+        .filter(|p| p.pgrp == pgid && p.pid != leader)
+        .map(|p| p.pid)
+        .collect();
+    let mut frontier = vec![leader];
+    let mut seen = vec![leader];
+    while let Some(parent) = frontier.pop() {
+        for p in &procs {
+            if p.ppid == parent && !seen.contains(&p.pid) {
+                seen.push(p.pid);
+                frontier.push(p.pid);
+                out.push(p.pid);
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Send `sig` to one process; "already gone" and pid 0/1 are ignored.
+pub fn signal_pid(pid: u32, sig: Signal) {
+    if pid > 1 {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), sig);
+    }
 }
 
 /// `(state, ppid, pgrp)` of a process from `/proc/<pid>/stat`.
@@ -179,6 +228,167 @@ pub fn kill_recorded_group(pgid: u32, start_time: Option<u64>) -> bool {
     same
 }
 
+/// A child running as the leader of its own process group (started from a
+/// [`command`]), with the leader's start time recorded for identity. The
+/// one handle providers and hooks use to run, stop and reap a process tree.
+///
+/// Dropping a `Group` whose leader's exit was not observed KILLs the whole
+/// group (`kill_on_drop` alone reaches only the leader); after the leader
+/// exited normally its background children are left alone (a hook that
+/// starts a service), unless the owner ends them with [`Group::reap_stragglers`].
+pub struct Group {
+    child: Child,
+    pgid: u32,
+    start_time: Option<u64>,
+    exited: bool,
+}
+
+impl Group {
+    /// Spawn `cmd` (built with [`command`]) as a new group.
+    pub fn spawn(cmd: &mut Command) -> std::io::Result<Self> {
+        let child = cmd.spawn()?;
+        let pgid = child.id().unwrap_or(0);
+        Ok(Self {
+            child,
+            pgid,
+            start_time: process_start_time(pgid),
+            exited: false,
+        })
+    }
+
+    /// The process group id (the leader's pid).
+    pub fn pgid(&self) -> u32 {
+        self.pgid
+    }
+
+    /// Start time of the leader ([`process_start_time`]), for identity.
+    pub fn start_time(&self) -> Option<u64> {
+        self.start_time
+    }
+
+    /// The leader's pid while it has not been reaped.
+    pub fn leader_pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The leader's `Child`, to take its pipes.
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// Whether the leader is still running (reaps it if it exited).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.try_wait() {
+            Ok(None) => true,
+            Ok(Some(_)) | Err(_) => {
+                self.exited = true;
+                false
+            }
+        }
+    }
+
+    /// Wait for the leader to exit on its own.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        let status = self.child.wait().await;
+        self.exited = true;
+        status
+    }
+
+    /// End the whole group: TERM, `grace`, KILL; stragglers too. Returns
+    /// once the leader's exit was observed and no member is left. Failure
+    /// is logged, not returned: there is nothing more a caller could do.
+    pub async fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let status = match stop_group(&mut self.child, grace).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(pgid = self.pgid, error = %e, "stopping a process group failed");
+                None
+            }
+        };
+        self.exited = true;
+        settle_group(self.pgid).await;
+        status
+    }
+
+    /// Give the leader `grace` to exit on its own, then [`Group::stop`].
+    pub async fn wait_or_stop(
+        &mut self,
+        grace: Duration,
+        kill_grace: Duration,
+    ) -> Option<ExitStatus> {
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(Ok(status)) => {
+                self.exited = true;
+                Some(status)
+            }
+            _ => self.stop(kill_grace).await,
+        }
+    }
+
+    /// After the leader exited: [`kill_group_stragglers`], then wait until
+    /// the group is really empty.
+    pub async fn reap_stragglers(&self, grace: Duration) {
+        kill_group_stragglers(self.pgid, grace).await;
+        settle_group(self.pgid).await;
+    }
+
+    /// End everything the leader started (members of its group and its
+    /// descendants elsewhere), but not the leader: TERM, `grace`, KILL,
+    /// then wait until they are gone. For a long-lived agent whose turn was
+    /// interrupted: the agent stays, its tools do not.
+    pub async fn end_members(&self, grace: Duration) {
+        let leader = self.child.id().unwrap_or(self.pgid);
+        let targets = members_and_descendants(self.pgid, leader);
+        if targets.is_empty() {
+            return;
+        }
+        tracing::info!(
+            pgid = self.pgid,
+            count = targets.len(),
+            "ending processes left by an interrupted turn"
+        );
+        for &pid in &targets {
+            signal_pid(pid, Signal::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline && targets.iter().any(|&p| pid_alive(p)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Anything they spawned meanwhile is in the same set by construction.
+        let targets: Vec<u32> = targets
+            .into_iter()
+            .chain(members_and_descendants(self.pgid, leader))
+            .collect();
+        for &pid in &targets {
+            signal_pid(pid, Signal::SIGKILL);
+        }
+        let deadline = tokio::time::Instant::now() + KILL_SETTLE;
+        while tokio::time::Instant::now() < deadline && targets.iter().any(|&p| pid_alive(p)) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// KILL the whole group now, without waiting (for `Drop` paths).
+    pub fn kill_now(&mut self) {
+        let _ = signal_group(self.pgid, Signal::SIGKILL);
+        self.exited = true;
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if !self.exited {
+            let _ = signal_group(self.pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group").field("pgid", &self.pgid).finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +419,53 @@ mod tests {
             .unwrap();
         assert!(!group_alive(pgid));
         assert!(!pid_alive(grandchild as u32));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_group_is_killed_whole_but_an_exited_one_keeps_its_children() {
+        let mut cmd = command("sh");
+        cmd.arg("-c").arg("sleep 30 & wait");
+        let g = Group::spawn(&mut cmd).unwrap();
+        let pgid = g.pgid();
+        assert!(g.start_time().is_some());
+        assert!(group_alive(pgid));
+        drop(g);
+        settle_group(pgid).await;
+        assert!(!group_alive(pgid));
+
+        let mut cmd = command("sh");
+        cmd.arg("-c").arg("sleep 30 & exit 0");
+        let mut g = Group::spawn(&mut cmd).unwrap();
+        let pgid = g.pgid();
+        assert!(g.wait().await.unwrap().success());
+        drop(g);
+        assert!(
+            group_alive(pgid),
+            "a normally exited leader keeps its background child"
+        );
+        let _ = signal_group(pgid, Signal::SIGKILL);
+        settle_group(pgid).await;
+    }
+
+    #[tokio::test]
+    async fn end_members_spares_the_leader() {
+        let mut cmd = command("sh");
+        cmd.arg("-c").arg("sleep 30 & sleep 30 & wait");
+        let mut g = Group::spawn(&mut cmd).unwrap();
+        let leader = g.leader_pid().unwrap();
+        // Wait until both sleepers exist.
+        for _ in 0..200 {
+            if members_and_descendants(g.pgid(), leader).len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(members_and_descendants(g.pgid(), leader).len(), 2);
+        g.end_members(Duration::from_millis(200)).await;
+        assert!(members_and_descendants(g.pgid(), leader).is_empty());
+        // The shell's `wait` returns once its children are gone.
+        let _ = g.wait().await;
+        assert!(!group_alive(g.pgid()));
     }
 
     #[test]

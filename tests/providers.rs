@@ -654,3 +654,42 @@ async fn an_unreadable_claude_result_still_ends_the_turn() {
     assert_eq!(t.pgid, t2.pgid);
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn codex_takes_a_200kb_prompt_on_stdin_not_in_its_arguments() {
+    // 200 KB in one argument exceeds the kernel's per-argument limit
+    // (`Argument list too long`), and argv is visible to everyone in `ps`.
+    let env = Env::new();
+    let mut cfg = env.config(ProviderKind::Codex);
+    cfg.env.push((
+        "FAKE_PROMPT_FILE".into(),
+        env.path("prompt.jsonl").display().to_string(),
+    ));
+    let mut s = ProviderSession::new(cfg);
+    let big = format!("SECRET-PROMPT {}", "x".repeat(200 * 1024));
+    for turn in 1..=2 {
+        // The second turn resumes the thread: the prompt goes on stdin too.
+        let mut t = s.start_turn(prompt(&big)).await.unwrap();
+        let (ev, r) = drain(&mut t).await;
+        assert_eq!(r.outcome, Outcome::Completed, "{ev:?}");
+        assert!(answer(&ev).contains(&format!("turn={turn}")), "{ev:?}");
+    }
+    let log = env.args_log();
+    assert_eq!(log.len(), 2);
+    for entry in &log {
+        let argv = entry["argv"].to_string();
+        assert!(!argv.contains("SECRET-PROMPT"), "{argv}");
+        assert!(
+            argv.ends_with(r#""--","-"]"#) || argv.contains(r#""--",""#),
+            "{argv}"
+        );
+    }
+    let got = std::fs::read_to_string(env.path("prompt.jsonl")).unwrap();
+    for line in got.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["len"], big.len());
+        assert!(v["head"].as_str().unwrap().starts_with("SECRET-PROMPT"));
+    }
+    assert_eq!(got.lines().count(), 2);
+    s.shutdown().await;
+}

@@ -137,8 +137,12 @@ async fn run_inner(
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err));
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    // A `Group` KILLs the whole group if this future is dropped mid-run
+    // (the runtime shutting down after the server stopped, before the
+    // cancel branch below got to run); `kill_on_drop` alone would reach
+    // only the shell, not what it backgrounded.
+    let mut group = match crate::process::Group::spawn(&mut cmd) {
+        Ok(g) => g,
         Err(e) => {
             let mut w = log;
             let _ = writeln!(w, "cannot start sh in {}: {e}", dir.display());
@@ -146,39 +150,21 @@ async fn run_inner(
             return failed(None);
         }
     };
-    // If this future is dropped mid-run (the runtime shutting down after
-    // the server stopped, before the cancel branch below got to run), the
-    // guard KILLs the whole group; `kill_on_drop` alone would reach only
-    // the shell, not what it backgrounded.
-    let mut guard = GroupGuard(child.id());
-    let outcome = tokio::select! {
-        status = child.wait() => match status {
+    // Finished or stopped: a command that exited normally keeps whatever
+    // it started in the background (the group is not killed on drop then).
+    tokio::select! {
+        status = group.wait() => match status {
             Ok(s) if s.success() => Outcome { state: CommandState::Succeeded, exit_code: Some(0), duration: started.elapsed() },
             Ok(s) => failed(s.code()),
             Err(_) => failed(None),
         },
         _ = tokio::time::sleep(timeout) => {
-            let _ = crate::process::stop_group(&mut child, STOP_GRACE).await;
+            group.stop(STOP_GRACE).await;
             Outcome { state: CommandState::TimedOut, exit_code: None, duration: started.elapsed() }
         }
         _ = cancel.cancelled() => {
-            let _ = crate::process::stop_group(&mut child, SHUTDOWN_GRACE).await;
+            group.stop(SHUTDOWN_GRACE).await;
             failed(None)
-        }
-    };
-    // Finished or stopped: a command that exited normally keeps whatever
-    // it started in the background.
-    guard.0 = None;
-    outcome
-}
-
-/// KILLs a hook's process group when dropped while armed.
-struct GroupGuard(Option<u32>);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        if let Some(pgid) = self.0 {
-            let _ = crate::process::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

@@ -4,10 +4,15 @@
 //! session id, normalized history items, streamed text, and exactly one
 //! [`ProviderEvent::Finished`], always last.
 //!
-//! Layout: `claude.rs` / `codex.rs` hold the pure parts (argument building
-//! and a tolerant line parser per CLI, unit-tested against the recorded
-//! transcripts); `lines.rs` is the capped line reader; `run.rs` supervises the
-//! processes (spawn through [`crate::process`], timeout, interrupt, cleanup).
+//! Layout: one folder per CLI, each with its arguments and environment,
+//! its wire protocol and a tolerant line parser (unit-tested against the
+//! recorded transcripts), plus the glue that implements [`session::Cli`]
+//! and [`driver::Protocol`] for it: [`claude`], [`codex`]. Shared by both:
+//! `session.rs` (the session state and the small `Backend` trait
+//! [`ProviderSession`] drives), `driver.rs` (the one turn driver: deadline,
+//! interrupt, line to event, exit handling, all processes through
+//! [`crate::process::Group`]), `pool.rs` (idle timeout and the cap on live
+//! agent processes), `lines.rs` (the capped line reader).
 //!
 //! Invariants:
 //! - `Finished` is sent only after the turn really ended: for Codex after the
@@ -23,11 +28,15 @@
 
 pub mod claude;
 pub mod codex;
+mod driver;
 pub mod lines;
-mod run;
+mod pool;
+mod session;
+
+pub use pool::ProcessPool;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -121,6 +130,9 @@ pub struct SessionConfig {
     /// restart. Codex reports usage cumulatively per thread; with this the
     /// first resumed turn still reports only its own tokens.
     pub codex_thread_usage: Option<Usage>,
+    /// The engine-wide bound on live agent processes (idle timeout and
+    /// cap); `None`: processes are kept until the session ends.
+    pub pool: Option<ProcessPool>,
 }
 
 impl SessionConfig {
@@ -135,6 +147,7 @@ impl SessionConfig {
             interrupt_grace: Duration::from_secs(3),
             kill_grace: Duration::from_secs(2),
             codex_thread_usage: None,
+            pool: None,
         }
     }
 }
@@ -295,7 +308,7 @@ impl ProviderError {
 /// so, and the new id arrives as [`ProviderEvent::SessionId`]. The process
 /// group then differs from [`RunningTurn::pgid`] for the rest of that turn.
 pub struct ProviderSession {
-    inner: Arc<run::Shared>,
+    inner: Box<dyn session::Backend>,
 }
 
 /// A turn in progress: read `events` until [`ProviderEvent::Finished`].
@@ -341,22 +354,34 @@ impl Interrupter {
 
 impl ProviderSession {
     pub fn new(cfg: SessionConfig) -> Self {
-        Self {
-            inner: Arc::new(run::Shared::new(cfg)),
-        }
+        let inner: Box<dyn session::Backend> = match cfg.kind {
+            ProviderKind::Claude => Box::new(session::Session(
+                session::Shared::<claude::Claude>::new(cfg),
+            )),
+            ProviderKind::Codex => Box::new(session::Session(
+                session::Shared::<codex::CodexExec>::new(cfg),
+            )),
+        };
+        Self { inner }
     }
 
     /// Start a turn. Errors only with [`ProviderError::Busy`]; every other
     /// failure, including a missing binary (`spawn_failed`), arrives as the
     /// turn's `Finished` event, so callers have one path for failed turns.
     pub async fn start_turn(&mut self, input: TurnInput) -> Result<RunningTurn, ProviderError> {
-        run::start_turn(&self.inner, input).await
+        self.inner.start_turn(input).await
     }
 
     /// The provider session/thread id, once known (from the config or
     /// reported by the CLI).
     pub fn session_id(&self) -> Option<String> {
         self.inner.session_id()
+    }
+
+    /// Whether a process is kept between turns right now (Claude's
+    /// long-lived process, until it is reaped or the session ends).
+    pub fn has_idle_process(&self) -> bool {
+        self.inner.has_idle_process()
     }
 
     /// Whether a turn is running.
@@ -368,18 +393,18 @@ impl ProviderSession {
     /// `Finished` is sent) and stop the idle Claude process's group. Used
     /// when the chat is deleted or the engine stops.
     pub async fn shutdown(&mut self) {
-        run::shutdown(&self.inner).await
+        self.inner.shutdown().await
     }
 
     /// Codex: the thread's usage totals so far (persist them with the
     /// session id; see [`SessionConfig::codex_thread_usage`]).
     pub fn codex_thread_usage(&self) -> Option<Usage> {
-        self.inner.codex_thread_usage()
+        self.inner.thread_usage()
     }
 
     /// The kind of provider.
     pub fn kind(&self) -> ProviderKind {
-        self.inner.cfg.kind
+        self.inner.kind()
     }
 }
 

@@ -1,7 +1,5 @@
-//! Claude Code (`claude -p`) in stream-json mode: the pure parts. Argument
-//! building for one long-lived process, the stdin lines we write (user
-//! messages, the interrupt control request), and a tolerant parser of its
-//! stdout lines into [`ProviderEvent`]s.
+//! Claude's stdout (stream-json output) into [`ProviderEvent`]s: a tolerant
+//! parser, unit-tested against the recorded transcripts.
 //!
 //! Output shapes (see `tests/fixtures/claude/`): `system`/`init` carries the
 //! session id; `assistant` lines carry one or more content blocks (`text`,
@@ -12,115 +10,11 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::{
-    attach_raw, Image, ItemKind, NormalizedItem, Outcome, ProviderEvent, ToolInfo, TurnResult,
-    Usage,
+use super::super::{
+    attach_raw, ItemKind, NormalizedItem, Outcome, ProviderEvent, ToolInfo, TurnResult, Usage,
 };
-
-/// The flags a Claude process is started with. Two turns can share one
-/// process only when these are equal (apart from `resume`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ClaudeFlags {
-    pub model: Option<String>,
-    pub plan_mode: bool,
-    /// `--effort` level.
-    pub effort: Option<String>,
-    pub system_prompt: Option<String>,
-}
-
-/// Arguments for a long-lived stream-json Claude process.
-pub fn build_args(flags: &ClaudeFlags, resume: Option<&str>) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "-p",
-        "--output-format",
-        "stream-json",
-        "--verbose",
-        "--input-format",
-        "stream-json",
-        "--include-partial-messages",
-        "--permission-mode",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    // Plan mode is a permission mode of its own; otherwise bypass (the VM is
-    // the sandbox).
-    args.push(
-        if flags.plan_mode {
-            "plan"
-        } else {
-            "bypassPermissions"
-        }
-        .into(),
-    );
-    if let Some(id) = resume {
-        args.push("--resume".into());
-        args.push(id.into());
-    }
-    if let Some(m) = &flags.model {
-        args.push("--model".into());
-        args.push(m.clone());
-    }
-    if let Some(e) = &flags.effort {
-        args.push("--effort".into());
-        args.push(effort_level(e).into());
-    }
-    if let Some(p) = flags
-        .system_prompt
-        .as_deref()
-        .filter(|p| !p.trim().is_empty())
-    {
-        args.push("--append-system-prompt".into());
-        args.push(p.into());
-    }
-    args
-}
-
-/// Our `low|medium|high|max` onto Claude's `--effort` choices.
-fn effort_level(level: &str) -> &str {
-    match level {
-        "low" | "medium" | "high" | "xhigh" | "max" => level,
-        _ => "medium",
-    }
-}
-
-/// Environment every Claude process gets on top of the engine's: root may
-/// bypass permissions only with `IS_SANDBOX=1`; no telemetry/update calls.
-pub const ENV: [(&str, &str); 2] = [
-    ("IS_SANDBOX", "1"),
-    ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
-];
-
-/// The stdin line (with `\n`) that sends a user message.
-pub fn user_message_line(prompt: &str, images: &[Image]) -> String {
-    let mut content = Vec::with_capacity(1 + images.len());
-    for img in images {
-        content.push(json!({
-            "type": "image",
-            "source": {"type": "base64", "media_type": img.media_type, "data": img.data_base64},
-        }));
-    }
-    content.push(json!({"type": "text", "text": prompt}));
-    let msg = json!({
-        "type": "user",
-        "message": {"role": "user", "content": content},
-        "parent_tool_use_id": null,
-        "session_id": "",
-    });
-    format!("{msg}\n")
-}
-
-/// The stdin line (with `\n`) that interrupts the running turn.
-pub fn interrupt_line(request_id: &str) -> String {
-    let req = json!({
-        "type": "control_request",
-        "request_id": request_id,
-        "request": {"subtype": "interrupt"},
-    });
-    format!("{req}\n")
-}
 
 /// Parser state across the lines of one process.
 #[derive(Debug, Default)]
@@ -451,7 +345,7 @@ fn result(p: &mut ClaudeParser, v: &Value, out: &mut Vec<ProviderEvent>) {
             is_error: true,
             exit_code: None,
         });
-        item.raw = super::RawJson::from_serialize(denial).ok();
+        item.raw = super::super::RawJson::from_serialize(denial).ok();
         out.push(ProviderEvent::Item(item));
     }
     let usage = result_usage(v);
@@ -841,49 +735,5 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-    }
-
-    #[test]
-    fn args_for_a_fresh_and_a_resumed_process() {
-        let args = build_args(&ClaudeFlags::default(), None);
-        assert_eq!(
-            args.join(" "),
-            "-p --output-format stream-json --verbose --input-format stream-json \
-             --include-partial-messages --permission-mode bypassPermissions"
-        );
-        let flags = ClaudeFlags {
-            model: Some("sonnet".into()),
-            plan_mode: true,
-            effort: Some("max".into()),
-            system_prompt: Some("Be terse.".into()),
-        };
-        let args = build_args(&flags, Some("abc"));
-        let s = args.join(" ");
-        assert!(s.contains("--permission-mode plan"));
-        assert!(s.contains("--resume abc"));
-        assert!(s.contains("--model sonnet"));
-        assert!(s.contains("--effort max"));
-        assert_eq!(args.last().map(String::as_str), Some("Be terse."));
-        assert!(!s.contains("bypassPermissions"));
-    }
-
-    #[test]
-    fn stdin_lines_are_one_json_object_each() {
-        let imgs = [Image {
-            media_type: "image/png".into(),
-            data_base64: "aGk=".into(),
-        }];
-        let line = user_message_line("hi\nthere", &imgs);
-        assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
-        let v: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["type"], "user");
-        assert_eq!(
-            v["message"]["content"][0]["source"]["media_type"],
-            "image/png"
-        );
-        assert_eq!(v["message"]["content"][1]["text"], "hi\nthere");
-        let v: Value = serde_json::from_str(&interrupt_line("req_1")).unwrap();
-        assert_eq!(v["request"]["subtype"], "interrupt");
-        assert_eq!(v["request_id"], "req_1");
     }
 }
