@@ -66,6 +66,10 @@ ENVIRONMENT (also read from ./.env when present):
                             a provider turn that runs longer fails. Default 3600.
   REPLICAS_SSE_KEEPALIVE_SECS
                             keepalive comment interval on /events. Default 15.
+  REPLICAS_PROVIDER_IDLE_SECS
+                            an agent process kept between turns is stopped after this long idle (the next message resumes its session). Default 600.
+  REPLICAS_MAX_AGENT_PROCESSES
+                            live agent CLI processes at most; the least recently used idle one is stopped first (running turns never are). Default 8.
   REPLICAS_UPSTREAM_TIMEOUT_MS
                             timeout of one call to MONOLITH_URL (connect timeout is the smaller of this and 5 s). Default 30000.
   REPLICAS_UPSTREAM_RETRY_BASE_MS
@@ -100,6 +104,9 @@ pub struct Paths {
     pub replicas_plans_dir: PathBuf,
     pub git_credentials_file: PathBuf,
     pub claude_credentials_file: PathBuf,
+    /// `~/.claude/.bedrock-credentials.json`: AWS credentials for Claude on
+    /// Bedrock, written by the backend; read afresh at each Claude spawn.
+    pub claude_bedrock_credentials_file: PathBuf,
     pub codex_auth_file: PathBuf,
     /// `~/.replicas/engine/webhook-outbox.jsonl`: undelivered webhook events.
     pub webhook_outbox_file: PathBuf,
@@ -121,6 +128,7 @@ impl Paths {
             replicas_plans_dir: replicas_dir.join("plans"),
             git_credentials_file: home.join(".git-credentials"),
             claude_credentials_file: home.join(".claude").join(".credentials.json"),
+            claude_bedrock_credentials_file: home.join(".claude").join(".bedrock-credentials.json"),
             codex_auth_file: home.join(".codex").join("auth.json"),
             webhook_outbox_file: engine_dir.join("webhook-outbox.jsonl"),
             webhook_cursor_file: engine_dir.join("webhook-cursor.json"),
@@ -149,6 +157,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub events_max_bytes: u64,
     pub turn_timeout: Duration,
+    /// An agent process idle between turns this long is stopped.
+    pub provider_idle: Duration,
+    /// Live agent processes at most (least recently used idle one first).
+    pub max_agent_processes: usize,
     pub sse_keepalive: Duration,
     /// Upstream (MONOLITH_URL) call timeout and first retry delay.
     pub upstream_timeout: Duration,
@@ -279,6 +291,16 @@ impl Config {
                 get("REPLICAS_TURN_TIMEOUT_SECS"),
                 3600,
             )?),
+            provider_idle: Duration::from_secs(parse_num(
+                "REPLICAS_PROVIDER_IDLE_SECS",
+                get("REPLICAS_PROVIDER_IDLE_SECS"),
+                600,
+            )?),
+            max_agent_processes: parse_num(
+                "REPLICAS_MAX_AGENT_PROCESSES",
+                get("REPLICAS_MAX_AGENT_PROCESSES"),
+                8,
+            )?,
             sse_keepalive: Duration::from_secs(parse_num(
                 "REPLICAS_SSE_KEEPALIVE_SECS",
                 get("REPLICAS_SSE_KEEPALIVE_SECS"),
@@ -389,6 +411,31 @@ mod tests {
         );
         assert_eq!(c.max_body_bytes, 10 * 1024 * 1024);
         assert!(c.monolith_url.is_none());
+        assert_eq!(c.provider_idle, Duration::from_secs(600));
+        assert_eq!(c.max_agent_processes, 8);
+        assert_eq!(
+            c.paths.claude_bedrock_credentials_file,
+            PathBuf::from("/home/u/.claude/.bedrock-credentials.json")
+        );
+    }
+
+    #[test]
+    fn agent_process_bounds_are_positive() {
+        let c = Config::from_vars(&vars(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_PROVIDER_IDLE_SECS", "1"),
+            ("REPLICAS_MAX_AGENT_PROCESSES", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(c.provider_idle, Duration::from_secs(1));
+        assert_eq!(c.max_agent_processes, 1);
+        for var in [
+            "REPLICAS_PROVIDER_IDLE_SECS",
+            "REPLICAS_MAX_AGENT_PROCESSES",
+        ] {
+            assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), (var, "0")]).starts_with(var));
+            assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), (var, "many")]).starts_with(var));
+        }
     }
 
     #[test]

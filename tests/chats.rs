@@ -1012,3 +1012,54 @@ async fn a_corrupt_chats_file_is_set_aside_and_the_engine_starts_empty() {
     assert_eq!(p["outcome"], "completed");
     e.shutdown().await;
 }
+
+/// Live processes whose parent is the engine (its agent CLIs).
+fn engine_children(e: &TestEngine) -> usize {
+    replicas_engine::process::live_processes()
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p.ppid == e.pid())
+        .count()
+}
+
+#[tokio::test]
+async fn idle_agent_processes_are_capped_and_the_next_message_resumes() {
+    // Cap 2: three Claude chats with one finished turn each leave two
+    // processes; the chat whose process went resumes on its next message.
+    let (spec, guard) = spec();
+    let spec = spec.with("REPLICAS_MAX_AGENT_PROCESSES", "2");
+    let e = TestEngine::start_spec(spec, guard).await;
+    let mut chats = Vec::new();
+    for _ in 0..3 {
+        let chat = create_chat(&e, "claude").await;
+        let mut events = chat_events(&e, &chat).await;
+        let msg = send(&e, &chat, "hello").await;
+        let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+        assert_eq!(end, "chat.turn.completed", "{p}");
+        assert_eq!(p["outcome"], "completed", "{p}");
+        chats.push(chat);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while engine_children(&e) != 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} agent processes",
+            engine_children(&e)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut events = chat_events(&e, &chats[0]).await;
+    let msg = send(&e, &chats[0], "again").await;
+    let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+    assert_eq!(
+        (end.as_str(), &p["outcome"]),
+        ("chat.turn.completed", &json!("completed")),
+        "{p}"
+    );
+    let history = e
+        .get_json(&format!("/chats/{}/history", chats[0]), 200)
+        .await;
+    assert!(history.to_string().contains("turn=2"), "{history}");
+    assert_eq!(engine_children(&e), 2);
+    e.shutdown().await;
+}

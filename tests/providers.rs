@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use replicas_engine::process;
 use replicas_engine::providers::{
-    Image, ItemKind, NormalizedItem, Outcome, ProviderError, ProviderEvent, ProviderKind,
-    ProviderSession, RunningTurn, SessionConfig, TurnInput, TurnResult,
+    Image, ItemKind, NormalizedItem, Outcome, ProcessPool, ProviderError, ProviderEvent,
+    ProviderKind, ProviderSession, RunningTurn, SessionConfig, TurnInput, TurnResult,
 };
 
 const KINDS: [ProviderKind; 2] = [ProviderKind::Claude, ProviderKind::Codex];
@@ -691,5 +691,110 @@ async fn codex_takes_a_200kb_prompt_on_stdin_not_in_its_arguments() {
         assert!(v["head"].as_str().unwrap().starts_with("SECRET-PROMPT"));
     }
     assert_eq!(got.lines().count(), 2);
+    s.shutdown().await;
+}
+
+/// Whether the args log shows a process started with `--resume <id>`.
+fn resumed_with(log: &[serde_json::Value], id: &str) -> bool {
+    log.iter().any(|e| {
+        e["argv"]
+            .to_string()
+            .contains(&format!("\"--resume\",\"{id}\""))
+    })
+}
+
+#[tokio::test]
+async fn at_the_process_cap_the_least_recently_used_idle_process_goes_first() {
+    // Cap 2, idle timeout far away: three chats with one finished turn each
+    // leave two processes; the first one's chat resumes its session later.
+    let pool = ProcessPool::new(2, Duration::from_secs(600));
+    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
+    let mut sessions: Vec<ProviderSession> = envs
+        .iter()
+        .map(|e| {
+            let mut cfg = e.config(ProviderKind::Claude);
+            cfg.pool = Some(pool.clone());
+            ProviderSession::new(cfg)
+        })
+        .collect();
+    let mut pgids = Vec::new();
+    for s in sessions.iter_mut() {
+        let mut t = s.start_turn(prompt("hi")).await.unwrap();
+        let (_, r) = drain(&mut t).await;
+        assert_eq!(r.outcome, Outcome::Completed);
+        pgids.push(t.pgid);
+    }
+    // The third process pushed out the first (least recently used).
+    wait_until(|| !process::group_alive(pgids[0])).await;
+    assert!(process::group_alive(pgids[1]) && process::group_alive(pgids[2]));
+    assert!(!sessions[0].has_idle_process());
+    assert_eq!(pool.live(), 2);
+    assert_eq!(pool.idle(), 2);
+
+    // The first chat's next message resumes its session in a new process,
+    // which now pushes out the second chat's (the least recently used).
+    let id0 = sessions[0].session_id().unwrap();
+    let mut t = sessions[0].start_turn(prompt("again")).await.unwrap();
+    let (ev, r) = drain(&mut t).await;
+    assert_eq!(r.outcome, Outcome::Completed);
+    assert!(answer(&ev).contains("turn=2"), "{ev:?}");
+    assert!(resumed_with(&envs[0].args_log(), &id0));
+    wait_until(|| !process::group_alive(pgids[1])).await;
+    assert!(process::group_alive(pgids[2]) && process::group_alive(t.pgid));
+    assert_eq!(pool.live(), 2);
+    for s in sessions.iter_mut() {
+        s.shutdown().await;
+    }
+    assert_eq!(pool.live(), 0);
+    assert!(!process::group_alive(pgids[2]) && !process::group_alive(t.pgid));
+}
+
+#[tokio::test]
+async fn a_running_turn_is_never_stopped_to_make_room() {
+    let pool = ProcessPool::new(1, Duration::from_secs(600));
+    let (e1, e2) = (Env::new(), Env::new());
+    let mk = |e: &Env| {
+        let mut cfg = e.config(ProviderKind::Claude);
+        cfg.pool = Some(pool.clone());
+        ProviderSession::new(cfg)
+    };
+    let (mut s1, mut s2) = (mk(&e1), mk(&e2));
+    let mut hang = s1.start_turn(prompt("FAKE_HANG")).await.unwrap();
+    first_item(&mut hang).await;
+    // Over the cap while s1 runs: s2 still starts (with a warn).
+    let mut t2 = s2.start_turn(prompt("hi")).await.unwrap();
+    let (_, r2) = drain(&mut t2).await;
+    assert_eq!(r2.outcome, Outcome::Completed);
+    assert!(
+        process::group_alive(hang.pgid),
+        "the running turn was left alone"
+    );
+    // Once s2 is idle over the cap, and s1 still runs: s2 is the one idle.
+    assert_eq!(pool.live(), 2);
+    hang.interrupter().interrupt().await;
+    s1.shutdown().await;
+    s2.shutdown().await;
+    assert_eq!(pool.live(), 0);
+}
+
+#[tokio::test]
+async fn an_idle_process_is_stopped_after_the_idle_timeout_and_the_session_resumes() {
+    let pool = ProcessPool::new(8, Duration::from_secs(1));
+    let env = Env::new();
+    let mut cfg = env.config(ProviderKind::Claude);
+    cfg.pool = Some(pool.clone());
+    let mut s = ProviderSession::new(cfg);
+    let mut t1 = s.start_turn(prompt("one")).await.unwrap();
+    drain(&mut t1).await;
+    assert!(s.has_idle_process());
+    let id = s.session_id().unwrap();
+    wait_until(|| !process::group_alive(t1.pgid)).await;
+    wait_until(|| !s.has_idle_process()).await;
+    assert_eq!(pool.live(), 0);
+    let mut t2 = s.start_turn(prompt("two")).await.unwrap();
+    let (ev, r) = drain(&mut t2).await;
+    assert_eq!(r.outcome, Outcome::Completed);
+    assert!(answer(&ev).contains("turn=2"), "{ev:?}");
+    assert!(resumed_with(&env.args_log(), &id));
     s.shutdown().await;
 }

@@ -172,6 +172,8 @@ struct Inner {
     /// Cancelled by [`ChatService::shutdown`]; every runner watches a child.
     shutdown: CancellationToken,
     runners: TaskTracker,
+    /// Idle timeout and cap of the agent processes of all chats.
+    agent_processes: crate::providers::ProcessPool,
 }
 
 struct State {
@@ -221,6 +223,10 @@ impl ChatService {
             persisted: tokio::sync::Mutex::new(0),
             shutdown: CancellationToken::new(),
             runners: TaskTracker::new(),
+            agent_processes: crate::providers::ProcessPool::new(
+                config.max_agent_processes,
+                config.provider_idle,
+            ),
         });
         let svc = Self { inner };
         let records = svc.load();

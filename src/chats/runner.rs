@@ -348,6 +348,7 @@ async fn run_turn(
             cfg.resume_session_id = ctx.session_id.clone();
             cfg.turn_timeout = inner.config.turn_timeout;
             cfg.codex_thread_usage = ctx.codex_thread_usage;
+            cfg.pool = Some(inner.agent_processes.clone());
             ProviderSession::new(cfg)
         });
         let images = if msg.images > 0 {
