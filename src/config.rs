@@ -86,7 +86,9 @@ FILES (under $WORKSPACE_HOME):
   .replicas/engine-state.json     start-hook completion
   .replicas/startHooks.log        start-hook output
   .replicas/engine/webhook-outbox.jsonl, webhook-cursor.json
-                                  undelivered webhooks and the last delivered id";
+                                  undelivered webhooks and the last delivered id
+  .claude/.bedrock-credentials.json
+                                  read only: AWS credentials for Claude on Bedrock, read at each claude start";
 
 /// Every path the engine reads or writes, derived from the workspace home.
 #[derive(Debug, Clone)]

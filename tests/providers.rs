@@ -798,3 +798,57 @@ async fn an_idle_process_is_stopped_after_the_idle_timeout_and_the_session_resum
     assert!(resumed_with(&env.args_log(), &id));
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn claude_gets_bedrock_credentials_from_the_file_read_at_each_spawn() {
+    let env = Env::new();
+    let file = env.path("bedrock.json");
+    std::fs::write(
+        &file,
+        r#"{"accessKeyId":"AK1","secretAccessKey":"SK1","region":"us-east-1"}"#,
+    )
+    .unwrap();
+    let mut cfg = env.config(ProviderKind::Claude);
+    cfg.bedrock_credentials = Some(file.clone());
+    // The engine's own values lose to the file; a session token of other
+    // credentials must not mix with the file's keys.
+    cfg.env.push(("AWS_ACCESS_KEY_ID".into(), "ENGINE".into()));
+    cfg.env.push(("AWS_SESSION_TOKEN".into(), "STALE".into()));
+    let mut s = ProviderSession::new(cfg);
+    let with_model = |m: &str| TurnInput {
+        prompt: "hi".into(),
+        model: Some(m.into()),
+        ..TurnInput::default()
+    };
+    let mut t = s.start_turn(with_model("a")).await.unwrap();
+    assert_eq!(drain(&mut t).await.1.outcome, Outcome::Completed);
+    let got = &env.args_log()[0]["env"];
+    assert_eq!(got["CLAUDE_CODE_USE_BEDROCK"], "1");
+    assert_eq!(got["AWS_ACCESS_KEY_ID"], "AK1");
+    assert_eq!(got["AWS_SECRET_ACCESS_KEY"], "SK1");
+    assert_eq!(got["AWS_REGION"], "us-east-1");
+    assert!(got.get("AWS_SESSION_TOKEN").is_none(), "{got}");
+
+    // Rewritten in place by the backend (the other shape): the next process
+    // (another model needs one) sees the new values.
+    std::fs::write(
+        &file,
+        r#"{"AWS_ACCESS_KEY_ID":"AK2","AWS_SECRET_ACCESS_KEY":"SK2","AWS_SESSION_TOKEN":"ST2","AWS_REGION":"eu-west-1"}"#,
+    )
+    .unwrap();
+    let mut t = s.start_turn(with_model("b")).await.unwrap();
+    assert_eq!(drain(&mut t).await.1.outcome, Outcome::Completed);
+    let got = &env.args_log()[1]["env"];
+    assert_eq!(got["AWS_ACCESS_KEY_ID"], "AK2");
+    assert_eq!(got["AWS_SESSION_TOKEN"], "ST2");
+    assert_eq!(got["AWS_REGION"], "eu-west-1");
+
+    // Malformed: Claude starts without it (the engine's environment only).
+    std::fs::write(&file, r#"{"accessKeyId":"AK3""#).unwrap();
+    let mut t = s.start_turn(with_model("c")).await.unwrap();
+    assert_eq!(drain(&mut t).await.1.outcome, Outcome::Completed);
+    let got = &env.args_log()[2]["env"];
+    assert!(got.get("CLAUDE_CODE_USE_BEDROCK").is_none(), "{got}");
+    assert_eq!(got["AWS_ACCESS_KEY_ID"], "ENGINE");
+    s.shutdown().await;
+}

@@ -349,6 +349,8 @@ async fn run_turn(
             cfg.turn_timeout = inner.config.turn_timeout;
             cfg.codex_thread_usage = ctx.codex_thread_usage;
             cfg.pool = Some(inner.agent_processes.clone());
+            cfg.bedrock_credentials =
+                Some(inner.config.paths.claude_bedrock_credentials_file.clone());
             ProviderSession::new(cfg)
         });
         let images = if msg.images > 0 {

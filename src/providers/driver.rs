@@ -43,17 +43,25 @@ pub(super) struct Proc {
 }
 
 impl Proc {
-    /// Spawn `cmd` (from [`crate::process::command`], arguments set) in the
-    /// session's cwd with its extra env; stdin piped when `stdin` is set.
+    /// The session's CLI as a [`crate::process::command`] in its cwd with
+    /// its extra env; the CLI adds its arguments and its own environment
+    /// (which wins).
+    pub fn command(cfg: &SessionConfig) -> Command {
+        let mut cmd = crate::process::command(&cfg.bin);
+        cmd.current_dir(&cfg.cwd)
+            .envs(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd
+    }
+
+    /// Spawn `cmd` (from [`Proc::command`]) with stdout and stderr piped,
+    /// stdin piped when `stdin` is set.
     pub fn spawn(
         mut cmd: Command,
         cfg: &SessionConfig,
         stdin: bool,
         resumed: bool,
     ) -> Result<Self, ProviderError> {
-        cmd.current_dir(&cfg.cwd)
-            .envs(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut group = Group::spawn(&mut cmd).map_err(|source| ProviderError::Spawn {

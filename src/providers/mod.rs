@@ -133,6 +133,9 @@ pub struct SessionConfig {
     /// The engine-wide bound on live agent processes (idle timeout and
     /// cap); `None`: processes are kept until the session ends.
     pub pool: Option<ProcessPool>,
+    /// Claude: `~/.claude/.bedrock-credentials.json`, read at each spawn
+    /// ([`claude::bedrock`]); `None`: not consulted.
+    pub bedrock_credentials: Option<PathBuf>,
 }
 
 impl SessionConfig {
@@ -148,6 +151,7 @@ impl SessionConfig {
             kill_grace: Duration::from_secs(2),
             codex_thread_usage: None,
             pool: None,
+            bedrock_credentials: None,
         }
     }
 }

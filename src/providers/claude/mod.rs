@@ -3,7 +3,8 @@
 //! `--resume` when it died or a turn needs other flags (model, plan mode,
 //! effort, system prompt).
 //!
-//! - [`args`]: command line and environment;
+//! - [`args`]: command line and environment; [`bedrock`]: the Bedrock
+//!   credentials file, read at each spawn;
 //! - [`wire`]: the lines written to its stdin (user message, interrupt);
 //! - [`parser`]: its stdout lines into [`ProviderEvent`]s.
 //!
@@ -12,6 +13,7 @@
 //! `result` arrives within `interrupt_grace`, the whole group is stopped.
 
 pub mod args;
+pub mod bedrock;
 pub mod parser;
 pub mod wire;
 
@@ -25,7 +27,6 @@ pub use wire::{interrupt_line, user_message_line};
 use super::driver::{exited_message, Proc, Protocol};
 use super::session::{Cli, IdleProc};
 use super::{Outcome, ProviderError, ProviderEvent, SessionConfig, TurnInput, TurnResult, Usage};
-use crate::process;
 
 /// The Claude CLI.
 pub(in crate::providers) struct Claude;
@@ -58,8 +59,16 @@ fn spawn(
     flags: &ClaudeFlags,
     resume: Option<&str>,
 ) -> Result<Proc, ProviderError> {
-    let mut cmd = process::command(&cfg.bin);
+    let mut cmd = Proc::command(cfg);
     cmd.args(build_args(flags, resume)).envs(ENV);
+    // Read at each spawn: the backend may rewrite the file at any time. It
+    // wins over the engine's own environment.
+    if let Some(bedrock) = cfg.bedrock_credentials.as_deref().and_then(bedrock::read) {
+        cmd.envs(bedrock.set);
+        for k in bedrock.remove {
+            cmd.env_remove(k);
+        }
+    }
     Proc::spawn(cmd, cfg, true, resume.is_some())
 }
 

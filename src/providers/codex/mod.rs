@@ -23,7 +23,6 @@ pub use parser::{
 use super::driver::{exited_message, Proc, Protocol};
 use super::session::Cli;
 use super::{Outcome, ProviderError, ProviderEvent, SessionConfig, TurnInput, TurnResult, Usage};
-use crate::process;
 
 /// The Codex CLI driven through `codex exec --json`.
 pub(in crate::providers) struct CodexExec;
@@ -45,7 +44,7 @@ async fn spawn(
     resume: Option<&str>,
     image_files: &[PathBuf],
 ) -> Result<Proc, ProviderError> {
-    let mut cmd = process::command(&cfg.bin);
+    let mut cmd = Proc::command(cfg);
     cmd.args(build_args(input, resume, image_files));
     let mut proc = Proc::spawn(cmd, cfg, true, resume.is_some())?;
     // The prompt goes on stdin: not visible in `ps`, and no argument size
