@@ -119,8 +119,21 @@ pub(super) trait Protocol: Send + 'static {
     type Cli: Cli;
 
     /// `true`: the CLI's report ends the turn and the process may stay
-    /// (Claude). `false`: the turn ends when the process exits (`codex exec`).
-    const ENDS_ON_REPORT: bool;
+    /// (Claude, `codex app-server`). `false`: the turn ends when the process
+    /// exits (`codex exec`).
+    fn ends_on_report(&self) -> bool;
+
+    /// Events produced before the driver took over (while the turn was
+    /// being started), emitted first.
+    fn take_pending(&mut self) -> Vec<ProviderEvent> {
+        Vec::new()
+    }
+
+    /// Lines to write to the CLI's stdin after a parsed line (answers to
+    /// the CLI's own requests).
+    fn take_outgoing(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// One stdout line into events; `None` when it is not JSON. A
     /// [`ProviderEvent::Finished`] among them is the CLI's report of the end.
@@ -179,6 +192,12 @@ pub(super) async fn drive<P: Protocol>(
     // A report held until the process exits (`!ENDS_ON_REPORT`).
     let mut reported: Option<TurnResult> = None;
     let mut retried = false;
+    for ev in proto.take_pending() {
+        if let ProviderEvent::SessionId(id) = &ev {
+            shared.set_session_id(id);
+        }
+        emit(&tx, ev);
+    }
 
     // The result and whether the process is still usable.
     let (result, keep) = loop {
@@ -222,6 +241,11 @@ pub(super) async fn drive<P: Protocol>(
                             log_not_json(kind, s);
                             continue;
                         };
+                        for out in proto.take_outgoing() {
+                            if let Err(e) = proc.send(out.as_bytes()).await {
+                                tracing::debug!(provider = %kind, error = %e, "answer to the CLI not delivered");
+                            }
+                        }
                         let mut finished = None;
                         for ev in events {
                             match ev {
@@ -234,7 +258,7 @@ pub(super) async fn drive<P: Protocol>(
                             }
                         }
                         let Some(mut r) = finished else { continue };
-                        if !P::ENDS_ON_REPORT {
+                        if !proto.ends_on_report() {
                             // Held until the process has exited.
                             reported = Some(r);
                             continue;

@@ -33,6 +33,7 @@ pub mod lines;
 mod pool;
 mod session;
 
+pub use codex::transport as codex_transport;
 pub use pool::ProcessPool;
 
 use std::path::PathBuf;
@@ -136,6 +137,9 @@ pub struct SessionConfig {
     /// Claude: `~/.claude/.bedrock-credentials.json`, read at each spawn
     /// ([`claude::bedrock`]); `None`: not consulted.
     pub bedrock_credentials: Option<PathBuf>,
+    /// Codex: drive `codex app-server` (falling back to `exec --json` when
+    /// it fails its handshake) instead of `codex exec --json`.
+    pub codex_app_server: bool,
 }
 
 impl SessionConfig {
@@ -152,6 +156,7 @@ impl SessionConfig {
             codex_thread_usage: None,
             pool: None,
             bedrock_credentials: None,
+            codex_app_server: false,
         }
     }
 }
@@ -362,6 +367,9 @@ impl ProviderSession {
             ProviderKind::Claude => Box::new(session::Session(
                 session::Shared::<claude::Claude>::new(cfg),
             )),
+            ProviderKind::Codex if cfg.codex_app_server => {
+                Box::new(session::Session(session::Shared::<codex::Codex>::new(cfg)))
+            }
             ProviderKind::Codex => Box::new(session::Session(
                 session::Shared::<codex::CodexExec>::new(cfg),
             )),

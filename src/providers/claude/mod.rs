@@ -133,7 +133,10 @@ impl Cli for Claude {
 
 impl Protocol for ClaudeTurn {
     type Cli = Claude;
-    const ENDS_ON_REPORT: bool = true;
+
+    fn ends_on_report(&self) -> bool {
+        true
+    }
 
     fn parse(&mut self, line: &str) -> Option<Vec<ProviderEvent>> {
         try_parse_line(&mut self.parser, line).ok()

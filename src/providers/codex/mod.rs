@@ -1,14 +1,21 @@
-//! Codex over `codex exec --json`: one process per turn (`exec`, or
-//! `exec resume <thread>` once the thread id is known), the prompt on stdin.
+//! Codex, over one of two transports:
 //!
-//! - [`args`]: command line;
-//! - [`parser`]: its JSONL events into [`ProviderEvent`]s.
-//!
-//! The turn ends when the process exits (its `turn.completed` is held until
-//! then); an interrupt stops the group.
+//! - `codex exec --json` (this file): one process per turn (`exec`, or
+//!   `exec resume <thread>` once the thread id is known), the prompt on
+//!   stdin; the turn ends when the process exits (its `turn.completed` is
+//!   held until then); an interrupt stops the group. [`args`] builds its
+//!   command line, [`parser`] reads its JSONL events.
+//! - `codex app-server` (`app_turn.rs`, wire and parser in [`app_server`]):
+//!   one long-lived JSON-RPC process per chat, streamed text, interrupt by
+//!   `turn/interrupt`; `exec` is the fallback when it fails its handshake.
 
+pub mod app_server;
+mod app_turn;
 pub mod args;
 pub mod parser;
+
+pub use app_turn::transport;
+pub(in crate::providers) use app_turn::Codex;
 
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -82,7 +89,10 @@ impl Cli for CodexExec {
 
 impl Protocol for CodexExecTurn {
     type Cli = CodexExec;
-    const ENDS_ON_REPORT: bool = false;
+
+    fn ends_on_report(&self) -> bool {
+        false
+    }
 
     fn parse(&mut self, line: &str) -> Option<Vec<ProviderEvent>> {
         let v = serde_json::from_str(line).ok()?;
