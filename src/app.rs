@@ -103,6 +103,20 @@ impl AppState {
                 "subscribers": self.bus.subscriber_count(),
             },
             "tokenRefresh": self.upstream.token_refresh().summary(),
+            "providers": {
+                "codexTransport": if self.config.codex_app_server {
+                    match crate::providers::codex_transport() {
+                        "unknown" => "pending",
+                        t => t,
+                    }
+                } else {
+                    "exec"
+                },
+                "agentProcesses": {
+                    "live": self.chats.agent_processes().live(),
+                    "idle": self.chats.agent_processes().idle(),
+                },
+            },
         })
     }
 }

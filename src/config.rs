@@ -68,6 +68,9 @@ ENVIRONMENT (also read from ./.env when present):
                             keepalive comment interval on /events. Default 15.
   REPLICAS_PROVIDER_IDLE_SECS
                             an agent process kept between turns is stopped after this long idle (the next message resumes its session). Default 600.
+  REPLICAS_CODEX_TRANSPORT  exec (default): one `codex exec --json` per turn; app-server: one long-lived
+                            `codex app-server` per chat (streamed text, interrupt keeps the process), falling
+                            back to exec once if it fails its handshake.
   REPLICAS_MAX_AGENT_PROCESSES
                             live agent CLI processes at most; the least recently used idle one is stopped first (running turns never are). Default 8.
   REPLICAS_UPSTREAM_TIMEOUT_MS
@@ -163,6 +166,8 @@ pub struct Config {
     pub provider_idle: Duration,
     /// Live agent processes at most (least recently used idle one first).
     pub max_agent_processes: usize,
+    /// Drive Codex through `codex app-server` (else `codex exec --json`).
+    pub codex_app_server: bool,
     pub sse_keepalive: Duration,
     /// Upstream (MONOLITH_URL) call timeout and first retry delay.
     pub upstream_timeout: Duration,
@@ -303,6 +308,16 @@ impl Config {
                 get("REPLICAS_MAX_AGENT_PROCESSES"),
                 8,
             )?,
+            codex_app_server: match get("REPLICAS_CODEX_TRANSPORT") {
+                None | Some("exec") => false,
+                Some("app-server") => true,
+                Some(v) => {
+                    return Err(invalid(
+                        "REPLICAS_CODEX_TRANSPORT",
+                        format!("{v:?} is not exec or app-server"),
+                    ))
+                }
+            },
             sse_keepalive: Duration::from_secs(parse_num(
                 "REPLICAS_SSE_KEEPALIVE_SECS",
                 get("REPLICAS_SSE_KEEPALIVE_SECS"),
@@ -431,6 +446,18 @@ mod tests {
         .unwrap();
         assert_eq!(c.provider_idle, Duration::from_secs(1));
         assert_eq!(c.max_agent_processes, 1);
+        assert!(!c.codex_app_server);
+        let c = Config::from_vars(&vars(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_CODEX_TRANSPORT", "app-server"),
+        ]))
+        .unwrap();
+        assert!(c.codex_app_server);
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_CODEX_TRANSPORT", "rpc")
+        ])
+        .starts_with("REPLICAS_CODEX_TRANSPORT"));
         for var in [
             "REPLICAS_PROVIDER_IDLE_SECS",
             "REPLICAS_MAX_AGENT_PROCESSES",

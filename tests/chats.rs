@@ -1063,3 +1063,35 @@ async fn idle_agent_processes_are_capped_and_the_next_message_resumes() {
     assert_eq!(engine_children(&e), 2);
     e.shutdown().await;
 }
+
+#[tokio::test]
+async fn codex_without_app_server_falls_back_to_exec_and_status_says_so() {
+    // fake-codex knows only `exec`: `codex app-server` fails its handshake
+    // (as an older CLI would), the engine logs it once and uses exec.
+    let (spec, guard) = spec();
+    let spec = spec.with("REPLICAS_CODEX_TRANSPORT", "app-server");
+    let e = TestEngine::start_spec(spec, guard).await;
+    let status = e.get_json("/status", 200).await;
+    assert_eq!(status["providers"]["codexTransport"], "pending", "{status}");
+    let chat = create_chat(&e, "codex").await;
+    let mut events = chat_events(&e, &chat).await;
+    for text in ["hello", "again"] {
+        let msg = send(&e, &chat, text).await;
+        let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+        assert_eq!(
+            (end.as_str(), &p["outcome"]),
+            ("chat.turn.completed", &json!("completed")),
+            "{p}"
+        );
+    }
+    let status = e.get_json("/status", 200).await;
+    assert_eq!(status["providers"]["codexTransport"], "exec", "{status}");
+    let history = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+    assert!(history.to_string().contains("turn=2"), "{history}");
+    let logs = e.shutdown_logs().await;
+    assert_eq!(
+        logs.matches("codex app-server unavailable").count(),
+        1,
+        "{logs}"
+    );
+}

@@ -340,3 +340,122 @@ async fn codex_turn_options() {
         turn_options(ProviderKind::Codex).await;
     }
 }
+
+/// Codex over `codex app-server`, the real CLI against the mock: one
+/// long-lived process streams text, runs a tool, is interrupted after three
+/// text deltas and answers the next message, refuses a write in plan mode,
+/// and a new session object (as after an engine restart) resumes the thread.
+#[tokio::test]
+async fn codex_app_server_turns() {
+    if !e2e::enabled("codex_app_server_turns") {
+        return;
+    }
+    let e = E2eEnv::start().await;
+    let as_config = || {
+        let mut cfg = config(&e, ProviderKind::Codex);
+        cfg.codex_app_server = true;
+        cfg
+    };
+    let mut s = ProviderSession::new(as_config());
+    let deltas = |ev: &[ProviderEvent]| -> Vec<(String, String)> {
+        ev.iter()
+            .filter_map(|e| match e {
+                ProviderEvent::TextDelta { item_key, text } => {
+                    Some((item_key.clone(), text.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+
+    // Plain turn: streamed text, keyed like the final message.
+    let mut t1 = s.start_turn(prompt("hello there")).await.unwrap();
+    let (ev1, r1) = drain(&mut t1).await;
+    assert_eq!(r1.outcome, Outcome::Completed, "{ev1:?}");
+    assert_eq!(replicas_engine::providers::codex_transport(), "app-server");
+    let d = deltas(&ev1);
+    assert!(d.len() >= 2, "{ev1:?}");
+    let msg = items(&ev1)
+        .into_iter()
+        .find(|i| i.kind == ItemKind::AssistantMessage)
+        .expect("answer");
+    assert_eq!(msg.key.as_deref(), Some(d[0].0.as_str()));
+    assert_eq!(
+        msg.text.as_deref(),
+        Some(d.iter().map(|x| x.1.as_str()).collect::<String>().as_str())
+    );
+    assert!(
+        r1.usage.input_tokens > 0 && r1.usage.output_tokens > 0,
+        "{r1:?}"
+    );
+    let thread = s.session_id().expect("thread id");
+
+    // Tool turn in the same process.
+    let mut t2 = s.start_turn(prompt("please USE_SHELL")).await.unwrap();
+    let (ev2, r2) = drain(&mut t2).await;
+    assert_eq!(r2.outcome, Outcome::Completed, "{ev2:?}");
+    assert_eq!(t1.pgid, t2.pgid, "one long-lived app-server");
+    let cmd = items(&ev2)
+        .into_iter()
+        .rev()
+        .find(|i| i.kind == ItemKind::Command)
+        .expect("command");
+    assert_eq!(cmd.tool.as_ref().unwrap().exit_code, Some(0));
+    assert!(
+        r2.usage.input_tokens < r1.usage.input_tokens * 4,
+        "{r1:?} {r2:?}"
+    );
+
+    // Interrupt mid-stream after three deltas; the same process answers next.
+    let mut t3 = s.start_turn(prompt("tell a SLOW story")).await.unwrap();
+    let mut seen = 0;
+    while seen < 3 {
+        let ev = tokio::time::timeout(Duration::from_secs(60), t3.events.recv())
+            .await
+            .expect("no delta in time")
+            .expect("turn ended early");
+        assert!(!matches!(ev, ProviderEvent::Finished(_)), "{ev:?}");
+        if matches!(ev, ProviderEvent::TextDelta { .. }) {
+            seen += 1;
+        }
+    }
+    t3.interrupter().interrupt().await;
+    let (ev3, r3) = drain(&mut t3).await;
+    assert_eq!(r3.outcome, Outcome::Interrupted, "{ev3:?}");
+    assert!(process::group_alive(t3.pgid), "the app-server stays");
+    let mut t4 = s.start_turn(prompt("hello")).await.unwrap();
+    let (ev4, r4) = drain(&mut t4).await;
+    assert_eq!(r4.outcome, Outcome::Completed, "{ev4:?}");
+    assert!(answer(&ev4).contains("Hello from mock"), "{ev4:?}");
+    assert_eq!(t4.pgid, t1.pgid);
+
+    // Plan mode refuses a write.
+    let plan = TurnInput {
+        prompt: "please USE_PATCH".into(),
+        plan_mode: true,
+        ..TurnInput::default()
+    };
+    let mut t5 = s.start_turn(plan).await.unwrap();
+    let (ev5, r5) = drain(&mut t5).await;
+    assert_eq!(r5.outcome, Outcome::Completed, "{ev5:?}");
+    assert!(!e.workspace.join("mock_patch.txt").exists(), "{ev5:?}");
+    s.shutdown().await;
+    assert!(!process::group_alive(t1.pgid));
+
+    // As after an engine restart: a new process resumes the thread.
+    let mut cfg = as_config();
+    cfg.resume_session_id = Some(thread.clone());
+    cfg.codex_thread_usage = s.codex_thread_usage();
+    let mut s2 = ProviderSession::new(cfg);
+    let mut t6 = s2.start_turn(prompt("and again")).await.unwrap();
+    let (ev6, r6) = drain(&mut t6).await;
+    assert_eq!(r6.outcome, Outcome::Completed, "{ev6:?}");
+    assert_eq!(s2.session_id().as_deref(), Some(thread.as_str()));
+    assert!(
+        !ev6.iter()
+            .any(|e| matches!(e, ProviderEvent::Item(i) if i.kind == ItemKind::System)),
+        "{ev6:?}"
+    );
+    assert!(r6.usage.input_tokens < r1.usage.input_tokens * 8, "{r6:?}");
+    s2.shutdown().await;
+}

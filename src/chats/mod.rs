@@ -728,6 +728,11 @@ impl ChatService {
             .map_err(ChatError::History)
     }
 
+    /// The bound on agent processes (live and idle counts for `/status`).
+    pub fn agent_processes(&self) -> &crate::providers::ProcessPool {
+        &self.inner.agent_processes
+    }
+
     /// Engine shutdown: interrupt running turns (their process groups end),
     /// end every provider session, write the final state. Bounded.
     pub async fn shutdown(&self) {

@@ -349,6 +349,7 @@ async fn run_turn(
             cfg.turn_timeout = inner.config.turn_timeout;
             cfg.codex_thread_usage = ctx.codex_thread_usage;
             cfg.pool = Some(inner.agent_processes.clone());
+            cfg.codex_app_server = inner.config.codex_app_server;
             cfg.bedrock_credentials =
                 Some(inner.config.paths.claude_bedrock_credentials_file.clone());
             ProviderSession::new(cfg)

@@ -123,6 +123,13 @@ pub(super) trait Protocol: Send + 'static {
     /// exits (`codex exec`).
     fn ends_on_report(&self) -> bool;
 
+    /// After an interrupt the CLI reported on, end the other processes of
+    /// its group (the tools it started). `false` for a CLI whose own
+    /// workers live in its group and which ends its tools itself.
+    fn ends_tools_after_interrupt(&self) -> bool {
+        true
+    }
+
     /// Events produced before the driver took over (while the turn was
     /// being started), emitted first.
     fn take_pending(&mut self) -> Vec<ProviderEvent> {
@@ -274,7 +281,9 @@ pub(super) async fn drive<P: Protocol>(
                             // The agent stopped; its tools may not have. End
                             // every other process of its group and its
                             // descendants.
-                            proc.group.end_members(cfg.kill_grace).await;
+                            if proto.ends_tools_after_interrupt() {
+                                proc.group.end_members(cfg.kill_grace).await;
+                            }
                             if r.outcome != Outcome::Completed {
                                 r.outcome = Outcome::Interrupted;
                             }

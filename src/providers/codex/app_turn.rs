@@ -170,10 +170,11 @@ impl AppTurn {
                 Ok(Some(crate::providers::lines::Line::Text(s))) => s.to_string(),
                 Ok(Some(_)) => continue,
                 Ok(None) | Err(_) => {
+                    let stderr = proc.stderr.text();
+                    let last = stderr.lines().last().unwrap_or("").trim();
                     return Err(BeginError::Handshake(format!(
-                        "the app-server ended before answering {method}: {}",
-                        proc.stderr.text().lines().last().unwrap_or("")
-                    )))
+                        "the app-server ended before answering {method}: {last}"
+                    )));
                 }
             };
             let mut events = std::mem::take(&mut self.pending);
@@ -369,6 +370,12 @@ impl Protocol for CodexTurn {
 
     fn ends_on_report(&self) -> bool {
         matches!(self, CodexTurn::App(_))
+    }
+
+    fn ends_tools_after_interrupt(&self) -> bool {
+        // `codex` is a node launcher whose child is the app-server itself;
+        // the app-server ends the tools of an interrupted turn.
+        matches!(self, CodexTurn::Exec(_))
     }
 
     fn take_pending(&mut self) -> Vec<ProviderEvent> {
