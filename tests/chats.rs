@@ -1066,10 +1066,12 @@ async fn idle_agent_processes_are_capped_and_the_next_message_resumes() {
 
 #[tokio::test]
 async fn codex_without_app_server_falls_back_to_exec_and_status_says_so() {
-    // fake-codex knows only `exec`: `codex app-server` fails its handshake
+    // fake-codex told to know only `exec`: `codex app-server` fails its handshake
     // (as an older CLI would), the engine logs it once and uses exec.
     let (spec, guard) = spec();
-    let spec = spec.with("REPLICAS_CODEX_TRANSPORT", "app-server");
+    let spec = spec
+        .with("REPLICAS_CODEX_TRANSPORT", "app-server")
+        .with("FAKE_NO_APP_SERVER", "1");
     let e = TestEngine::start_spec(spec, guard).await;
     let status = e.get_json("/status", 200).await;
     assert_eq!(status["providers"]["codexTransport"], "pending", "{status}");
@@ -1094,4 +1096,77 @@ async fn codex_without_app_server_falls_back_to_exec_and_status_says_so() {
         1,
         "{logs}"
     );
+}
+
+#[tokio::test]
+async fn codex_app_server_chat_streams_text_and_survives_an_interrupt() {
+    let (spec, guard) = spec();
+    let spec = spec.with("REPLICAS_CODEX_TRANSPORT", "app-server");
+    let e = TestEngine::start_spec(spec, guard).await;
+    let chat = create_chat(&e, "codex").await;
+    let mut events = chat_events(&e, &chat).await;
+    let msg = send(&e, &chat, "hello").await;
+    let (started, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+    assert_eq!(
+        (end.as_str(), &p["outcome"]),
+        ("chat.turn.completed", &json!("completed")),
+        "{p}"
+    );
+    // Streamed text arrived as deltas of the turn, keyed by the final item.
+    let turn_id = started["turnId"].clone();
+    let mut replay = chat_events(&e, &chat).await;
+    let mut text = String::new();
+    let mut item_id = None;
+    loop {
+        let ev = replay.next_event(WAIT).await.expect("event");
+        let pl = payload(&ev);
+        if ev.event.as_deref() == Some("chat.turn.delta") && pl["turnId"] == turn_id {
+            if let Some(d) = pl["textDelta"].as_str() {
+                text.push_str(d);
+                item_id = Some(pl["itemId"].clone());
+            } else if pl["item"]["kind"] == "assistant_message" {
+                assert_eq!(Some(pl["item"]["id"].clone()), item_id);
+                assert_eq!(pl["item"]["text"].as_str(), Some(text.as_str()));
+                break;
+            }
+        }
+    }
+    assert!(text.contains("turn=1"), "{text}");
+    let status = e.get_json("/status", 200).await;
+    assert_eq!(
+        status["providers"]["codexTransport"], "app-server",
+        "{status}"
+    );
+    assert_eq!(status["providers"]["agentProcesses"]["live"], 1, "{status}");
+
+    // Interrupt a slow turn; the same process answers the next message.
+    send(&e, &chat, "FAKE_SLOW").await;
+    events
+        .wait_for(WAIT, |ev| {
+            ev.event.as_deref() == Some("chat.turn.delta")
+                && payload(ev)["textDelta"].is_string()
+                && payload(ev)["textDelta"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("tick")
+        })
+        .await;
+    e.post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
+        .await;
+    events.wait_type("chat.interrupted").await;
+    let msg = send(&e, &chat, "hello").await;
+    let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+    assert_eq!(
+        (end.as_str(), &p["outcome"]),
+        ("chat.turn.completed", &json!("completed")),
+        "{p}"
+    );
+    let history = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+    assert!(history.to_string().contains("turn=2"), "{history}");
+    assert_eq!(
+        engine_children(&e),
+        1,
+        "one app-server process for the chat"
+    );
+    e.shutdown().await;
 }

@@ -852,3 +852,86 @@ async fn claude_gets_bedrock_credentials_from_the_file_read_at_each_spawn() {
     assert_eq!(got["AWS_ACCESS_KEY_ID"], "ENGINE");
     s.shutdown().await;
 }
+
+fn app_server_config(env: &Env) -> SessionConfig {
+    let mut cfg = env.config(ProviderKind::Codex);
+    cfg.codex_app_server = true;
+    cfg
+}
+
+#[tokio::test]
+async fn app_server_answers_every_request_by_the_chat_mode() {
+    let env = Env::new();
+    let mut s = ProviderSession::new(app_server_config(&env));
+    let plan = |text: &str| TurnInput {
+        prompt: text.into(),
+        plan_mode: true,
+        ..TurnInput::default()
+    };
+    for (input, want) in [
+        (prompt("FAKE_APPROVAL"), "decision=accept"),
+        (plan("FAKE_APPROVAL"), "decision=decline"),
+        (prompt("FAKE_UNKNOWN_REQUEST"), "error=-32601"),
+    ] {
+        let mut t = s.start_turn(input).await.unwrap();
+        let (ev, r) = drain(&mut t).await;
+        assert_eq!(r.outcome, Outcome::Completed, "{ev:?}");
+        assert!(answer(&ev).contains(want), "{want}: {ev:?}");
+        // Streamed: the deltas add up to the answer.
+        let streamed: String = ev
+            .iter()
+            .filter_map(|e| match e {
+                ProviderEvent::TextDelta { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(streamed, answer(&ev));
+    }
+    // One process for all three turns.
+    assert_eq!(env.args_log().len(), 1);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn app_server_resume_of_a_lost_thread_continues_in_a_new_one() {
+    let env = Env::new();
+    let mut cfg = app_server_config(&env);
+    cfg.resume_session_id = Some("gone-thread".into());
+    let mut s = ProviderSession::new(cfg);
+    let mut t = s.start_turn(prompt("hi")).await.unwrap();
+    let (ev, r) = drain(&mut t).await;
+    assert_eq!(r.outcome, Outcome::Completed, "{ev:?}");
+    assert!(items(&ev).iter().any(|i| i.kind == ItemKind::System));
+    let id = s.session_id().unwrap();
+    assert_ne!(id, "gone-thread");
+    assert!(answer(&ev).contains(&format!("turn=1 thread={id}")));
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn app_server_ignoring_an_interrupt_is_stopped_and_the_thread_resumes() {
+    let env = Env::new();
+    let mut s = ProviderSession::new(app_server_config(&env));
+    let mut t = s
+        .start_turn(prompt("FAKE_SLOW FAKE_IGNORE_INTERRUPT"))
+        .await
+        .unwrap();
+    first_item(&mut t).await;
+    let started = tokio::time::Instant::now();
+    t.interrupter().interrupt().await;
+    let (_, r) = drain(&mut t).await;
+    assert_eq!(r.outcome, Outcome::Interrupted);
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "waited for the grace"
+    );
+    assert!(!process::group_alive(t.pgid), "its group was stopped");
+    let id = s.session_id().unwrap();
+    let mut t2 = s.start_turn(prompt("hi")).await.unwrap();
+    let (ev, r) = drain(&mut t2).await;
+    assert_eq!(r.outcome, Outcome::Completed, "{ev:?}");
+    assert_ne!(t2.pgid, t.pgid);
+    assert_eq!(s.session_id().as_deref(), Some(id.as_str()));
+    s.shutdown().await;
+    assert!(!process::group_alive(t2.pgid));
+}
