@@ -7,7 +7,8 @@
 //! history), a tool turn (a tool call / command item), resume (the mock sees
 //! the earlier conversation and the provider session id is unchanged), and
 //! interrupt of a slow turn (`chat.interrupted`, back to idle, the next
-//! message works).
+//! message works), a 200 KB Codex message, and resume after an engine
+//! restart. Codex runs both over `exec` and over `app-server`.
 
 #[allow(unused_imports)] // not every test file uses every harness export
 mod common;
@@ -90,12 +91,15 @@ fn conversation_size(mock: &MockServer, from: usize) -> u64 {
         .unwrap_or(0)
 }
 
-async fn whole_chat(provider: &str) {
+async fn whole_chat(provider: &str, app_server: bool) {
     let (spec, guard) = EngineSpec::new();
     let env = E2eEnv::start_in(&spec.home).await;
     let mut spec = spec
         .with("CLAUDE_BIN", env.claude_bin.display().to_string())
         .with("CODEX_BIN", env.codex_bin.display().to_string());
+    if app_server {
+        spec = spec.with("REPLICAS_CODEX_TRANSPORT", "app-server");
+    }
     for (k, v) in env.env() {
         spec = spec.with(&k, v);
     }
@@ -129,6 +133,22 @@ async fn whole_chat(provider: &str) {
     let session = c["providerSessionId"].clone();
     assert!(session.is_string(), "{provider}: {c}");
     let first_size = conversation_size(mock, 0);
+    if provider == "claude" || app_server {
+        // Text streamed while the turn ran.
+        let mut replay = e.events("since=0&types=chat.turn.delta").await;
+        replay
+            .wait_for(WAIT, |ev| {
+                payload(ev)["turnId"] == turn.as_str() && payload(ev)["textDelta"].is_string()
+            })
+            .await;
+    }
+    if app_server {
+        let status = e.get_json("/status", 200).await;
+        assert_eq!(
+            status["providers"]["codexTransport"], "app-server",
+            "{status}"
+        );
+    }
 
     // A tool turn, resuming the session: the mock sees the earlier turn.
     let before = mock.requests().len();
@@ -190,19 +210,54 @@ async fn whole_chat(provider: &str) {
     assert!(texts(&items, "assistant_message").contains("Hello from mock"));
     let c = e.get_json(&format!("/chats/{chat}"), 200).await;
     assert_eq!(c["providerSessionId"], session, "{provider}");
+
+    if provider == "codex" {
+        // A 200 KB message: not an argument (E2BIG), and it reaches the CLI.
+        let big = format!("hello {}", "x".repeat(200 * 1024));
+        let m = send(&e, &chat, &big).await;
+        let (_, _, p) = wait_turn(&mut events, &m).await;
+        assert_eq!(p["outcome"], "completed", "{provider}: {p}");
+    }
+
+    // After an engine restart the chat resumes its provider session.
+    let guard = e._home_guard.clone();
+    let spec = e.shutdown().await;
+    let mut e = TestEngine::start_with(spec).await;
+    e._home_guard = guard;
+    let mut events = e.events("since=0&types=chat.*").await;
+    let before = mock.requests().len();
+    let m = send(&e, &chat, "after restart").await;
+    let (_, _, p) = wait_turn(&mut events, &m).await;
+    assert_eq!(p["outcome"], "completed", "{provider}: {p}");
+    assert!(
+        conversation_size(mock, before) > first_size,
+        "{provider}: the turn after the restart did not carry the conversation"
+    );
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(
+        c["providerSessionId"], session,
+        "{provider}: resumed after restart"
+    );
     e.shutdown().await;
 }
 
 #[tokio::test]
 async fn claude_chat_end_to_end() {
     if e2e::enabled("claude_chat_end_to_end") {
-        whole_chat("claude").await;
+        whole_chat("claude", false).await;
     }
 }
 
 #[tokio::test]
 async fn codex_chat_end_to_end() {
     if e2e::enabled("codex_chat_end_to_end") {
-        whole_chat("codex").await;
+        whole_chat("codex", false).await;
+    }
+}
+
+#[tokio::test]
+async fn codex_app_server_chat_end_to_end() {
+    if e2e::enabled("codex_app_server_chat_end_to_end") {
+        whole_chat("codex", true).await;
     }
 }
