@@ -8,8 +8,8 @@
 //! - [`events`]: the typed `EngineEvent`, the gapless bus, the bounded JSONL journal.
 //! - [`repos`]: repos under the workspace root: git status, diffs, PR URL, repo events; the replicas config.
 //! - [`hooks`]: start hooks (once per workspace, in the background), `/hooks/status`, `warm`.
-//! - [`process`]: every subprocess: own process group, parent-death signal, TERM→KILL of the group.
-//! - [`providers`]: the agent CLIs (claude, codex) run headless per chat: command building, line parsers, turn supervision.
+//! - [`process`]: every subprocess: own process group ([`process::Group`]), parent-death signal, TERM→KILL of the group, the `/proc` reader.
+//! - [`providers`]: the agent CLIs (claude, codex exec/app-server) run headless per chat: one folder per CLI, one turn driver, the agent-process bound.
 //! - [`util`]: timestamps, ids, atomic file writes.
 //! - [`plans`]: plan files from `~/.claude/plans` and `~/.replicas/plans`, with path-escape checks.
 //! - [`upstream`]: the backend client, durable ordered webhooks, credential refresh managers.

@@ -132,13 +132,23 @@ pub fn signal_pid(pid: u32, sig: Signal) {
 
 /// `(state, ppid, pgrp)` of a process from `/proc/<pid>/stat`.
 pub fn proc_stat(pid: u32) -> Option<(char, u32, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces.
-    let mut rest = stat.get(stat.rfind(')')? + 2..)?.split_whitespace();
+    let stat = read_stat(pid)?;
+    let mut rest = stat_after_comm(&stat)?.split_whitespace();
     let state = rest.next()?.chars().next()?;
     let ppid = rest.next()?.parse().ok()?;
     let pgrp = rest.next()?.parse().ok()?;
     Some((state, ppid, pgrp))
+}
+
+/// `/proc/<pid>/stat`, the one file every process query here reads.
+fn read_stat(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()
+}
+
+/// The fields after the command name (field 2), which is in parentheses
+/// and may itself contain spaces and parentheses.
+fn stat_after_comm(stat: &str) -> Option<&str> {
+    stat.get(stat.rfind(')')? + 2..)
 }
 
 fn is_live(state: char) -> bool {
@@ -202,10 +212,12 @@ pub async fn kill_group_stragglers(pgid: u32, grace: Duration) {
 /// `/proc/<pid>/stat`). Recorded next to a pid so a later engine can tell
 /// its stray process from an unrelated one that reused the number.
 pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces.
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    let stat = read_stat(pid)?;
+    stat_after_comm(&stat)?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 /// Kill the process group a previous engine recorded as `(pgid, start_time)`
