@@ -74,6 +74,9 @@ ENVIRONMENT (also read from ./.env when present):
                             undelivered webhooks kept on disk; beyond it the oldest are dropped (with an error event). Default 50000.
   REPLICAS_WEBHOOK_OUTBOX_MAX_BYTES
                             byte budget of the undelivered webhooks. Default 67108864 (64 MiB).
+  REPLICAS_WEBHOOK_COALESCE_MS
+                            consecutive streamed text deltas of one item are merged into one webhook
+                            within this window (and while a delivery is in flight). Default 250; 0 = off.
   RUST_LOG                  log filter. Default info.
 
 FILES (under $WORKSPACE_HOME):
@@ -156,6 +159,9 @@ pub struct Config {
     /// Bounds of the webhook outbox (undelivered events).
     pub webhook_outbox_max_events: usize,
     pub webhook_outbox_max_bytes: u64,
+    /// How long a run of streamed text deltas waits to be merged into one
+    /// webhook; zero sends every event on its own.
+    pub webhook_coalesce: Duration,
     pub max_diff_bytes: usize,
 }
 
@@ -304,6 +310,11 @@ impl Config {
                 get("REPLICAS_WEBHOOK_OUTBOX_MAX_BYTES"),
                 64 * 1024 * 1024,
             )?,
+            webhook_coalesce: Duration::from_millis(parse_num_or_zero(
+                "REPLICAS_WEBHOOK_COALESCE_MS",
+                get("REPLICAS_WEBHOOK_COALESCE_MS"),
+                250,
+            )?),
             max_diff_bytes: parse_num(
                 "REPLICAS_MAX_DIFF_BYTES",
                 get("REPLICAS_MAX_DIFF_BYTES"),
@@ -341,6 +352,16 @@ fn parse_num<T: std::str::FromStr + PartialOrd + Default>(
             Ok(n) if n > T::default() => Ok(n),
             _ => Err(invalid(var, format!("{v:?} is not a positive integer"))),
         },
+    }
+}
+
+/// Like [`parse_num`], but 0 is allowed (it switches something off).
+fn parse_num_or_zero(var: &'static str, v: Option<&str>, default: u64) -> Result<u64, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| invalid(var, format!("{v:?} is not a non-negative integer"))),
     }
 }
 
@@ -389,6 +410,22 @@ mod tests {
         );
         assert_eq!(c.max_body_bytes, 10 * 1024 * 1024);
         assert!(c.monolith_url.is_none());
+        assert_eq!(c.webhook_coalesce, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn webhook_coalescing_can_be_switched_off_but_not_garbled() {
+        let c = Config::from_vars(&vars(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_WEBHOOK_COALESCE_MS", "0"),
+        ]))
+        .unwrap();
+        assert_eq!(c.webhook_coalesce, Duration::ZERO);
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_WEBHOOK_COALESCE_MS", "-1")
+        ])
+        .starts_with("REPLICAS_WEBHOOK_COALESCE_MS:"));
     }
 
     #[test]
