@@ -77,6 +77,8 @@ ENVIRONMENT (also read from ./.env when present):
   REPLICAS_WEBHOOK_COALESCE_MS
                             consecutive streamed text deltas of one item are merged into one webhook
                             within this window (and while a delivery is in flight). Default 250; 0 = off.
+  REPLICAS_HTTP_METRICS     1: count every request in /metrics (method, route, status, latency); 0: leave
+                            the replicas_http_* series out. Default 1.
   RUST_LOG                  log filter. Default info.
 
 FILES (under $WORKSPACE_HOME):
@@ -162,6 +164,8 @@ pub struct Config {
     /// How long a run of streamed text deltas waits to be merged into one
     /// webhook; zero sends every event on its own.
     pub webhook_coalesce: Duration,
+    /// Record the per-request HTTP series (`REPLICAS_HTTP_METRICS`).
+    pub http_metrics: bool,
     pub max_diff_bytes: usize,
 }
 
@@ -315,6 +319,16 @@ impl Config {
                 get("REPLICAS_WEBHOOK_COALESCE_MS"),
                 250,
             )?),
+            http_metrics: match get("REPLICAS_HTTP_METRICS") {
+                None | Some("1") => true,
+                Some("0") => false,
+                Some(v) => {
+                    return Err(invalid(
+                        "REPLICAS_HTTP_METRICS",
+                        format!("{v:?} is not 0 or 1"),
+                    ))
+                }
+            },
             max_diff_bytes: parse_num(
                 "REPLICAS_MAX_DIFF_BYTES",
                 get("REPLICAS_MAX_DIFF_BYTES"),

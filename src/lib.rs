@@ -10,6 +10,7 @@
 //! - [`hooks`]: start hooks (once per workspace, in the background), `/hooks/status`, `warm`.
 //! - [`process`]: every subprocess: own process group, parent-death signal, TERM→KILL of the group.
 //! - [`providers`]: the agent CLIs (claude, codex) run headless per chat: command building, line parsers, turn supervision.
+//! - [`metrics`]: Prometheus series: recorded counters/histograms and gauges sampled at scrape time.
 //! - [`util`]: timestamps, ids, atomic file writes.
 //! - [`plans`]: plan files from `~/.claude/plans` and `~/.replicas/plans`, with path-escape checks.
 //! - [`upstream`]: the backend client, durable ordered webhooks, credential refresh managers.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod events;
 pub mod hooks;
 pub mod http;
+pub mod metrics;
 pub mod plans;
 pub mod process;
 pub mod providers;

@@ -116,6 +116,21 @@ impl Webhooks {
         self.outbox.len()
     }
 
+    /// How long the oldest undelivered event has waited (from its `ts`);
+    /// zero when none is pending.
+    pub fn oldest_pending_age(&self) -> Duration {
+        #[derive(Deserialize)]
+        struct Ts {
+            ts: String,
+        }
+        self.outbox
+            .front()
+            .and_then(|ev| serde_json::from_str::<Ts>(ev.json()).ok())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t.ts).ok())
+            .and_then(|t| (chrono::Utc::now() - t.to_utc()).to_std().ok())
+            .unwrap_or_default()
+    }
+
     /// Every event with id ≤ this is finished.
     pub fn delivered_through(&self) -> u64 {
         self.outbox.cursor()
@@ -247,12 +262,14 @@ async fn send(
             };
             match result {
                 Ok(_) => {
+                    crate::metrics::webhook_delivered();
                     if failures > 0 {
                         tracing::info!(id = last_id, failures, "webhook delivered after retries");
                     }
                     break;
                 }
                 Err(e) if e.is_retryable() => {
+                    crate::metrics::webhook_failed();
                     failures += 1;
                     let delay = super::backoff(retry_base, failures);
                     // Loud on the first failure and then sparsely: a backend
@@ -279,6 +296,7 @@ async fn send(
                     }
                 }
                 Err(e) => {
+                    crate::metrics::webhook_failed();
                     tracing::warn!(id = last_id, r#type = %ev.kind, error = %e, "backend rejected a webhook permanently; skipping it");
                     break;
                 }
