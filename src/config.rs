@@ -180,6 +180,12 @@ impl Config {
         Self::load(vars, true)
     }
 
+    /// Load everything but the secret (which may be absent): `doctor`
+    /// checks the secret on its own.
+    pub fn from_vars_without_secret(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::load(vars, false)
+    }
+
     /// Load for `replicas-engine warm`, which never serves and runs before
     /// the server is configured (pre-warming): the secret may be absent.
     pub fn from_env_for_warm() -> Result<Self, ConfigError> {

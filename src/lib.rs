@@ -10,6 +10,7 @@
 //! - [`hooks`]: start hooks (once per workspace, in the background), `/hooks/status`, `warm`.
 //! - [`process`]: every subprocess: own process group, parent-death signal, TERM→KILL of the group.
 //! - [`providers`]: the agent CLIs (claude, codex) run headless per chat: command building, line parsers, turn supervision.
+//! - [`doctor`]: `replicas-engine doctor`: checks a machine can run the engine.
 //! - [`metrics`]: Prometheus series: recorded counters/histograms and gauges sampled at scrape time.
 //! - [`util`]: timestamps, ids, atomic file writes.
 //! - [`plans`]: plan files from `~/.claude/plans` and `~/.replicas/plans`, with path-escape checks.
@@ -18,6 +19,7 @@
 pub mod app;
 pub mod chats;
 pub mod config;
+pub mod doctor;
 pub mod events;
 pub mod hooks;
 pub mod http;
