@@ -49,6 +49,7 @@ const PROTECTED: &[(&str, &str, u16)] = &[
     ("GET", "/plans/nope.md", 404),
     ("GET", "/token-refresh/health", 200),
     ("GET", "/metrics", 200),
+    ("GET", "/openapi.json", 200),
 ];
 
 #[tokio::test]

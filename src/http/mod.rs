@@ -21,6 +21,7 @@ pub mod error;
 pub mod events;
 pub mod hooks;
 pub mod metrics;
+pub mod openapi;
 pub mod plans;
 pub mod repos;
 pub mod system;
@@ -57,6 +58,7 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
         .merge(repos::router())
         .merge(hooks::router())
         .merge(metrics::router())
+        .merge(openapi::router())
         .merge(extra)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
