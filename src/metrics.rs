@@ -225,7 +225,7 @@ impl Metrics {
         );
         r.register(
             "replicas_hooks_status",
-            "Start hooks: 0 pending (or none), 1 running, 2 done, 3 failed",
+            "Start hooks: 0 pending, 1 running, 2 done (or none to run), 3 failed",
             s.hooks_status.clone(),
         );
         r.register(
@@ -361,9 +361,10 @@ pub struct Sample {
 fn hooks_status_value(status: &str) -> i64 {
     match status {
         "running" => 1,
-        "completed" => 2,
+        // Nothing to run is as done as having run it.
+        "completed" | "no_hooks" => 2,
         "failed" => 3,
-        _ => 0, // pending, no_hooks
+        _ => 0, // pending
     }
 }
 
