@@ -925,6 +925,30 @@ mod tests {
                 source: String::new(),
             },
         ];
+        // A new variant breaks this match: add it to `real` above and to
+        // the document's `EventKind`.
+        fn _every_variant_listed(k: &Real) {
+            match k {
+                Real::EngineReady { .. }
+                | Real::EngineStatusChanged { .. }
+                | Real::RepoDiscovered { .. }
+                | Real::RepoStatusChanged { .. }
+                | Real::ChatCreated { .. }
+                | Real::ChatUpdated { .. }
+                | Real::ChatDeleted {}
+                | Real::TurnAccepted { .. }
+                | Real::TurnStarted { .. }
+                | Real::TurnDelta(_)
+                | Real::TurnCompleted { .. }
+                | Real::ChatInterrupted { .. }
+                | Real::HooksStarted { .. }
+                | Real::HooksProgress(_)
+                | Real::HooksCompleted { .. }
+                | Real::HooksFailed { .. }
+                | Real::HooksStatus { .. }
+                | Real::Error { .. } => {}
+            }
+        }
         for kind in real {
             assert!(
                 documented.contains(kind.type_name()),
