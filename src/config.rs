@@ -81,6 +81,11 @@ ENVIRONMENT (also read from ./.env when present):
                             undelivered webhooks kept on disk; beyond it the oldest are dropped (with an error event). Default 50000.
   REPLICAS_WEBHOOK_OUTBOX_MAX_BYTES
                             byte budget of the undelivered webhooks. Default 67108864 (64 MiB).
+  REPLICAS_WEBHOOK_COALESCE_MS
+                            consecutive streamed text deltas of one item are merged into one webhook
+                            within this window (and while a delivery is in flight). Default 250; 0 = off.
+  REPLICAS_HTTP_METRICS     1: count every request in /metrics (method, route, status, latency); 0: leave
+                            the replicas_http_* series out. Default 1.
   RUST_LOG                  log filter. Default info.
 
 FILES (under $WORKSPACE_HOME):
@@ -175,6 +180,11 @@ pub struct Config {
     /// Bounds of the webhook outbox (undelivered events).
     pub webhook_outbox_max_events: usize,
     pub webhook_outbox_max_bytes: u64,
+    /// How long a run of streamed text deltas waits to be merged into one
+    /// webhook; zero sends every event on its own.
+    pub webhook_coalesce: Duration,
+    /// Record the per-request HTTP series (`REPLICAS_HTTP_METRICS`).
+    pub http_metrics: bool,
     pub max_diff_bytes: usize,
 }
 
@@ -187,6 +197,12 @@ impl Config {
     /// Load from an explicit variable map (tests use this).
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
         Self::load(vars, true)
+    }
+
+    /// Load everything but the secret (which may be absent): `doctor`
+    /// checks the secret on its own.
+    pub fn from_vars_without_secret(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::load(vars, false)
     }
 
     /// Load for `replicas-engine warm`, which never serves and runs before
@@ -343,6 +359,21 @@ impl Config {
                 get("REPLICAS_WEBHOOK_OUTBOX_MAX_BYTES"),
                 64 * 1024 * 1024,
             )?,
+            webhook_coalesce: Duration::from_millis(parse_num_or_zero(
+                "REPLICAS_WEBHOOK_COALESCE_MS",
+                get("REPLICAS_WEBHOOK_COALESCE_MS"),
+                250,
+            )?),
+            http_metrics: match get("REPLICAS_HTTP_METRICS") {
+                None | Some("1") => true,
+                Some("0") => false,
+                Some(v) => {
+                    return Err(invalid(
+                        "REPLICAS_HTTP_METRICS",
+                        format!("{v:?} is not 0 or 1"),
+                    ))
+                }
+            },
             max_diff_bytes: parse_num(
                 "REPLICAS_MAX_DIFF_BYTES",
                 get("REPLICAS_MAX_DIFF_BYTES"),
@@ -380,6 +411,16 @@ fn parse_num<T: std::str::FromStr + PartialOrd + Default>(
             Ok(n) if n > T::default() => Ok(n),
             _ => Err(invalid(var, format!("{v:?} is not a positive integer"))),
         },
+    }
+}
+
+/// Like [`parse_num`], but 0 is allowed (it switches something off).
+fn parse_num_or_zero(var: &'static str, v: Option<&str>, default: u64) -> Result<u64, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| invalid(var, format!("{v:?} is not a non-negative integer"))),
     }
 }
 
@@ -465,6 +506,22 @@ mod tests {
             assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), (var, "0")]).starts_with(var));
             assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), (var, "many")]).starts_with(var));
         }
+        assert_eq!(c.webhook_coalesce, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn webhook_coalescing_can_be_switched_off_but_not_garbled() {
+        let c = Config::from_vars(&vars(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_WEBHOOK_COALESCE_MS", "0"),
+        ]))
+        .unwrap();
+        assert_eq!(c.webhook_coalesce, Duration::ZERO);
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_WEBHOOK_COALESCE_MS", "-1")
+        ])
+        .starts_with("REPLICAS_WEBHOOK_COALESCE_MS:"));
     }
 
     #[test]

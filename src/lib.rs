@@ -10,6 +10,8 @@
 //! - [`hooks`]: start hooks (once per workspace, in the background), `/hooks/status`, `warm`.
 //! - [`process`]: every subprocess: own process group ([`process::Group`]), parent-death signal, TERM→KILL of the group, the `/proc` reader.
 //! - [`providers`]: the agent CLIs (claude, codex exec/app-server) run headless per chat: one folder per CLI, one turn driver, the agent-process bound.
+//! - [`doctor`]: `replicas-engine doctor`: checks a machine can run the engine.
+//! - [`metrics`]: Prometheus series: recorded counters/histograms and gauges sampled at scrape time.
 //! - [`util`]: timestamps, ids, atomic file writes.
 //! - [`plans`]: plan files from `~/.claude/plans` and `~/.replicas/plans`, with path-escape checks.
 //! - [`upstream`]: the backend client, durable ordered webhooks, credential refresh managers.
@@ -17,9 +19,11 @@
 pub mod app;
 pub mod chats;
 pub mod config;
+pub mod doctor;
 pub mod events;
 pub mod hooks;
 pub mod http;
+pub mod metrics;
 pub mod plans;
 pub mod process;
 pub mod providers;

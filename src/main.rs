@@ -34,6 +34,12 @@ enum Command {
     Serve,
     /// Run every repo's warmHook, print progress, exit non-zero if any command failed. Never starts the server.
     Warm,
+    /// Check this machine can run the engine: configuration, secret, port, workspace, tools, credentials, repo configs, state files. Exit 1 if an essential check fails.
+    Doctor {
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,12 +50,16 @@ fn main() -> ExitCode {
             eprintln!("replicas-engine: ignoring .env: {e}");
         }
     }
-    init_tracing();
     let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Doctor { json } = command {
+        return replicas_engine::doctor::main(json);
+    }
+    init_tracing();
     // `warm` runs before the server is configured (pre-warming): no secret needed.
     let loaded = match command {
         Command::Serve => Config::from_env(),
         Command::Warm => Config::from_env_for_warm(),
+        Command::Doctor { .. } => unreachable!("doctor returned above"),
     };
     let config = match loaded {
         Ok(c) => c,
@@ -72,6 +82,7 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Serve => runtime.block_on(serve(config)),
         Command::Warm => runtime.block_on(warm(config)),
+        Command::Doctor { .. } => unreachable!("doctor returned above"),
     };
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {

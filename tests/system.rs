@@ -48,6 +48,8 @@ const PROTECTED: &[(&str, &str, u16)] = &[
     ("GET", "/plans", 200),
     ("GET", "/plans/nope.md", 404),
     ("GET", "/token-refresh/health", 200),
+    ("GET", "/metrics", 200),
+    ("GET", "/openapi.json", 200),
 ];
 
 #[tokio::test]
@@ -228,6 +230,8 @@ async fn help_explains_every_variable() {
         "CODEX_BIN",
         "GH_BIN",
         "GIT_BIN",
+        "REPLICAS_WEBHOOK_COALESCE_MS",
+        "REPLICAS_HTTP_METRICS",
         "RUST_LOG",
         "serve",
         "warm",
@@ -346,4 +350,66 @@ async fn request_log_names_the_route_and_never_the_secret() {
         !logs.contains(SECRET) && !logs.contains("wrong-secret-value"),
         "{logs}"
     );
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_template_and_sample_the_services() {
+    let e = TestEngine::start().await;
+    let plain = reqwest::Client::new();
+    assert_eq!(
+        plain.get(e.url("/health")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        e.get("/chats/c_secret_id").send().await.unwrap().status(),
+        404
+    );
+    assert_eq!(e.get("/no/such/path").send().await.unwrap().status(), 404);
+    let _sse = e.events("").await;
+
+    let res = e.get("/metrics").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let text = res.text().await.unwrap();
+    for line in [
+        r#"replicas_http_requests_total{method="GET",route="/health",status="200"} "#,
+        r#"replicas_http_requests_total{method="GET",route="/chats/{chat_id}",status="404"} 1"#,
+        r#"replicas_http_requests_total{method="GET",route="unmatched",status="404"} 1"#,
+        r#"replicas_http_request_duration_seconds_count{method="GET",route="/health"} "#,
+        r#"replicas_events_published_total{type="engine.ready"} 1"#,
+        "replicas_sse_subscribers 1\n",
+        "replicas_turns_running 0\n",
+        "replicas_hooks_status ",
+        "process_open_fds ",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    // Never a raw path or an id.
+    assert!(!text.contains("c_secret_id") && !text.contains("/no/such/path"));
+    let last_id: u64 = e.get_json("/status", 200).await["events"]["lastEventId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(text.contains(&format!("replicas_events_last_id {last_id}\n")));
+
+    // Without the per-request series (the bench's baseline).
+    let (spec, guard) = EngineSpec::new();
+    let off = TestEngine::start_spec(spec.with("REPLICAS_HTTP_METRICS", "0"), guard).await;
+    plain.get(off.url("/health")).send().await.unwrap();
+    let text = off
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("replicas_http_requests_total{"), "{text}");
+    assert!(text.contains("replicas_events_last_id "));
+    off.shutdown().await;
+    e.shutdown().await;
 }

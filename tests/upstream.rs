@@ -669,6 +669,7 @@ mod library {
             bus.clone(),
             Arc::new(outbox),
             Duration::from_millis(5),
+            Duration::from_millis(250),
             shutdown.clone(),
         );
 
@@ -729,6 +730,158 @@ mod library {
         shutdown.cancel();
     }
 
+    fn text_delta(item: &str, text: &str) -> EventKind {
+        EventKind::TurnDelta(replicas_engine::events::TurnDelta::Text {
+            turn_id: "t_1".into(),
+            item_id: item.into(),
+            text_delta: text.into(),
+        })
+    }
+
+    /// Start the pipeline over a fresh bus and outbox in `dir`.
+    fn pipeline(
+        dir: &Path,
+        url: &str,
+        coalesce: Duration,
+        shutdown: &CancellationToken,
+    ) -> (EventBus, Webhooks) {
+        let bus = EventBus::open(&dir.join("events.jsonl"), 1 << 30).unwrap();
+        let (outbox, _) = Outbox::open(OutboxConfig {
+            file: dir.join("outbox.jsonl"),
+            cursor_file: dir.join("cursor.json"),
+            max_events: 100_000,
+            max_bytes: 1 << 30,
+        })
+        .unwrap();
+        let hooks = Webhooks::start(
+            client(url),
+            "ws_lib".into(),
+            bus.clone(),
+            Arc::new(outbox),
+            Duration::from_millis(5),
+            coalesce,
+            shutdown.clone(),
+        );
+        (bus, hooks)
+    }
+
+    /// Text deltas the backend got, concatenated per item, and the ids.
+    fn delivered_text(mock: &Mock) -> (HashMap<String, String>, Vec<u64>) {
+        let mut text: HashMap<String, String> = HashMap::new();
+        let mut ids = Vec::new();
+        for ev in mock.delivered() {
+            ids.push(ev["id"].as_str().unwrap().parse().unwrap());
+            if let Some(t) = ev["payload"]["textDelta"].as_str() {
+                let item = ev["payload"]["itemId"].as_str().unwrap().to_owned();
+                text.entry(item).or_default().push_str(t);
+            }
+        }
+        (text, ids)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streamed_text_deltas_coalesce_into_few_posts_and_lose_nothing() {
+        let (mock, url) = Mock::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let (bus, hooks) = pipeline(dir.path(), &url, Duration::from_millis(200), &shutdown);
+        // A streamed answer: 500 fragments of item a, an item delta, 100 of
+        // item b, then the turn's end. A retried delivery mid-stream.
+        mock.fail_next(WEBHOOK, 2, Behavior::Status(503));
+        let mut want_a = String::new();
+        for i in 0..500 {
+            let t = format!("a{i} ");
+            want_a.push_str(&t);
+            bus.publish(Some("c_1"), text_delta("i_a", &t));
+            if i % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let item = bus.publish(Some("c_1"), chat("chat.turn.started", 1)).id;
+        let mut want_b = String::new();
+        for i in 0..100 {
+            let t = format!("b{i} ");
+            want_b.push_str(&t);
+            bus.publish(Some("c_1"), text_delta("i_b", &t));
+        }
+        let last = bus.publish(Some("c_1"), chat("error", 1)).id;
+
+        eventually("the last event", Duration::from_secs(20), || {
+            mock.delivered_ids().contains(&last).then_some(())
+        })
+        .await;
+        let (text, ids) = delivered_text(&mock);
+        assert_eq!(text["i_a"], want_a, "every fragment, in order");
+        assert_eq!(text["i_b"], want_b);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        assert!(ids.contains(&item), "other events are their own POST");
+        // 600 deltas, streamed over ~200 ms, in a handful of POSTs.
+        assert!(ids.len() <= 20, "{} POSTs: {ids:?}", ids.len());
+        // A merged event carries the last delta's id and says what it covers.
+        let merged: Vec<Value> = mock
+            .requests(WEBHOOK)
+            .into_iter()
+            .filter(|r| r.answered == 200 && r.body.get("coalesced").is_some())
+            .map(|r| r.body)
+            .collect();
+        assert!(!merged.is_empty());
+        for b in &merged {
+            let first: u64 = b["coalesced"]["firstId"].as_str().unwrap().parse().unwrap();
+            let id: u64 = b["event"]["id"].as_str().unwrap().parse().unwrap();
+            assert_eq!(id - first + 1, b["coalesced"]["count"].as_u64().unwrap());
+            assert_eq!(b["event"]["type"], "chat.turn.delta");
+        }
+        // The journal keeps every delta.
+        let journal = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+        assert_eq!(journal.lines().count() as u64, last);
+        eventually("drained", Duration::from_secs(5), || {
+            (hooks.pending() == 0).then_some(())
+        })
+        .await;
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn coalescing_off_sends_every_delta_and_a_restart_resends_the_undelivered() {
+        let (mock, url) = Mock::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        // Backend down: the deltas wait in the outbox when the engine stops.
+        mock.set(WEBHOOK, Behavior::Status(503));
+        let shutdown = CancellationToken::new();
+        let (bus, _hooks) = pipeline(dir.path(), &url, Duration::from_millis(250), &shutdown);
+        let mut want = String::new();
+        for i in 0..50 {
+            let t = format!("x{i} ");
+            want.push_str(&t);
+            bus.publish(Some("c_1"), text_delta("i_x", &t));
+        }
+        eventually("a failed attempt", Duration::from_secs(10), || {
+            (!mock.requests(WEBHOOK).is_empty()).then_some(())
+        })
+        .await;
+        shutdown.cancel();
+        drop(bus);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        // Restarted with coalescing off and the backend back: one POST per
+        // delta, nothing lost.
+        mock.set(WEBHOOK, Behavior::Normal);
+        let shutdown = CancellationToken::new();
+        let (_bus, hooks) = pipeline(dir.path(), &url, Duration::ZERO, &shutdown);
+        eventually("all 50", Duration::from_secs(10), || {
+            (mock.delivered().len() >= 50).then_some(())
+        })
+        .await;
+        let (text, ids) = delivered_text(&mock);
+        assert_eq!(ids, (1..=50).collect::<Vec<u64>>());
+        assert_eq!(text["i_x"], want);
+        eventually("drained", Duration::from_secs(5), || {
+            (hooks.pending() == 0).then_some(())
+        })
+        .await;
+        shutdown.cancel();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn outbox_file_stays_bounded_while_the_backend_is_down() {
         let (mock, url) = Mock::start().await;
@@ -752,6 +905,7 @@ mod library {
             bus.clone(),
             Arc::new(outbox),
             Duration::from_secs(30),
+            Duration::ZERO,
             shutdown.clone(),
         );
         let n = 20_000;

@@ -287,6 +287,11 @@ impl ChatService {
             },
         };
         self.inner.bus.publish(Some(id), kind);
+        crate::metrics::turn_finished(
+            slot.rec.provider.as_str(),
+            outcome.as_str(),
+            std::time::Duration::from_millis(duration_ms),
+        );
         if !slot.deleting {
             self.publish_updated(slot);
         }

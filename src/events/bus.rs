@@ -201,6 +201,7 @@ impl EventBus {
     /// event is still delivered live.
     pub fn publish(&self, chat_id: Option<&str>, kind: EventKind) -> Arc<Published> {
         let type_name = kind.type_name();
+        crate::metrics::event_published(type_name);
         let mut body = Vec::with_capacity(256);
         serde_json::to_writer(
             &mut body,
@@ -257,6 +258,16 @@ impl EventBus {
             .unwrap_or_else(|e| e.into_inner())
             .journal
             .oldest_id()
+    }
+
+    /// Bytes in the journal files (both segments).
+    pub fn journal_bytes(&self) -> u64 {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .journal
+            .bytes()
     }
 
     /// Open SSE streams right now.

@@ -129,6 +129,11 @@ impl Journal {
         self.current.index.len() + self.old.as_ref().map_or(0, |s| s.index.len())
     }
 
+    /// Bytes in both segments.
+    pub fn bytes(&self) -> u64 {
+        self.current.len + self.old.as_ref().map_or(0, |s| s.len)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

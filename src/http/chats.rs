@@ -33,11 +33,14 @@ impl From<ChatError> for ApiError {
     }
 }
 
-#[derive(Deserialize)]
-struct CreateChat {
+/// `POST /chats` body (also its OpenAPI schema).
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct CreateChat {
+    /// `claude` or `codex`.
     provider: String,
     title: Option<String>,
     model: Option<String>,
+    /// Inside the workspace root; defaults to it.
     cwd: Option<String>,
 }
 
@@ -76,15 +79,21 @@ async fn delete_chat(
     Ok(Json(json!({ "success": true })))
 }
 
-#[derive(Deserialize)]
+/// `POST /chats/{chat_id}/messages` body (also its OpenAPI schema).
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct SendMessage {
+pub(crate) struct SendMessage {
+    /// A leading `/plan` turns plan mode on and is stripped.
     message: String,
     model: Option<String>,
     #[serde(default)]
     plan_mode: bool,
+    /// `low`, `medium`, `high` or `max`.
     thinking_level: Option<String>,
+    /// Anthropic image blocks:
+    /// `{"type":"image","source":{"type":"base64","media_type":"image/png","data":"…"}}`.
     #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
     images: Vec<Value>,
 }
 
@@ -109,9 +118,10 @@ async fn send_message(
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
-#[derive(Deserialize, Default)]
+/// `POST /chats/{chat_id}/interrupt` body, optional (also its OpenAPI schema).
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Interrupt {
+pub(crate) struct Interrupt {
     #[serde(default)]
     clear_queue: bool,
 }

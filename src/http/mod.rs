@@ -2,6 +2,9 @@
 //! and applies the layers in one place.
 //!
 //! Layer order, outermost first:
+//! 0. `record_metrics` (unless `REPLICAS_HTTP_METRICS=0`) — counts every
+//!    answered request and its latency by method, matched route template
+//!    and status; outermost so 401s, 404s and 413s are counted too;
 //! 1. `SetRequestId` — every request gets an `X-Request-Id` (kept if the
 //!    client sent one);
 //! 2. `Trace` — one span per request with method, matched route and request
@@ -17,6 +20,8 @@ pub mod chats;
 pub mod error;
 pub mod events;
 pub mod hooks;
+pub mod metrics;
+pub mod openapi;
 pub mod plans;
 pub mod repos;
 pub mod system;
@@ -52,6 +57,8 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
         .merge(token_refresh::router())
         .merge(repos::router())
         .merge(hooks::router())
+        .merge(metrics::router())
+        .merge(openapi::router())
         .merge(extra)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -61,7 +68,8 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
     let protected = protected.route_layer(middleware::from_fn(record_route));
 
     let body_limit = state.config.max_body_bytes;
-    Router::new()
+    let http_metrics = state.config.http_metrics;
+    let app = Router::new()
         .merge(system::public_router().route_layer(middleware::from_fn(record_route)))
         .merge(protected)
         .fallback(not_found)
@@ -72,8 +80,33 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .layer(middleware::from_fn(error::json_error_bodies))
                 .layer(DefaultBodyLimit::max(body_limit)),
-        )
-        .with_state(state)
+        );
+    // Outermost (added last).
+    let app = if http_metrics {
+        app.layer(middleware::from_fn(record_metrics))
+    } else {
+        app
+    };
+    app.with_state(state)
+}
+
+/// Count the request in `replicas_http_requests_total` and time it in
+/// `replicas_http_request_duration_seconds` (to the response head; an SSE
+/// stream counts when it opens). `Router::layer` wraps each route after
+/// matching, so the template is in the extensions; the fallback has none
+/// and counts as `unmatched`, never as its raw path.
+async fn record_metrics(req: Request, next: middleware::Next) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let res = next.run(req).await;
+    crate::metrics::http_request(
+        method.as_str(),
+        route.as_ref().map(MatchedPath::as_str),
+        res.status().as_u16(),
+        started.elapsed(),
+    );
+    res
 }
 
 /// Unknown routes: 404 in the error shape. Reached before auth, and says

@@ -105,6 +105,7 @@ impl Upstream {
             bus.clone(),
             Arc::new(outbox),
             config.upstream_retry_base,
+            config.webhook_coalesce,
             shutdown.clone(),
         );
         let refresh = TokenRefresh::start(

@@ -223,6 +223,14 @@ impl Outbox {
         self.lock().pending.front().cloned()
     }
 
+    /// The oldest pending event with an id above `id` (the coalescer walks
+    /// the queue with it without holding the lock).
+    pub fn next_after(&self, id: u64) -> Option<Arc<Published>> {
+        let st = self.lock();
+        let i = st.pending.partition_point(|e| e.id <= id);
+        st.pending.get(i).cloned()
+    }
+
     /// Is `id` still pending (not dropped by the bound meanwhile)?
     pub fn is_pending(&self, id: u64) -> bool {
         let st = self.lock();
@@ -405,6 +413,9 @@ mod tests {
         assert_eq!(r.bad_lines, 1);
         assert_eq!(ids(&o), vec![8, 9]);
         assert_eq!(o.resume_after(), 9);
+        assert_eq!(o.next_after(0).unwrap().id, 8);
+        assert_eq!(o.next_after(8).unwrap().id, 9);
+        assert!(o.next_after(9).is_none());
         o.push(ev(11)).1.unwrap();
         drop(o);
         let (o, r) = Outbox::open(cfg(dir.path(), 100)).unwrap();

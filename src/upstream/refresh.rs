@@ -273,6 +273,7 @@ async fn run_manager(ctx: Arc<Ctx>, slot: Arc<Slot>, file: CredentialFile) {
                     delay
                 }
                 Err(e) => {
+                    crate::metrics::token_refresh_failed(name);
                     st.consecutive_failures += 1;
                     st.status = Health::Failing;
                     st.last_error = Some(e.clone());

@@ -9,9 +9,21 @@
 //!   events to the outbox. It never waits on the network, and the bus never
 //!   waits on it (a lagging subscriber is caught up from the journal);
 //! - the **sender** delivers the oldest pending event, one at a time (order
-//!   is the contract; nothing is batched), retrying retryable failures with
-//!   exponential backoff and jitter forever, skipping (with a warning) one
-//!   the backend rejects permanently (4xx other than 408/429).
+//!   is the contract), retrying retryable failures with exponential backoff
+//!   and jitter forever, skipping (with a warning) one the backend rejects
+//!   permanently (4xx other than 408/429).
+//!
+//! **Coalescing.** A streamed answer is hundreds of `chat.turn.delta` text
+//! fragments; one POST each would cost the backend a request per token. So
+//! when the oldest pending event is a text delta, the sender merges the
+//! consecutive text deltas of the same chat, turn and item queued behind it
+//! into one event (the last delta's envelope, `textDelta` concatenated),
+//! waiting up to the coalesce window (`REPLICAS_WEBHOOK_COALESCE_MS`) for
+//! more while nothing else is queued, and keeps merging what arrives while a
+//! delivery is retried. Any other event ends the run at once, so it is never
+//! held back by the window. The outbox and the journal keep every delta; the
+//! run is acknowledged (and the cursor written) only after delivery, so a
+//! restart re-sends it rather than losing it.
 //!
 //! When the outbox bound drops undelivered events, an `error` event
 //! (`webhook_outbox_overflow`) says how many — at most once per
@@ -22,12 +34,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::client::UpstreamClient;
 use super::outbox::Outbox;
-use crate::events::{EventBus, EventKind, Published, SubscriptionItem};
+use crate::events::{EngineEvent, EventBus, EventKind, Published, SubscriptionItem, TurnDelta};
 
 pub const WEBHOOK_PATH: &str = "/v1/engine/webhook";
 
@@ -61,13 +74,16 @@ pub struct Webhooks {
 
 impl Webhooks {
     /// Start the collector and the sender. `retry_base` is the first retry
-    /// delay (doubling up to [`super::MAX_BACKOFF`]).
+    /// delay (doubling up to [`super::MAX_BACKOFF`]); `coalesce` is how long
+    /// a run of text deltas waits for more before it is sent (zero: one POST
+    /// per event).
     pub fn start(
         client: Arc<UpstreamClient>,
         workspace_id: String,
         bus: EventBus,
         outbox: Arc<Outbox>,
         retry_base: Duration,
+        coalesce: Duration,
         shutdown: CancellationToken,
     ) -> Self {
         let wake = Arc::new(Notify::new());
@@ -89,6 +105,7 @@ impl Webhooks {
             outbox.clone(),
             wake,
             retry_base,
+            coalesce,
             shutdown,
         ));
         Self { outbox }
@@ -97,6 +114,21 @@ impl Webhooks {
     /// Undelivered webhooks right now.
     pub fn pending(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// How long the oldest undelivered event has waited (from its `ts`);
+    /// zero when none is pending.
+    pub fn oldest_pending_age(&self) -> Duration {
+        #[derive(Deserialize)]
+        struct Ts {
+            ts: String,
+        }
+        self.outbox
+            .front()
+            .and_then(|ev| serde_json::from_str::<Ts>(ev.json()).ok())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t.ts).ok())
+            .and_then(|t| (chrono::Utc::now() - t.to_utc()).to_std().ok())
+            .unwrap_or_default()
     }
 
     /// Every event with id ≤ this is finished.
@@ -174,6 +206,7 @@ async fn send(
     outbox: Arc<Outbox>,
     wake: Arc<Notify>,
     retry_base: Duration,
+    coalesce: Duration,
     shutdown: CancellationToken,
 ) {
     let mut last_persist = Instant::now();
@@ -186,32 +219,65 @@ async fn send(
                 _ = wake.notified() => continue,
             }
         };
-        let body = webhook_body(&workspace_id, &ev);
+        let mut merge = if coalesce.is_zero() {
+            None
+        } else {
+            Merge::start(&ev)
+        };
+        if let Some(m) = merge.as_mut() {
+            // Wait for more of the run only while nothing else is queued
+            // behind it: a non-delta event never waits for the window.
+            let deadline = tokio::time::Instant::now() + coalesce;
+            while m.extend(&outbox) {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        persist(&outbox).await;
+                        return;
+                    }
+                    _ = tokio::time::sleep_until(deadline) => {
+                        m.extend(&outbox);
+                        break;
+                    }
+                    _ = wake.notified() => {}
+                }
+            }
+        }
+        let last_id = merge.as_ref().map_or(ev.id, |m| m.last_id);
+        if !outbox.is_pending(last_id) {
+            continue; // the bound dropped all of it meanwhile
+        }
         let mut failures: u32 = 0;
         loop {
+            let body = match &merge {
+                Some(m) => m.body(&workspace_id),
+                None => webhook_body(&workspace_id, &ev),
+            };
+            let last_id = merge.as_ref().map_or(ev.id, |m| m.last_id);
             let result = tokio::select! {
                 _ = shutdown.cancelled() => {
                     persist(&outbox).await;
                     return;
                 }
-                r = client.post(WEBHOOK_PATH, body.clone()) => r,
+                r = client.post(WEBHOOK_PATH, body) => r,
             };
             match result {
                 Ok(_) => {
+                    crate::metrics::webhook_delivered();
                     if failures > 0 {
-                        tracing::info!(id = ev.id, failures, "webhook delivered after retries");
+                        tracing::info!(id = last_id, failures, "webhook delivered after retries");
                     }
                     break;
                 }
                 Err(e) if e.is_retryable() => {
+                    crate::metrics::webhook_failed();
                     failures += 1;
                     let delay = super::backoff(retry_base, failures);
                     // Loud on the first failure and then sparsely: a backend
                     // down for days must not flood the journal.
                     if failures.is_power_of_two() {
-                        tracing::warn!(id = ev.id, r#type = %ev.kind, error = %e, failures, retry_in_ms = delay.as_millis() as u64, "webhook delivery failed; will retry");
+                        tracing::warn!(id = last_id, r#type = %ev.kind, error = %e, failures, retry_in_ms = delay.as_millis() as u64, "webhook delivery failed; will retry");
                     } else {
-                        tracing::debug!(id = ev.id, error = %e, failures, "webhook delivery failed; will retry");
+                        tracing::debug!(id = last_id, error = %e, failures, "webhook delivery failed; will retry");
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => {
@@ -220,24 +286,149 @@ async fn send(
                         }
                         _ = tokio::time::sleep(delay) => {}
                     }
+                    // Deltas that streamed in meanwhile ride along.
+                    if let Some(m) = merge.as_mut() {
+                        m.extend(&outbox);
+                    }
                     // The bound may have dropped it while we waited.
-                    if !outbox.is_pending(ev.id) {
+                    if !outbox.is_pending(merge.as_ref().map_or(ev.id, |m| m.last_id)) {
                         break;
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(id = ev.id, r#type = %ev.kind, error = %e, "backend rejected a webhook permanently; skipping it");
+                    crate::metrics::webhook_failed();
+                    tracing::warn!(id = last_id, r#type = %ev.kind, error = %e, "backend rejected a webhook permanently; skipping it");
                     break;
                 }
             }
         }
-        outbox.ack(ev.id);
-        if last_persist.elapsed() >= CURSOR_PERSIST_INTERVAL {
+        let merged = merge.as_ref().map_or(1, |m| m.count);
+        outbox.ack(merge.as_ref().map_or(ev.id, |m| m.last_id));
+        // After a merged delivery the cursor is written at once: a restart
+        // then resumes after the whole run instead of re-sending part of
+        // its text under a different grouping.
+        if merged > 1 || last_persist.elapsed() >= CURSOR_PERSIST_INTERVAL {
             housekeeping(&outbox).await;
             last_persist = Instant::now();
         }
     }
     persist(&outbox).await;
+}
+
+/// Most text one merged delta carries; a longer run is split into several.
+pub const MAX_COALESCED_TEXT_BYTES: usize = 256 * 1024;
+
+/// The fields of a `chat.turn.delta` text fragment the coalescer needs.
+#[derive(Deserialize)]
+struct TextDeltaEnvelope {
+    ts: String,
+    #[serde(rename = "chatId", default)]
+    chat_id: Option<String>,
+    payload: TextDeltaPayload,
+}
+
+#[derive(Deserialize)]
+struct TextDeltaPayload {
+    #[serde(rename = "turnId")]
+    turn_id: String,
+    #[serde(rename = "itemId", default)]
+    item_id: Option<String>,
+    #[serde(rename = "textDelta", default)]
+    text_delta: Option<String>,
+}
+
+/// A text delta's envelope, or `None` for any other event (item deltas
+/// included).
+fn text_delta(ev: &Published) -> Option<(TextDeltaEnvelope, String, String)> {
+    if ev.kind != "chat.turn.delta" {
+        return None;
+    }
+    let mut env: TextDeltaEnvelope = serde_json::from_str(ev.json()).ok()?;
+    let item = env.payload.item_id.take()?;
+    let text = env.payload.text_delta.take()?;
+    Some((env, item, text))
+}
+
+/// A run of consecutive text deltas of one item, merged into one webhook.
+struct Merge {
+    first: Arc<Published>,
+    chat_id: Option<String>,
+    turn_id: String,
+    item_id: String,
+    last_id: u64,
+    last_ts: String,
+    text: String,
+    count: usize,
+}
+
+impl Merge {
+    /// Start a run at `ev` if it is a text delta.
+    fn start(ev: &Arc<Published>) -> Option<Self> {
+        let (env, item_id, text) = text_delta(ev)?;
+        Some(Self {
+            first: ev.clone(),
+            chat_id: env.chat_id,
+            turn_id: env.payload.turn_id,
+            item_id,
+            last_id: ev.id,
+            last_ts: env.ts,
+            text,
+            count: 1,
+        })
+    }
+
+    /// Take in the deltas of this item queued after the last one merged.
+    /// Returns whether the run is still open: nothing else is queued behind
+    /// it and it has room for more text.
+    fn extend(&mut self, outbox: &Outbox) -> bool {
+        loop {
+            if self.text.len() >= MAX_COALESCED_TEXT_BYTES {
+                return false;
+            }
+            let Some(next) = outbox.next_after(self.last_id) else {
+                return true;
+            };
+            match text_delta(&next) {
+                Some((env, item_id, text))
+                    if env.chat_id == self.chat_id
+                        && env.payload.turn_id == self.turn_id
+                        && item_id == self.item_id
+                        && self.text.len() + text.len() <= MAX_COALESCED_TEXT_BYTES =>
+                {
+                    self.text.push_str(&text);
+                    self.last_id = next.id;
+                    self.last_ts = env.ts;
+                    self.count += 1;
+                }
+                _ => return false,
+            }
+        }
+    }
+
+    /// The webhook body: the first event verbatim when nothing was merged,
+    /// else the last delta's envelope with the concatenated text, plus
+    /// `coalesced` naming the first id and how many events it covers.
+    fn body(&self, workspace_id: &str) -> String {
+        if self.count == 1 {
+            return webhook_body(workspace_id, &self.first);
+        }
+        let event = EngineEvent {
+            id: self.last_id.to_string(),
+            ts: self.last_ts.clone(),
+            chat_id: self.chat_id.clone(),
+            kind: EventKind::TurnDelta(TurnDelta::Text {
+                turn_id: self.turn_id.clone(),
+                item_id: self.item_id.clone(),
+                text_delta: self.text.clone(),
+            }),
+        };
+        serde_json::json!({
+            "workspaceId": workspace_id,
+            "event": event,
+            "coalesced": {"firstId": self.first.id.to_string(), "count": self.count},
+        })
+        .to_string()
+    }
 }
 
 /// Persist the cursor and compact when worthwhile, off the async threads.

@@ -5,6 +5,8 @@
 //! - idle RSS and process start → first 200 from `/health`, with an empty
 //!   journal and with 100,000 events;
 //! - `GET /health` and `GET /status` throughput and p99 with 64 connections.
+//! - `metrics`: `/health` with and without the per-request HTTP metrics
+//!   (engine CPU per request and throughput, alternated runs).
 //!
 //! The engine always runs in its own process: the release binary, or for
 //! fan-out (which needs a publisher inside the engine) this bench binary
@@ -27,7 +29,7 @@ use crate::{ms, percentiles};
 
 pub async fn run() -> anyhow::Result<()> {
     println!("== events");
-    // BENCH_EVENTS=fanout (or startup,replay,requests) runs a subset.
+    // BENCH_EVENTS=fanout (or startup,replay,requests,metrics) runs a subset.
     let only = std::env::var("BENCH_EVENTS").unwrap_or_default();
     let want = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
     if want("startup") {
@@ -38,6 +40,9 @@ pub async fn run() -> anyhow::Result<()> {
     }
     if want("requests") {
         request_throughput().await?;
+    }
+    if want("metrics") {
+        metrics_overhead().await?;
     }
     if want("fanout") {
         // BENCH_FANOUT=subscribers,rate,seconds overrides 1000,1000,10.
@@ -184,40 +189,7 @@ async fn request_throughput() -> anyhow::Result<()> {
     for path in ["/health", "/status"] {
         let conns = 64;
         let dur = Duration::from_secs(5);
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(conns)
-            .build()?;
-        let url = format!("http://{}{}", engine.addr, path);
-        let deadline = Instant::now() + dur;
-        let tasks: Vec<_> = (0..conns)
-            .map(|_| {
-                let client = client.clone();
-                let url = url.clone();
-                tokio::spawn(async move {
-                    let mut lat = Vec::new();
-                    while Instant::now() < deadline {
-                        let t = Instant::now();
-                        let res = client
-                            .get(&url)
-                            .header("x-replicas-engine-secret", SECRET)
-                            .send()
-                            .await;
-                        if let Ok(res) = res {
-                            let ok = res.status().is_success();
-                            let _ = res.bytes().await;
-                            if ok {
-                                lat.push(t.elapsed());
-                            }
-                        }
-                    }
-                    lat
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await?);
-        }
+        let mut all = hammer(&engine.addr, path, conns, dur).await?;
         let count = all.len();
         let (p50, p99, max) = percentiles(&mut all);
         println!(
@@ -229,6 +201,109 @@ async fn request_throughput() -> anyhow::Result<()> {
         );
     }
     engine.stop().await;
+    Ok(())
+}
+
+/// `conns` connections GET `path` in a loop for `dur`; the latencies of the
+/// successful requests.
+async fn hammer(
+    addr: &str,
+    path: &str,
+    conns: usize,
+    dur: Duration,
+) -> anyhow::Result<Vec<Duration>> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(conns)
+        .build()?;
+    let url = format!("http://{addr}{path}");
+    let deadline = Instant::now() + dur;
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            let client = client.clone();
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let res = client
+                        .get(&url)
+                        .header("x-replicas-engine-secret", SECRET)
+                        .send()
+                        .await;
+                    if let Ok(res) = res {
+                        let ok = res.status().is_success();
+                        let _ = res.bytes().await;
+                        if ok {
+                            lat.push(t.elapsed());
+                        }
+                    }
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    Ok(all)
+}
+
+/// What recording the HTTP metrics costs `/health`: the engine with
+/// `REPLICAS_HTTP_METRICS=1` and `=0`, alternated over three rounds (the
+/// machine's load drifts), 64 connections for 4 s each. Engine CPU per
+/// request is the steadier figure; req/s is shown too.
+async fn metrics_overhead() -> anyhow::Result<()> {
+    let mut figures: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+    for _round in 0..3 {
+        for (i, flag) in ["1", "0"].into_iter().enumerate() {
+            let home = home_with_events(0)?;
+            let engine =
+                Engine::start(home.path(), &[("REPLICAS_HTTP_METRICS", OsStr::new(flag))]).await?;
+            while !matches!(raw_get(&engine.addr, "/health").await, Ok((200, _))) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            hammer(&engine.addr, "/health", 64, Duration::from_millis(500)).await?;
+            let cpu = engine.cpu_secs();
+            let dur = Duration::from_secs(4);
+            let n = hammer(&engine.addr, "/health", 64, dur).await?.len() as f64;
+            let cpu = engine.cpu_secs() - cpu;
+            figures[i].0.push(n / dur.as_secs_f64());
+            figures[i].1.push(cpu * 1e6 / n);
+            engine.stop().await;
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [(mut on_rps, mut on_cpu), (mut off_rps, mut off_cpu)] = figures;
+    let (on_rps, on_cpu, off_rps, off_cpu) = (
+        median(&mut on_rps),
+        median(&mut on_cpu),
+        median(&mut off_rps),
+        median(&mut off_cpu),
+    );
+    println!(
+        "GET /health with HTTP metrics: {on_rps:.0} req/s, {on_cpu:.1} µs engine CPU/request; without: {off_rps:.0} req/s, {off_cpu:.1} µs; CPU ratio with/without {:.3}, throughput ratio {:.3} (medians of 3 alternated runs)",
+        on_cpu / off_cpu,
+        on_rps / off_rps,
+    );
+    // In-process: the recording call alone.
+    let n = 1_000_000u32;
+    let t = Instant::now();
+    for _ in 0..n {
+        replicas_engine::metrics::http_request(
+            "GET",
+            Some("/health"),
+            200,
+            Duration::from_micros(50),
+        );
+    }
+    println!(
+        "metrics::http_request alone: {:.0} ns per call",
+        t.elapsed().as_nanos() as f64 / n as f64
+    );
     Ok(())
 }
 

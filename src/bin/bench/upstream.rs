@@ -8,7 +8,11 @@
 //!    with 10,000 undelivered webhooks in its outbox (as a backend outage
 //!    would leave them) and the backend up; time from spawn until the
 //!    backend has all of them.
-//! 3. **backend down, then up**: same backlog, the backend answers 503
+//! 3. **coalesced deltas**: one 1,000-delta turn streamed at 400 deltas/s
+//!    through the pipeline with `REPLICAS_WEBHOOK_COALESCE_MS` 250 and 0:
+//!    POSTs per turn; then a burst of 1,000 deltas published at once with a
+//!    `chat.turn.completed` behind it: how long that event waits.
+//! 4. **backend down, then up**: same backlog, the backend answers 503
 //!    until it "comes back"; time from then to the first delivery (the
 //!    sender's backoff wait) and until the backlog is drained.
 
@@ -22,7 +26,7 @@ use axum::body::Bytes;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use replicas_engine::config::{Paths, Secret};
-use replicas_engine::events::{EngineEvent, EventBus, EventKind};
+use replicas_engine::events::{EngineEvent, EventBus, EventKind, TurnDelta};
 use replicas_engine::upstream::client::UpstreamClient;
 use replicas_engine::upstream::outbox::{Outbox, OutboxConfig};
 use replicas_engine::upstream::Webhooks;
@@ -37,6 +41,8 @@ const LIVE_EVENTS: u64 = 20_000;
 #[derive(Default)]
 struct Counter {
     delivered: AtomicU64,
+    /// When the last non-delta event arrived.
+    other_at: std::sync::Mutex<Option<Instant>>,
     max_id: AtomicU64,
     out_of_order: AtomicU64,
     down: AtomicBool,
@@ -64,14 +70,14 @@ fn handle(c: &Counter, uri: Uri, body: Bytes) -> Response {
     if c.down.load(Ordering::Relaxed) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
-    let id = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| {
-            v["event"]["id"]
-                .as_str()
-                .and_then(|s| s.parse::<u64>().ok())
-        })
+    let v = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+    let id = v["event"]["id"]
+        .as_str()
+        .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(0);
+    if v["event"]["type"] != "chat.turn.delta" {
+        *c.other_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
     let prev = c.max_id.fetch_max(id, Ordering::Relaxed);
     if id <= prev {
         c.out_of_order.fetch_add(1, Ordering::Relaxed);
@@ -105,18 +111,25 @@ fn turn_completed(i: u64) -> EventKind {
 
 pub async fn run() -> anyhow::Result<()> {
     live_throughput().await?;
+    for coalesce_ms in [250, 0] {
+        coalescing(coalesce_ms).await?;
+    }
     recovery(false).await?;
     recovery(true).await?;
     Ok(())
 }
 
-async fn live_throughput() -> anyhow::Result<()> {
-    let (counter, url) = mock_backend().await?;
-    let dir = tempfile::tempdir()?;
-    let bus = EventBus::open(&dir.path().join("events.jsonl"), 1 << 30)?;
+/// The engine's webhook pipeline over a fresh bus and outbox in `dir`.
+fn pipeline(
+    dir: &Path,
+    url: &str,
+    coalesce: Duration,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<EventBus> {
+    let bus = EventBus::open(&dir.join("events.jsonl"), 1 << 30)?;
     let (outbox, _) = Outbox::open(OutboxConfig {
-        file: dir.path().join("outbox.jsonl"),
-        cursor_file: dir.path().join("cursor.json"),
+        file: dir.join("outbox.jsonl"),
+        cursor_file: dir.join("cursor.json"),
         max_events: 1_000_000,
         max_bytes: 1 << 30,
     })?;
@@ -126,15 +139,93 @@ async fn live_throughput() -> anyhow::Result<()> {
         "ws_bench",
         Duration::from_secs(10),
     )?;
-    let shutdown = CancellationToken::new();
-    let _hooks = Webhooks::start(
+    Webhooks::start(
         Arc::new(client),
         "ws_bench".into(),
         bus.clone(),
         Arc::new(outbox),
         Duration::from_millis(100),
+        coalesce,
         shutdown.clone(),
     );
+    Ok(bus)
+}
+
+fn text_delta(i: u64) -> EventKind {
+    EventKind::TurnDelta(TurnDelta::Text {
+        turn_id: "t_bench".into(),
+        item_id: "i_bench".into(),
+        text_delta: format!("token{i} "),
+    })
+}
+
+async fn coalescing(coalesce_ms: u64) -> anyhow::Result<()> {
+    const DELTAS: u64 = 1_000;
+    const RATE: u64 = 400; // deltas/s, a fast model's token stream
+    let coalesce = Duration::from_millis(coalesce_ms);
+
+    // A streamed turn: POSTs per turn.
+    let (counter, url) = mock_backend().await?;
+    let dir = tempfile::tempdir()?;
+    let shutdown = CancellationToken::new();
+    let bus = pipeline(dir.path(), &url, coalesce, &shutdown)?;
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 * 10 / RATE));
+    for i in 0..DELTAS {
+        if i % 10 == 0 {
+            tick.tick().await;
+        }
+        bus.publish(Some("c_bench"), text_delta(i));
+    }
+    let streamed = started.elapsed();
+    bus.publish(Some("c_bench"), turn_completed(0));
+    wait_until(&counter, Duration::from_secs(60)).await?;
+    let posts = counter.delivered.load(Ordering::Relaxed) - 1;
+    shutdown.cancel();
+    println!(
+        "upstream: coalesce {coalesce_ms} ms: a {DELTAS}-delta turn streamed over {:.2} s took {posts} delta POSTs ({:.0} ms of streaming per POST), out of order: {}",
+        streamed.as_secs_f64(),
+        streamed.as_secs_f64() * 1000.0 / posts.max(1) as f64,
+        counter.out_of_order.load(Ordering::Relaxed),
+    );
+
+    // A burst with a non-delta event behind it.
+    let (counter, url) = mock_backend().await?;
+    let dir = tempfile::tempdir()?;
+    let shutdown = CancellationToken::new();
+    let bus = pipeline(dir.path(), &url, coalesce, &shutdown)?;
+    for i in 0..DELTAS {
+        bus.publish(Some("c_bench"), text_delta(i));
+    }
+    let published = Instant::now();
+    bus.publish(Some("c_bench"), turn_completed(0));
+    let at = wait_until(&counter, Duration::from_secs(60)).await?;
+    let posts = counter.delivered.load(Ordering::Relaxed) - 1;
+    shutdown.cancel();
+    println!(
+        "upstream: coalesce {coalesce_ms} ms: chat.turn.completed behind a burst of {DELTAS} deltas reached the backend {:.1} ms after publish ({posts} delta POSTs before it)",
+        (at - published).as_secs_f64() * 1000.0,
+    );
+    Ok(())
+}
+
+/// Wait until a non-delta event arrived; when.
+async fn wait_until(c: &Counter, timeout: Duration) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(at) = *c.other_at.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(at);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no event within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn live_throughput() -> anyhow::Result<()> {
+    let (counter, url) = mock_backend().await?;
+    let dir = tempfile::tempdir()?;
+    let shutdown = CancellationToken::new();
+    let bus = pipeline(dir.path(), &url, Duration::from_millis(250), &shutdown)?;
     let started = Instant::now();
     for i in 0..LIVE_EVENTS {
         bus.publish(Some("c_bench"), turn_completed(i));

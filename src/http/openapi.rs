@@ -1,0 +1,961 @@
+//! `GET /openapi.json`: the OpenAPI 3.1 document of this API, generated
+//! with `utoipa` from the handlers' request types and from schema structs
+//! that mirror the JSON `docs/API.md` documents (several payloads are built
+//! as `serde_json::Value` by their services; their shapes are typed here).
+//!
+//! The operations are declared on stub functions below (the real handlers
+//! live in one file per resource); `tests::router_and_document_agree`
+//! fails when the router and this document disagree on a route or method,
+//! and `tests::document_is_valid_openapi` checks the document's structure.
+
+#![allow(dead_code)] // the schema structs are never built, only described
+
+use std::sync::LazyLock;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use serde::Serialize;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use super::chats::{CreateChat, Interrupt, SendMessage};
+use crate::app::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/openapi.json", get(get_openapi))
+}
+
+/// Built once: the document never changes while the engine runs.
+static DOCUMENT: LazyLock<String> = LazyLock::new(|| {
+    ApiDoc::openapi()
+        .to_json()
+        .expect("the OpenAPI document serializes")
+});
+
+async fn get_openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.as_str(),
+    )
+}
+
+/// The document (tests and tools).
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Replicas Engine",
+        description = "The daemon inside every workspace VM: chats driving agent CLIs, events, repos, hooks. The contract is docs/API.md.",
+    ),
+    paths(
+        health, status, token_refresh_health, metrics, openapi_json, events,
+        create_chat, list_chats, get_chat, delete_chat, send_message, interrupt_chat, get_history,
+        list_plans, get_plan, list_repos, hooks_status,
+    ),
+    components(schemas(
+        ErrorResponse, ErrorBody, Health, Status, ChatCounts, TokenRefreshHealth, ManagerStatus,
+        CreateChat, SendMessage, Interrupt, Chat, Message, LastTurn, Usage, ChatList, Deleted,
+        Accepted, HistoryItem, ToolCall, HistoryPage, PlanInfo, PlanList, Plan, Repo, GitDiff,
+        DiffFile, RepoList, HooksStatus, RepoHooks, HookCommand, EngineEvent, EventKind,
+        TurnDelta, StreamReset, WebhookBody, Coalesced,
+    )),
+    modifiers(&SecretHeader),
+    security(("secret" = [])),
+    tags(
+        (name = "system"), (name = "events"), (name = "chats"),
+        (name = "plans"), (name = "repos"), (name = "hooks"),
+    )
+)]
+struct ApiDoc;
+
+/// The `apiKey` scheme: `X-Replicas-Engine-Secret`.
+struct SecretHeader;
+
+impl Modify for SecretHeader {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "secret",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-Replicas-Engine-Secret",
+                "REPLICAS_ENGINE_SECRET, compared in constant time",
+            ))),
+        );
+    }
+}
+
+// ------------------------------------------------------------------ schemas
+
+/// Every error: `{"error":{"code","message"}}`.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// `invalid_request`, `unauthorized`, `not_found`, `method_not_allowed`,
+    /// `conflict`, `payload_too_large`, `unprocessable`, `internal`,
+    /// `unavailable`, …
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` (200) or `initializing` (503).
+    pub status: String,
+    pub timestamp: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub version: String,
+    pub started_at: String,
+    pub uptime_ms: u64,
+    pub workspace_id: Option<String>,
+    pub workspace_root: String,
+    pub chats: ChatCounts,
+    /// `{"count": n}`
+    #[schema(value_type = Object)]
+    pub repos: serde_json::Value,
+    /// `{"status": "<HooksStatus.status>"}`
+    #[schema(value_type = Object)]
+    pub hooks: serde_json::Value,
+    /// `{"lastEventId": "N", "subscribers": n}`
+    #[schema(value_type = Object)]
+    pub events: serde_json::Value,
+    /// Manager name → `ok|failing|disabled`.
+    pub token_refresh: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatCounts {
+    pub total: usize,
+    pub running: usize,
+    pub queued_messages: usize,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TokenRefreshHealth {
+    pub healthy: bool,
+    /// `github`, `claude`, `codex`.
+    pub managers: std::collections::BTreeMap<String, ManagerStatus>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagerStatus {
+    /// `ok`, `failing` or `disabled`.
+    pub status: String,
+    pub last_success_at: Option<String>,
+    pub last_attempt_at: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Chat {
+    pub id: String,
+    /// `claude` or `codex`.
+    pub provider: String,
+    pub title: String,
+    pub model: Option<String>,
+    pub cwd: String,
+    /// `idle`, `running`, `interrupting` or `waiting_for_hooks`.
+    pub status: String,
+    pub processing: bool,
+    pub provider_session_id: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub queue: Vec<Message>,
+    pub last_turn: Option<LastTurn>,
+    pub usage: Usage,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    pub id: String,
+    pub text: String,
+    pub queued_at: String,
+    pub plan_mode: bool,
+    pub model: Option<String>,
+    /// How many images the message carries.
+    pub images: usize,
+    #[schema(required = false)]
+    pub thinking_level: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastTurn {
+    pub turn_id: String,
+    /// `completed`, `failed` or `interrupted`.
+    pub outcome: String,
+    pub finished_at: String,
+    /// When interrupted: `user`, `deleted`, `engine_restart`, `engine_shutdown`, `provider`.
+    #[schema(required = false)]
+    pub reason: Option<String>,
+    /// When failed.
+    #[schema(required = false)]
+    pub error: Option<ErrorBody>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cost_usd: f64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ChatList {
+    pub chats: Vec<Chat>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Deleted {
+    pub success: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Accepted {
+    /// `sent` (started at once) or `queued`.
+    pub status: String,
+    pub message_id: String,
+    /// 0 when sent, else the 1-based queue position.
+    pub position: usize,
+    pub chat_id: String,
+}
+
+/// One normalized history item (replace by `id` when sent again).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryItem {
+    pub id: String,
+    pub turn_id: String,
+    pub ts: String,
+    /// `user_message`, `assistant_message`, `reasoning`, `tool_call`,
+    /// `tool_result`, `command`, `file_change`, `todo_list`, `error`, `system`.
+    pub kind: String,
+    pub text: Option<String>,
+    pub tool: Option<ToolCall>,
+    /// The provider's line, only with `?raw=true`.
+    #[schema(required = false, value_type = Object)]
+    pub raw: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolCall {
+    pub name: String,
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+    pub output: Option<String>,
+    pub is_error: bool,
+    #[schema(required = false)]
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryPage {
+    pub items: Vec<HistoryItem>,
+    pub total: usize,
+    pub has_more: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanInfo {
+    pub filename: String,
+    /// `claude` or `replicas`.
+    pub source: String,
+    pub size_bytes: u64,
+    pub modified_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PlanList {
+    pub plans: Vec<PlanInfo>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    pub filename: String,
+    pub source: String,
+    pub content: String,
+    pub modified_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Repo {
+    pub name: String,
+    pub path: String,
+    pub branch: Option<String>,
+    pub default_branch: String,
+    pub head_sha: Option<String>,
+    pub remote_url: Option<String>,
+    pub is_dirty: bool,
+    pub ahead: u32,
+    pub behind: u32,
+    pub pr_url: Option<String>,
+    pub start_hooks_completed: bool,
+    pub git_diff: GitDiff,
+    /// Present when the repo could not be read.
+    #[schema(required = false)]
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GitDiff {
+    pub files_changed: u32,
+    pub added: u64,
+    pub removed: u64,
+    pub files: Vec<DiffFile>,
+    /// Only with `includeDiffs=true`.
+    #[schema(required = false)]
+    pub full_diff: Option<String>,
+    #[schema(required = false)]
+    pub truncated: Option<bool>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DiffFile {
+    pub path: String,
+    /// `modified`, `added`, `deleted`, `renamed` or `untracked`.
+    pub status: String,
+    pub additions: u64,
+    pub deletions: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RepoList {
+    pub repos: Vec<Repo>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HooksStatus {
+    /// `no_hooks`, `pending`, `running`, `completed` or `failed`.
+    pub status: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub log_path: String,
+    pub repos: Vec<RepoHooks>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RepoHooks {
+    pub repo: String,
+    pub commands: Vec<HookCommand>,
+}
+
+/// One hook command's state; also the `hooks.progress` payload (with `repo`
+/// and `index`).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HookCommand {
+    #[schema(required = false)]
+    pub repo: Option<String>,
+    #[schema(required = false)]
+    pub index: Option<usize>,
+    pub command: String,
+    /// `pending`, `running`, `completed`, `failed` or `timed_out`.
+    pub status: String,
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    pub duration_ms: Option<u64>,
+}
+
+/// One event: a journal line, an SSE `data:`, a webhook's `event`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineEvent {
+    /// Decimal string of a strictly increasing integer.
+    pub id: String,
+    pub ts: String,
+    /// Present for chat events.
+    #[schema(required = false)]
+    pub chat_id: Option<String>,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// `type` and its `payload`.
+#[derive(Serialize, ToSchema)]
+#[serde(tag = "type", content = "payload")]
+pub enum EventKind {
+    #[serde(rename = "engine.ready")]
+    EngineReady { version: String, pid: u32 },
+    #[serde(rename = "engine.status.changed")]
+    EngineStatusChanged { status: Status },
+    #[serde(rename = "repo.discovered")]
+    RepoDiscovered { repo: Repo },
+    #[serde(rename = "repo.status.changed")]
+    RepoStatusChanged { repo: Repo },
+    #[serde(rename = "chat.created")]
+    ChatCreated { chat: Chat },
+    #[serde(rename = "chat.updated")]
+    ChatUpdated { chat: Chat },
+    #[serde(rename = "chat.deleted")]
+    ChatDeleted {},
+    #[serde(rename = "chat.turn.accepted")]
+    TurnAccepted {
+        message: Message,
+        /// `sent` or `queued`.
+        status: String,
+        position: usize,
+    },
+    #[serde(rename = "chat.turn.started")]
+    TurnStarted {
+        #[serde(rename = "turnId")]
+        turn_id: String,
+        #[serde(rename = "messageId")]
+        message_id: String,
+    },
+    #[serde(rename = "chat.turn.delta")]
+    TurnDelta(TurnDelta),
+    #[serde(rename = "chat.turn.completed")]
+    TurnCompleted {
+        #[serde(rename = "turnId")]
+        turn_id: String,
+        /// `completed` or `failed`.
+        outcome: String,
+        usage: Usage,
+        #[serde(rename = "durationMs")]
+        duration_ms: u64,
+        #[schema(required = false)]
+        error: Option<ErrorBody>,
+    },
+    #[serde(rename = "chat.interrupted")]
+    ChatInterrupted {
+        #[serde(rename = "turnId")]
+        turn_id: String,
+        #[serde(rename = "durationMs")]
+        duration_ms: u64,
+    },
+    #[serde(rename = "hooks.started")]
+    HooksStarted { status: HooksStatus },
+    #[serde(rename = "hooks.progress")]
+    HooksProgress(HookCommand),
+    #[serde(rename = "hooks.completed")]
+    HooksCompleted { status: HooksStatus },
+    #[serde(rename = "hooks.failed")]
+    HooksFailed { status: HooksStatus },
+    #[serde(rename = "hooks.status")]
+    HooksStatus { status: HooksStatus },
+    #[serde(rename = "error")]
+    Error {
+        code: String,
+        message: String,
+        source: String,
+    },
+    /// Stream-only (never persisted, no `id:` line).
+    #[serde(rename = "stream.reset")]
+    StreamReset(StreamReset),
+}
+
+/// `chat.turn.delta`: a whole history item, or a streamed text fragment.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum TurnDelta {
+    Item {
+        #[serde(rename = "turnId")]
+        turn_id: String,
+        item: HistoryItem,
+    },
+    Text {
+        #[serde(rename = "turnId")]
+        turn_id: String,
+        #[serde(rename = "itemId")]
+        item_id: String,
+        #[serde(rename = "textDelta")]
+        text_delta: String,
+    },
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamReset {
+    pub oldest_available_id: String,
+}
+
+/// The body of `POST {MONOLITH_URL}/v1/engine/webhook` (engine → backend).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookBody {
+    pub workspace_id: String,
+    pub event: EngineEvent,
+    /// Only on merged text deltas.
+    #[schema(required = false)]
+    pub coalesced: Option<Coalesced>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Coalesced {
+    pub first_id: String,
+    pub count: usize,
+}
+
+// --------------------------------------------------------------- operations
+
+#[utoipa::path(get, path = "/health", tag = "system", security(()),
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "The readiness file is missing", body = Health),
+    ))]
+fn health() {}
+
+#[utoipa::path(get, path = "/status", tag = "system",
+    responses(
+        (status = 200, body = Status),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+    ))]
+fn status() {}
+
+#[utoipa::path(get, path = "/token-refresh/health", tag = "system",
+    responses(
+        (status = 200, description = "No enabled manager is failing", body = TokenRefreshHealth),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+        (status = 503, description = "A manager is failing", body = TokenRefreshHealth),
+    ))]
+fn token_refresh_health() {}
+
+#[utoipa::path(get, path = "/metrics", tag = "system",
+    responses(
+        (status = 200, description = "Prometheus metrics (OpenMetrics text); series in docs/API.md",
+         content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+    ))]
+fn metrics() {}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "system",
+    responses(
+        (status = 200, description = "This document", body = Object),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+    ))]
+fn openapi_json() {}
+
+#[utoipa::path(get, path = "/events", tag = "events",
+    params(
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this id"),
+        ("since" = Option<String>, Query, description = "Resume after this id (like Last-Event-ID)"),
+        ("chatId" = Option<String>, Query, description = "Only this chat's events plus engine-level ones"),
+        ("types" = Option<String>, Query, description = "Comma list of types or `prefix.*`"),
+    ),
+    responses(
+        (status = 200, description = "Server-Sent Events: `id: <id>`, `event: <type>`, `data: <EngineEvent>`; `: keepalive` comments",
+         content_type = "text/event-stream", body = EngineEvent),
+        (status = 400, description = "Non-numeric position", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+    ))]
+fn events() {}
+
+#[utoipa::path(post, path = "/chats", tag = "chats", request_body = CreateChat,
+    responses(
+        (status = 201, body = Chat),
+        (status = 400, description = "Bad JSON, unknown provider, cwd outside the workspace", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+        (status = 413, description = "Body over REPLICAS_MAX_BODY_BYTES", body = ErrorResponse),
+    ))]
+fn create_chat() {}
+
+#[utoipa::path(get, path = "/chats", tag = "chats",
+    responses(
+        (status = 200, description = "Newest first", body = ChatList),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+    ))]
+fn list_chats() {}
+
+#[utoipa::path(get, path = "/chats/{chat_id}", tag = "chats",
+    params(("chat_id" = String, Path)),
+    responses(
+        (status = 200, body = Chat),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+        (status = 404, description = "Unknown chat", body = ErrorResponse),
+    ))]
+fn get_chat() {}
+
+#[utoipa::path(delete, path = "/chats/{chat_id}", tag = "chats",
+    params(("chat_id" = String, Path)),
+    responses(
+        (status = 200, body = Deleted),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+        (status = 404, description = "Unknown chat", body = ErrorResponse),
+    ))]
+fn delete_chat() {}
+
+#[utoipa::path(post, path = "/chats/{chat_id}/messages", tag = "chats",
+    params(("chat_id" = String, Path)), request_body = SendMessage,
+    responses(
+        (status = 202, body = Accepted),
+        (status = 400, description = "Bad JSON, empty message, bad thinkingLevel or image", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+        (status = 404, description = "Unknown chat", body = ErrorResponse),
+        (status = 413, description = "Body over REPLICAS_MAX_BODY_BYTES", body = ErrorResponse),
+    ))]
+fn send_message() {}
+
+#[utoipa::path(post, path = "/chats/{chat_id}/interrupt", tag = "chats",
+    params(("chat_id" = String, Path)),
+    request_body(content = Option<Interrupt>, description = "Optional"),
+    responses(
+        (status = 200, body = Chat),
+        (status = 400, description = "Bad JSON", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+        (status = 404, description = "Unknown chat", body = ErrorResponse),
+    ))]
+fn interrupt_chat() {}
+
+#[utoipa::path(get, path = "/chats/{chat_id}/history", tag = "chats",
+    params(
+        ("chat_id" = String, Path),
+        ("limit" = Option<usize>, Query, description = "Default 100, at most 1000"),
+        ("offset" = Option<usize>, Query, description = "Items skipped from the end"),
+        ("raw" = Option<bool>, Query, description = "Include the provider's raw line"),
+    ),
+    responses(
+        (status = 200, description = "Oldest first", body = HistoryPage),
+        (status = 400, description = "Bad query", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+        (status = 404, description = "Unknown chat", body = ErrorResponse),
+    ))]
+fn get_history() {}
+
+#[utoipa::path(get, path = "/plans", tag = "plans",
+    responses(
+        (status = 200, description = "Newest first", body = PlanList),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+    ))]
+fn list_plans() {}
+
+#[utoipa::path(get, path = "/plans/{filename}", tag = "plans",
+    params(("filename" = String, Path, description = "`*.md`, no path separators")),
+    responses(
+        (status = 200, body = Plan),
+        (status = 400, description = "Invalid name", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+        (status = 404, description = "Unknown plan", body = ErrorResponse),
+        (status = 413, description = "Plan over 5 MiB", body = ErrorResponse),
+    ))]
+fn get_plan() {}
+
+#[utoipa::path(get, path = "/repos", tag = "repos",
+    params(("includeDiffs" = Option<bool>, Query, description = "Add gitDiff.fullDiff")),
+    responses(
+        (status = 200, body = RepoList),
+        (status = 400, description = "includeDiffs not true/false", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+    ))]
+fn list_repos() {}
+
+#[utoipa::path(get, path = "/hooks/status", tag = "hooks",
+    responses(
+        (status = 200, body = HooksStatus),
+        (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
+    ))]
+fn hooks_status() {}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashSet};
+
+    use axum::body::Body;
+    use axum::http::{Method, Request, StatusCode};
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn doc() -> Value {
+        serde_json::from_str(&DOCUMENT).unwrap()
+    }
+
+    /// Every `.route("…"` in `src/http/*.rs`: the router's paths.
+    fn router_paths() -> BTreeSet<String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/http");
+        let mut paths = BTreeSet::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "rs") || path.ends_with("mod.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap();
+            for piece in code.split(".route(\"").skip(1) {
+                paths.insert(piece.split('"').next().unwrap().to_owned());
+            }
+        }
+        paths
+    }
+
+    #[tokio::test]
+    async fn router_and_document_agree() {
+        let doc = doc();
+        let documented: BTreeSet<String> =
+            doc["paths"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(
+            router_paths(),
+            documented,
+            "routes in src/http vs paths in the OpenAPI document"
+        );
+
+        // Methods: the router answers 405 exactly for the undocumented ones.
+        let home = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::for_home(home.path(), "s3cret");
+        let state = AppState::build(config, Default::default()).await.unwrap();
+        let app = super::super::router(state);
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            let concrete = path
+                .replace("{chat_id}", "c_nope")
+                .replace("{filename}", "nope.md");
+            let ops: HashSet<&str> = item
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|k| k.as_str())
+                .collect();
+            for method in ["get", "post", "put", "patch", "delete"] {
+                if path == "/events" && method == "get" {
+                    continue; // a stream that never ends
+                }
+                let req = Request::builder()
+                    .method(Method::from_bytes(method.to_uppercase().as_bytes()).unwrap())
+                    .uri(&concrete)
+                    .header("x-replicas-engine-secret", "s3cret")
+                    .header("content-type", "application/json")
+                    .body(Body::from("{}"))
+                    .unwrap();
+                let status = app.clone().oneshot(req).await.unwrap().status();
+                let routed = status != StatusCode::METHOD_NOT_ALLOWED;
+                assert_eq!(
+                    routed,
+                    ops.contains(method),
+                    "{} {path}: router answered {status}, document {}",
+                    method.to_uppercase(),
+                    if ops.contains(method) {
+                        "has it"
+                    } else {
+                        "lacks it"
+                    }
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn document_is_valid_openapi() {
+        let doc = doc();
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
+        // It reads back as an OpenAPI document.
+        let _: utoipa::openapi::OpenApi = serde_json::from_value(doc.clone()).unwrap();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        let scheme = &doc["components"]["securitySchemes"]["secret"];
+        assert_eq!(scheme["type"], "apiKey");
+        assert_eq!(scheme["in"], "header");
+        assert_eq!(scheme["name"], "X-Replicas-Engine-Secret");
+        assert_eq!(doc["security"][0]["secret"], serde_json::json!([]));
+
+        // Every $ref resolves.
+        fn refs(v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::Object(m) => {
+                    if let Some(Value::String(r)) = m.get("$ref") {
+                        out.push(r.clone());
+                    }
+                    m.values().for_each(|v| refs(v, out));
+                }
+                Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let mut all = Vec::new();
+        refs(&doc, &mut all);
+        assert!(!all.is_empty());
+        for r in all {
+            let name = r
+                .strip_prefix("#/components/schemas/")
+                .unwrap_or_else(|| panic!("unexpected $ref {r}"));
+            assert!(schemas.contains_key(name), "dangling $ref {r}");
+        }
+
+        let mut operation_ids = HashSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            assert!(path.starts_with('/'));
+            let params: Vec<&str> = path
+                .split('/')
+                .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            for (method, op) in item.as_object().unwrap() {
+                assert!(
+                    ["get", "post", "put", "patch", "delete"].contains(&method.as_str()),
+                    "{method} {path}"
+                );
+                assert!(
+                    operation_ids.insert(op["operationId"].as_str().unwrap().to_owned()),
+                    "duplicate operationId in {method} {path}"
+                );
+                let responses = op["responses"].as_object().unwrap();
+                assert!(!responses.is_empty(), "{method} {path} has no responses");
+                for (code, res) in responses {
+                    let n: u16 = code.parse().unwrap();
+                    assert!((100..600).contains(&n));
+                    assert!(res["description"].is_string(), "{method} {path} {code}");
+                    // Every 4xx has the error shape.
+                    if (400..500).contains(&n) {
+                        assert_eq!(
+                            res["content"]["application/json"]["schema"]["$ref"],
+                            "#/components/schemas/ErrorResponse",
+                            "{method} {path} {code}"
+                        );
+                    }
+                }
+                // Every protected route answers 401 and every path parameter
+                // is declared.
+                if path != "/health" {
+                    assert!(responses.contains_key("401"), "{method} {path} lacks 401");
+                } else {
+                    assert_eq!(op["security"], serde_json::json!([{}]), "/health is public");
+                }
+                for p in &params {
+                    assert!(
+                        op["parameters"].as_array().is_some_and(|ps| ps
+                            .iter()
+                            .any(|x| x["name"] == *p
+                                && x["in"] == "path"
+                                && x["required"] == true)),
+                        "{method} {path} does not declare {p}"
+                    );
+                }
+            }
+        }
+        assert!(
+            doc["paths"]["/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
+                .is_object()
+        );
+    }
+
+    /// Every event type the engine publishes is a variant of the document's
+    /// `EventKind`, with a payload schema.
+    #[test]
+    fn every_event_type_has_a_payload_schema() {
+        let doc = doc();
+        let kinds = doc["components"]["schemas"]["EventKind"]["oneOf"]
+            .as_array()
+            .unwrap();
+        let documented: HashSet<String> = kinds
+            .iter()
+            .map(|k| {
+                let t = &k["properties"]["type"];
+                t["enum"][0]
+                    .as_str()
+                    .or_else(|| t["const"].as_str())
+                    .unwrap_or_else(|| panic!("no type in {k}"))
+                    .to_owned()
+            })
+            .collect();
+        for k in kinds {
+            assert!(k["properties"]["payload"].is_object(), "{k}");
+        }
+        use crate::events::EventKind as Real;
+        let v = serde_json::Value::Null;
+        let real = [
+            Real::EngineReady {
+                version: String::new(),
+                pid: 0,
+            },
+            Real::EngineStatusChanged { status: v.clone() },
+            Real::RepoDiscovered { repo: v.clone() },
+            Real::RepoStatusChanged { repo: v.clone() },
+            Real::ChatCreated { chat: v.clone() },
+            Real::ChatUpdated { chat: v.clone() },
+            Real::ChatDeleted {},
+            Real::TurnAccepted {
+                message: v.clone(),
+                status: String::new(),
+                position: 0,
+            },
+            Real::TurnStarted {
+                turn_id: String::new(),
+                message_id: String::new(),
+            },
+            Real::TurnDelta(crate::events::TurnDelta::Text {
+                turn_id: String::new(),
+                item_id: String::new(),
+                text_delta: String::new(),
+            }),
+            Real::TurnCompleted {
+                turn_id: String::new(),
+                outcome: String::new(),
+                usage: v.clone(),
+                duration_ms: 0,
+                error: None,
+            },
+            Real::ChatInterrupted {
+                turn_id: String::new(),
+                duration_ms: 0,
+            },
+            Real::HooksStarted { status: v.clone() },
+            Real::HooksProgress(v.clone()),
+            Real::HooksCompleted { status: v.clone() },
+            Real::HooksFailed { status: v.clone() },
+            Real::HooksStatus { status: v.clone() },
+            Real::Error {
+                code: String::new(),
+                message: String::new(),
+                source: String::new(),
+            },
+        ];
+        // A new variant breaks this match: add it to `real` above and to
+        // the document's `EventKind`.
+        fn _every_variant_listed(k: &Real) {
+            match k {
+                Real::EngineReady { .. }
+                | Real::EngineStatusChanged { .. }
+                | Real::RepoDiscovered { .. }
+                | Real::RepoStatusChanged { .. }
+                | Real::ChatCreated { .. }
+                | Real::ChatUpdated { .. }
+                | Real::ChatDeleted {}
+                | Real::TurnAccepted { .. }
+                | Real::TurnStarted { .. }
+                | Real::TurnDelta(_)
+                | Real::TurnCompleted { .. }
+                | Real::ChatInterrupted { .. }
+                | Real::HooksStarted { .. }
+                | Real::HooksProgress(_)
+                | Real::HooksCompleted { .. }
+                | Real::HooksFailed { .. }
+                | Real::HooksStatus { .. }
+                | Real::Error { .. } => {}
+            }
+        }
+        for kind in real {
+            assert!(
+                documented.contains(kind.type_name()),
+                "{} has no schema",
+                kind.type_name()
+            );
+        }
+        assert!(documented.contains("stream.reset"));
+    }
+}
