@@ -41,8 +41,11 @@ impl AppState {
     pub async fn build(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let config = Arc::new(config);
         let paths = &config.paths;
-        std::fs::create_dir_all(&paths.engine_dir)
-            .with_context(|| format!("creating {}", paths.engine_dir.display()))?;
+        // Private: history, events and logs hold prompts and tool output.
+        for dir in [&paths.replicas_dir, &paths.engine_dir] {
+            crate::util::create_private_dir(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
         let bus = EventBus::open(&paths.events_file, config.events_max_bytes)
             .with_context(|| format!("opening {}", paths.events_file.display()))?;
         let upstream = Upstream::start(&config, &bus, shutdown.clone())?;

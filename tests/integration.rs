@@ -661,5 +661,23 @@ async fn children_never_see_the_secret_or_engine_settings() {
         }
     }
     drop(mock);
-    e.shutdown().await;
+    let spec = e.shutdown().await;
+    // Every state file the run left is private to the engine's user.
+    assert_private(&spec.home.join(".replicas"));
+}
+
+/// Everything under `dir`: files 0600, directories 0700.
+fn assert_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{dir:?} is {mode:o}");
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            assert_private(&path);
+        } else {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{path:?} is {mode:o}");
+        }
+    }
 }

@@ -16,7 +16,7 @@
 //!
 //! The journal is owned by the bus and only touched under its lock.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -74,7 +74,7 @@ impl Journal {
     /// budget of `max_bytes`.
     pub fn open(events_file: &Path, max_bytes: u64) -> io::Result<(Self, Vec<LoadWarning>)> {
         let dir = events_file.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
+        crate::util::create_private_dir(dir)?;
         let mut warnings = Vec::new();
         let old_path = rotated_path(events_file);
         let old = if old_path.exists() {
@@ -204,11 +204,7 @@ pub fn rotated_path(events_file: &Path) -> PathBuf {
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .open(path)
+    crate::util::open_private_append(path)
 }
 
 /// Parse the id of one journal line. Lines written by the engine start with
@@ -335,6 +331,7 @@ pub fn read_plan(plan: &ReplayPlan, mut f: impl FnMut(&[u8]) -> bool) -> io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
 
     fn line(id: u64) -> String {
         format!(

@@ -10,7 +10,9 @@
 //! 4. `json_error_bodies` — any error response without a JSON body gets the
 //!    error shape;
 //! 5. `DefaultBodyLimit` — body cap for every extractor (413);
-//! 6. auth — on the protected sub-router only.
+//! 6. auth — on the protected sub-router only, as a `layer` (not a
+//!    `route_layer`) so it also wraps each route's method fallback: a wrong
+//!    method without the secret is 401, not a 405 with `Allow`.
 
 pub mod auth;
 pub mod chats;
@@ -53,7 +55,7 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
         .merge(repos::router())
         .merge(hooks::router())
         .merge(extra)
-        .route_layer(middleware::from_fn_with_state(
+        .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_secret,
         ));
@@ -61,7 +63,7 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
     let protected = protected.route_layer(middleware::from_fn(record_route));
 
     let body_limit = state.config.max_body_bytes;
-    Router::new()
+    let app = Router::new()
         .merge(system::public_router().route_layer(middleware::from_fn(record_route)))
         .merge(protected)
         .fallback(not_found)
@@ -73,7 +75,12 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
                 .layer(middleware::from_fn(error::json_error_bodies))
                 .layer(DefaultBodyLimit::max(body_limit)),
         )
-        .with_state(state)
+        .with_state(state);
+    // `Router::layer` wraps each route *inside* its method router, which
+    // adds `Allow` afterwards; this wraps the whole router.
+    Router::new()
+        .fallback_service(app)
+        .layer(middleware::map_response(error::drop_stray_allow))
 }
 
 /// Unknown routes: 404 in the error shape. Reached before auth, and says
@@ -240,5 +247,37 @@ mod tests {
 
         let (s, v) = call(&app, Method::GET, "/nope", None, vec![]).await;
         assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    }
+
+    /// Without the secret a wrong method on a protected route is the same
+    /// 401 as a right one: no 405, no `Allow` header listing the methods.
+    #[tokio::test]
+    async fn auth_runs_before_method_routing() {
+        let (app, _home) = app(1024).await;
+        for (method, uri) in [
+            (Method::GET, "/echo"),
+            (Method::DELETE, "/chats"),
+            (Method::PUT, "/status"),
+            (Method::POST, "/events"),
+        ] {
+            let req = axum::http::Request::builder()
+                .method(method.clone())
+                .uri(uri)
+                .header("x-replicas-engine-secret", "wrong")
+                .body(Body::empty())
+                .unwrap();
+            let res = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{method} {uri}");
+            assert!(res.headers().get("allow").is_none(), "{method} {uri}");
+        }
+        // Public and unknown routes are unaffected.
+        let (s, _) = call(&app, Method::GET, "/nope", None, vec![]).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let req = axum::http::Request::builder()
+            .uri("/health")
+            .body(Body::empty())
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_ne!(res.status(), StatusCode::UNAUTHORIZED);
     }
 }
