@@ -66,6 +66,11 @@ ENVIRONMENT (plus the file given with --env-file; the process environment wins):
                             a provider turn that runs longer fails. Default 3600.
   REPLICAS_SSE_KEEPALIVE_SECS
                             keepalive comment interval on /events. Default 15.
+  REPLICAS_HEADER_READ_TIMEOUT_MS
+                            a connection that takes longer to send a request head (half-sent headers,
+                            idle keep-alive) is closed. Default 10000.
+  REPLICAS_MAX_CONNECTIONS  open HTTP connections at most; beyond, new ones are closed at once. Default 1024.
+  REPLICAS_MAX_SUBSCRIBERS  open /events streams at most; beyond, 503 unavailable. Default 256.
   REPLICAS_UPSTREAM_TIMEOUT_MS
                             timeout of one call to MONOLITH_URL (connect timeout is the smaller of this and 5 s). Default 30000.
   REPLICAS_UPSTREAM_RETRY_BASE_MS
@@ -153,6 +158,13 @@ pub struct Config {
     pub events_max_bytes: u64,
     pub turn_timeout: Duration,
     pub sse_keepalive: Duration,
+    /// Time a connection has to send a request head (also the keep-alive
+    /// idle timeout).
+    pub header_read_timeout: Duration,
+    /// Open HTTP connections at most.
+    pub max_connections: usize,
+    /// Open `/events` streams at most.
+    pub max_subscribers: usize,
     /// Upstream (MONOLITH_URL) call timeout and first retry delay.
     pub upstream_timeout: Duration,
     pub upstream_retry_base: Duration,
@@ -303,6 +315,21 @@ impl Config {
                 get("REPLICAS_SSE_KEEPALIVE_SECS"),
                 15,
             )?),
+            header_read_timeout: Duration::from_millis(parse_num(
+                "REPLICAS_HEADER_READ_TIMEOUT_MS",
+                get("REPLICAS_HEADER_READ_TIMEOUT_MS"),
+                10_000,
+            )?),
+            max_connections: parse_num(
+                "REPLICAS_MAX_CONNECTIONS",
+                get("REPLICAS_MAX_CONNECTIONS"),
+                1024,
+            )?,
+            max_subscribers: parse_num(
+                "REPLICAS_MAX_SUBSCRIBERS",
+                get("REPLICAS_MAX_SUBSCRIBERS"),
+                256,
+            )?,
             upstream_timeout: Duration::from_millis(parse_num(
                 "REPLICAS_UPSTREAM_TIMEOUT_MS",
                 get("REPLICAS_UPSTREAM_TIMEOUT_MS"),
@@ -432,6 +459,9 @@ mod tests {
             PathBuf::from("/home/u/.replicas/engine/events.jsonl")
         );
         assert_eq!(c.max_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.max_subscribers, 256);
         assert!(c.monolith_url.is_none());
     }
 
