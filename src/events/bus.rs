@@ -273,6 +273,26 @@ impl EventBus {
         (rx, state.journal.plan_after(after), state.last_id)
     }
 
+    /// A client stream like [`subscribe`](Self::subscribe), unless `max`
+    /// client streams are already open (the check and the count are one
+    /// atomic step, so concurrent requests cannot overshoot).
+    pub fn try_subscribe(&self, after: Option<u64>, max: usize) -> Result<Subscription, Full> {
+        let counter = &self.inner.subscribers;
+        let mut now = counter.load(Ordering::Relaxed);
+        loop {
+            if now >= max {
+                return Err(Full { max });
+            }
+            match counter.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(seen) => now = seen,
+            }
+        }
+        // The guard takes over the increment made above.
+        let guard = SubscriberGuard(self.inner.clone());
+        Ok(self.subscription(after, Some(guard)))
+    }
+
     /// Every event with id > `after` (or only live ones when `after` is
     /// `None`), in order, forever. Starts with a `Reset` when `after` is older
     /// than the retained journal or newer than the last id ever published.
@@ -288,8 +308,12 @@ impl EventBus {
     }
 
     fn subscribe_counted(&self, after: Option<u64>, counted: bool) -> Subscription {
+        let guard = counted.then(|| SubscriberGuard::new(self.inner.clone()));
+        self.subscription(after, guard)
+    }
+
+    fn subscription(&self, after: Option<u64>, guard: Option<SubscriberGuard>) -> Subscription {
         let bus = self.clone();
-        let guard = counted.then(|| SubscriberGuard::new(bus.inner.clone()));
         let stream = async_stream::stream! {
             let _guard = guard;
             let mut cursor = match after {
@@ -349,26 +373,58 @@ impl EventBus {
     }
 }
 
+/// All client streams are taken: `REPLICAS_MAX_SUBSCRIBERS` are open.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("{max} event streams are open already; try again later")]
+pub struct Full {
+    pub max: usize,
+}
+
+/// Events per replay batch at most.
+const REPLAY_BATCH_EVENTS: usize = 512;
+/// Bytes per replay batch at most (a single larger event is one batch).
+const REPLAY_BATCH_BYTES: usize = 256 * 1024;
+
 /// Read a replay plan on a blocking thread and hand the events over in
-/// batches, so a long replay starts streaming at once, reading and sending
-/// overlap, and memory stays bounded by a few batches whatever the journal
-/// size. Reading stops when the subscriber goes away.
+/// batches, so a long replay starts streaming at once and reading and
+/// sending overlap. Bounded by bytes, not by the journal: the channel holds
+/// one batch, so the next chunk of the journal is read only once the
+/// previous batch was taken by the stream (which takes it when the client
+/// has accepted what came before). A stalled client thus pins a few hundred
+/// KiB, whatever the journal size. Reading stops when the subscriber goes
+/// away.
 fn replay_batches(
     plan: ReplayPlan,
     after: u64,
 ) -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<Arc<Published>>>> {
-    const BATCH: usize = 512;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    replay_batches_counted(plan, after, None)
+}
+
+/// [`replay_batches`], adding every line read to `read_bytes` (tests).
+fn replay_batches_counted(
+    plan: ReplayPlan,
+    after: u64,
+    read_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
+) -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<Arc<Published>>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::task::spawn_blocking(move || {
-        let mut batch = Vec::with_capacity(BATCH);
+        let mut batch = Vec::with_capacity(64);
+        let mut batch_bytes = 0usize;
         let mut open = true;
         let read = journal::read_plan(&plan, |line| {
+            if let Some(n) = &read_bytes {
+                n.fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
+            }
             match Published::from_line(line) {
-                Some(p) if p.id > after => batch.push(Arc::new(p)),
+                Some(p) if p.id > after => {
+                    batch_bytes += p.frame.len();
+                    batch.push(Arc::new(p));
+                }
                 Some(_) => {}
                 None => tracing::warn!("skipping unreadable event journal line during replay"),
             }
-            if batch.len() >= BATCH {
+            if batch.len() >= REPLAY_BATCH_EVENTS || batch_bytes >= REPLAY_BATCH_BYTES {
+                batch_bytes = 0;
                 open = tx.blocking_send(Ok(std::mem::take(&mut batch))).is_ok();
             }
             open
@@ -476,6 +532,72 @@ mod tests {
         }
         let got = take_ids(&mut sub, n as usize).await;
         assert_eq!(got, (2..=n + 1).collect::<Vec<_>>());
+    }
+
+    /// A subscriber that stops reading in the middle of a long replay pins
+    /// a bounded number of bytes: the reader waits for it after about one
+    /// block and two batches, however long the journal.
+    #[tokio::test]
+    async fn a_stalled_replay_reads_a_bounded_number_of_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open(&dir.path().join("events.jsonl"), 1 << 30).unwrap();
+        let big = "x".repeat(16 * 1024);
+        for i in 0..1000 {
+            bus.publish(
+                None,
+                EventKind::Error {
+                    code: "test".into(),
+                    message: format!("{i}{big}"),
+                    source: "test".into(),
+                },
+            );
+        }
+        let journal_bytes = std::fs::metadata(dir.path().join("events.jsonl"))
+            .unwrap()
+            .len();
+        assert!(journal_bytes > 16_000_000);
+        let (_rx, plan, _) = bus.attach(0);
+        let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut rx = replay_batches_counted(plan, 0, Some(read.clone()));
+        let first = rx.recv().await.unwrap().unwrap();
+        assert!(!first.is_empty());
+        // Wait until the reader has stopped (blocked on the full channel).
+        let mut last = u64::MAX;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let now = read.load(Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let bound = (journal::REPLAY_BLOCK + 3 * REPLAY_BATCH_BYTES + 64 * 1024) as u64;
+        assert!(
+            last <= bound,
+            "read {last} bytes of {journal_bytes} for a stalled subscriber (bound {bound})"
+        );
+        // Reading on resumes and ends with every event.
+        let mut n = first.len();
+        while let Some(batch) = rx.recv().await {
+            n += batch.unwrap().len();
+        }
+        assert_eq!(n, 1000);
+    }
+
+    #[tokio::test]
+    async fn client_streams_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open(&dir.path().join("events.jsonl"), 1 << 30).unwrap();
+        let a = bus.try_subscribe(None, 2).unwrap();
+        let _internal = bus.subscribe_internal(None);
+        let b = bus.try_subscribe(Some(0), 2).unwrap();
+        assert_eq!(bus.subscriber_count(), 2);
+        assert_eq!(bus.try_subscribe(None, 2).err().map(|f| f.max), Some(2));
+        drop(a);
+        let c = bus.try_subscribe(None, 2).unwrap();
+        assert_eq!(bus.subscriber_count(), 2);
+        drop((b, c));
+        assert_eq!(bus.subscriber_count(), 0);
     }
 
     #[test]

@@ -295,17 +295,22 @@ fn load_segment(
     })
 }
 
+/// Block size of a client replay: small enough that a stalled client pins
+/// little, large enough for few syscalls.
+pub const REPLAY_BLOCK: usize = 256 * 1024;
+
 /// Read the lines of a replay plan, calling `f` with each complete line.
-/// Reads in 1 MiB blocks with positioned reads, so it is independent of any
-/// appends happening meanwhile. Blocking: call from a blocking context.
+/// Reads in [`REPLAY_BLOCK`]s (a longer line is read whole) with positioned
+/// reads, so it is independent of any appends happening meanwhile. Blocking:
+/// call from a blocking context.
 pub fn read_plan(plan: &ReplayPlan, mut f: impl FnMut(&[u8]) -> bool) -> io::Result<()> {
-    const BLOCK: usize = 1 << 20;
-    let mut buf: Vec<u8> = Vec::with_capacity(BLOCK);
+    let block = REPLAY_BLOCK;
+    let mut buf: Vec<u8> = Vec::with_capacity(block);
     for (file, start, end) in &plan.chunks {
         let mut off = *start;
         buf.clear();
         while off < *end {
-            let want = BLOCK.min((*end - off) as usize);
+            let want = block.min((*end - off) as usize);
             let old_len = buf.len();
             buf.resize(old_len + want, 0);
             let n = file.read_at(&mut buf[old_len..], off)?;
