@@ -144,6 +144,8 @@ pub async fn run(state: AppState, listener: TcpListener) -> anyhow::Result<()> {
     tracing::info!("HTTP server stopped");
     state.shutdown.cancel();
     let _ = chats.await;
+    // The last events of the turns just stopped are in; make them durable.
+    state.bus.sync();
     served
 }
 

@@ -11,6 +11,12 @@
 //! no gap, no duplicate. If a subscriber falls behind the broadcast buffer
 //! (`Lagged`), it re-attaches from its cursor and is caught up from the
 //! journal instead of losing events. Publishers never wait for subscribers.
+//!
+//! Ids are unique across a power loss ([`IdFloor`]): the journal is not
+//! fsynced per event, so a power cut can lose its tail after those events
+//! went out (SSE, webhooks); the ids handed out are reserved durably in
+//! blocks, and after a reboot numbering resumes above the reservation, never
+//! reusing an id the backend (which deduplicates by id) has already seen.
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -143,6 +149,98 @@ pub enum SubscriptionItem {
 struct BusState {
     journal: Journal,
     last_id: u64,
+    floor: IdFloor,
+}
+
+/// Ids reserved per durable write of the floor file.
+const ID_RESERVE: u64 = 4096;
+
+/// The durable high-water mark of ids: `event-ids.json` next to the journal,
+/// `{"bootId","reserved"}`. Before an id above `reserved` is handed out,
+/// `reserved` moves up by [`ID_RESERVE`] and is written with fsync. On open,
+/// in the same boot (a restart or `kill -9`: the page cache survived, the
+/// journal is complete) numbering continues from the journal; after a
+/// reboot (possibly a power cut that lost the journal's tail) it continues
+/// above `reserved`. A clean shutdown ([`EventBus::sync`]) fsyncs the
+/// journal and lowers `reserved` to the last id, so a clean reboot
+/// continues without a jump.
+struct IdFloor {
+    path: std::path::PathBuf,
+    boot_id: String,
+    reserved: u64,
+}
+
+#[derive(Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FloorFile {
+    boot_id: String,
+    reserved: u64,
+}
+
+impl IdFloor {
+    /// Load the floor; returns it and the lowest id the next one must exceed
+    /// because of it (0 in the same boot).
+    fn load(path: std::path::PathBuf, boot_id: String) -> (Self, u64) {
+        let stored = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<FloorFile>(&b).ok());
+        let (reserved, above) = match stored {
+            Some(f) if f.boot_id == boot_id && !boot_id.is_empty() => (f.reserved, 0),
+            Some(f) => {
+                tracing::info!(
+                    reserved = f.reserved,
+                    "first start since a reboot; event ids continue above the reserved ones"
+                );
+                (f.reserved, f.reserved)
+            }
+            None => (0, 0),
+        };
+        (
+            Self {
+                path,
+                boot_id,
+                reserved,
+            },
+            above,
+        )
+    }
+
+    /// Make sure `id` is covered by a durable reservation.
+    fn cover(&mut self, id: u64) {
+        if id <= self.reserved {
+            return;
+        }
+        self.write(id + ID_RESERVE - 1);
+    }
+
+    fn write(&mut self, reserved: u64) {
+        let body = serde_json::to_vec(&FloorFile {
+            boot_id: self.boot_id.clone(),
+            reserved,
+        })
+        .expect("floor serializes");
+        match crate::util::write_atomic(&self.path, &body, Some(0o600)) {
+            Ok(()) => self.reserved = reserved,
+            // Still hand the id out: a power cut before the next successful
+            // write could reuse ids, which is what we had before; not worth
+            // stopping the engine for.
+            Err(e) => {
+                tracing::error!(error = %e, path = %self.path.display(), "could not reserve event ids")
+            }
+        }
+    }
+}
+
+/// This kernel boot's id; empty (treated as "another boot") if unknown.
+fn current_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// `.../events.jsonl` → `.../event-ids.json`.
+fn floor_path(events_file: &std::path::Path) -> std::path::PathBuf {
+    events_file.with_file_name("event-ids.json")
 }
 
 struct Inner {
@@ -170,6 +268,15 @@ impl EventBus {
     /// Open the journal and continue numbering after its last id. Load
     /// problems (torn tail, garbage lines) are logged as warnings.
     pub fn open(events_file: &std::path::Path, max_bytes: u64) -> std::io::Result<Self> {
+        Self::open_in_boot(events_file, max_bytes, current_boot_id())
+    }
+
+    /// [`open`](Self::open) as if the kernel's boot id were `boot_id`.
+    fn open_in_boot(
+        events_file: &std::path::Path,
+        max_bytes: u64,
+        boot_id: String,
+    ) -> std::io::Result<Self> {
         let (journal, warnings) = Journal::open(events_file, max_bytes)?;
         for w in &warnings {
             match w {
@@ -184,12 +291,17 @@ impl EventBus {
                 }
             }
         }
-        let last_id = journal.last_id();
+        let (floor, above) = IdFloor::load(floor_path(events_file), boot_id);
+        let last_id = journal.last_id().max(above);
         tracing::info!(last_id, retained = journal.len(), "event journal loaded");
         let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         Ok(Self {
             inner: Arc::new(Inner {
-                state: Mutex::new(BusState { journal, last_id }),
+                state: Mutex::new(BusState {
+                    journal,
+                    last_id,
+                    floor,
+                }),
                 tx,
                 subscribers: AtomicUsize::new(0),
             }),
@@ -214,6 +326,7 @@ impl EventBus {
         let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         let id = state.last_id + 1;
         state.last_id = id;
+        state.floor.cover(id);
         // The SSE frame is built in one buffer; the journal line is a slice
         // of it (the envelope plus the first of the two closing newlines).
         // `body` starts with `{`; put the id first so the journal index can
@@ -240,6 +353,19 @@ impl EventBus {
         drop(state);
         tracing::debug!(id, r#type = type_name, "event published");
         published
+    }
+
+    /// Clean shutdown: fsync the journal and lower the id reservation to the
+    /// last id, so the next start (even after a reboot) numbers on without a
+    /// jump. Publishing afterwards is still safe (it reserves again).
+    pub fn sync(&self) {
+        let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = state.journal.sync() {
+            tracing::error!(error = %e, "could not fsync the event journal");
+            return;
+        }
+        let last = state.last_id;
+        state.floor.write(last);
     }
 
     pub fn last_id(&self) -> u64 {
@@ -632,6 +758,44 @@ mod tests {
         drop(bus);
         let bus = EventBus::open(&path, 1 << 30).unwrap();
         assert_eq!(bus.publish(None, ev(9)).id, 4);
+    }
+
+    /// A power cut loses the journal's unsynced tail (ids 6..=10 here, which
+    /// clients and the backend may have seen): after the reboot, ids go on
+    /// above every id ever handed out. Within one boot (restart, kill -9)
+    /// and after a clean shutdown they continue without a jump.
+    #[tokio::test]
+    async fn ids_are_never_reused_after_a_power_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let bus = EventBus::open_in_boot(&path, 1 << 30, "boot-a".into()).unwrap();
+        let mut cut_at = 0;
+        for i in 1..=10 {
+            bus.publish(None, ev(i));
+            if i == 5 {
+                cut_at = std::fs::metadata(&path).unwrap().len();
+            }
+        }
+        drop(bus);
+        // Same boot (kill -9): the journal is complete; numbering goes on.
+        let bus = EventBus::open_in_boot(&path, 1 << 30, "boot-a".into()).unwrap();
+        assert_eq!(bus.publish(None, ev(0)).id, 11);
+        drop(bus);
+        // Power cut: the tail after id 5 is gone, the machine rebooted.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(cut_at).unwrap();
+        drop(f);
+        let bus = EventBus::open_in_boot(&path, 1 << 30, "boot-b".into()).unwrap();
+        let next = bus.publish(None, ev(0)).id;
+        assert!(
+            next > 11,
+            "id {next} may have been seen before the power cut"
+        );
+        // A clean shutdown, then a reboot: no jump.
+        bus.sync();
+        drop(bus);
+        let bus = EventBus::open_in_boot(&path, 1 << 30, "boot-c".into()).unwrap();
+        assert_eq!(bus.publish(None, ev(0)).id, next + 1);
     }
 
     #[tokio::test]

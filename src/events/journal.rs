@@ -10,7 +10,10 @@
 //!   first wanted line instead of scanning the file;
 //! - a line is appended with one `write` of `line + "\n"`, so after a
 //!   `kill -9` the file holds every published event; only a power cut can
-//!   leave a torn last line, which [`Journal::open`] cuts off with a warning;
+//!   leave a torn last line, which [`Journal::open`] cuts off with a warning
+//!   (the last line is fully parsed at load: a torn line may well end in
+//!   `}`); a failed append is cut back off, so a later line never follows a
+//!   fragment;
 //! - readers hold an `Arc<File>` of the segment they read, so a rotation
 //!   (rename + new file) never pulls a file from under a running replay.
 //!
@@ -147,10 +150,26 @@ impl Journal {
         if self.current.len >= self.segment_max {
             self.rotate()?;
         }
-        (&*self.current.file).write_all(line)?;
+        if let Err(e) = (&*self.current.file).write_all(line) {
+            // Part of the line may be on disk (disk full): cut it back off so
+            // the next line starts where this one did.
+            let cut = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.current.path)
+                .and_then(|f| f.set_len(self.current.len));
+            if let Err(cut) = cut {
+                tracing::error!(error = %cut, "could not cut a failed event journal append back off");
+            }
+            return Err(e);
+        }
         self.current.index.push((id, self.current.len));
         self.current.len += line.len() as u64;
         Ok(())
+    }
+
+    /// fsync the current segment.
+    pub fn sync(&self) -> io::Result<()> {
+        self.current.file.sync_data()
     }
 
     /// The current segment becomes the old one (replacing it); a fresh empty
@@ -230,6 +249,11 @@ pub fn line_id(line: &[u8]) -> Option<u64> {
     header.id.parse().ok()
 }
 
+/// Whether `line` is one complete JSON value.
+fn is_complete_json(line: &[u8]) -> bool {
+    serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok()
+}
+
 fn load_segment(
     path: &Path,
     is_current: bool,
@@ -246,7 +270,10 @@ fn load_segment(
         let end = nl.unwrap_or(data.len());
         let line = &data[pos..end];
         let is_last = nl.is_none() || end + 1 == data.len();
-        match line_id(line) {
+        // The fast id read only checks the line's ends; the last line is
+        // the one a power cut can tear, so it must parse completely.
+        let id = line_id(line).filter(|_| !is_last || is_complete_json(line));
+        match id {
             Some(id) if last.is_none_or(|l| id > l) => {
                 index.push((id, pos as u64));
                 last = Some(id);
@@ -394,6 +421,56 @@ mod tests {
         let (j, w) = Journal::open(&p, 1 << 20).unwrap();
         assert!(w.is_empty(), "{w:?}");
         assert_eq!(ids(&j, 0), vec![1, 2, 3]);
+    }
+
+    /// A power cut can tear the last line anywhere, also right after a `}`
+    /// inside it: the fast id check would accept it, the full parse does not.
+    #[test]
+    fn a_torn_last_line_ending_in_a_brace_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let torn = r#"{"id":"3","ts":"t","type":"error","payload":{"code":"c"}"#;
+        assert!(torn.ends_with('}'));
+        for tail in [format!("{torn}\n"), torn.to_owned()] {
+            std::fs::write(&p, format!("{}\n{}\n{tail}", line(1), line(2))).unwrap();
+            let (mut j, w) = Journal::open(&p, 1 << 20).unwrap();
+            assert!(
+                matches!(w.as_slice(), [LoadWarning::TornTail { .. }]),
+                "{w:?}"
+            );
+            assert_eq!(j.last_id(), 2);
+            j.append(3, &line(3)).unwrap();
+            assert_eq!(ids(&j, 0), vec![1, 2, 3]);
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(text
+                .lines()
+                .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+        }
+    }
+
+    /// A failed append (here: the segment's file is read-only) leaves
+    /// nothing behind and does not enter the index.
+    #[test]
+    fn a_failed_append_is_cut_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let (mut j, _) = Journal::open(&p, 1 << 20).unwrap();
+        j.append(1, &line(1)).unwrap();
+        let good = std::fs::metadata(&p).unwrap().len();
+        // Simulate a partial write: bytes appended behind the journal's back,
+        // then an append that fails.
+        let writable = j.current.file.clone();
+        (&*writable).write_all(br#"{"id":"2","ts""#).unwrap();
+        j.current.file = Arc::new(File::open(&p).unwrap());
+        assert!(j.append(2, &line(2)).is_err());
+        j.current.file = writable;
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), good);
+        assert_eq!(j.last_id(), 1);
+        j.append(2, &line(2)).unwrap();
+        drop(j);
+        let (j, w) = Journal::open(&p, 1 << 20).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(ids(&j, 0), vec![1, 2]);
     }
 
     #[test]
