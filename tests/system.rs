@@ -486,3 +486,36 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
     drop(held);
     e.stop().await;
 }
+
+/// No `.env` is read from the working directory (under systemd that is the
+/// agents' home); a file named with `--env-file` is, and a bad value in it
+/// stops the boot naming the variable.
+#[tokio::test]
+async fn only_an_explicit_env_file_is_read() {
+    let (spec, guard) = EngineSpec::new();
+    // The harness runs the engine in the temp home: a planted .env there
+    // with an invalid port and a different secret must change nothing.
+    std::fs::write(
+        spec.home.join(".env"),
+        "PORT=not-a-port\nREPLICAS_ENGINE_SECRET=planted\n",
+    )
+    .unwrap();
+    let e = TestEngine::start_spec(spec.clone(), guard.clone()).await;
+    e.get_json("/status", 200).await;
+    e.shutdown().await;
+
+    let file = spec.home.join("engine.env");
+    std::fs::write(&file, "PORT=not-a-port\n").unwrap();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        spec.without("PORT")
+            .command(&["--env-file", file.to_str().unwrap()])
+            .output(),
+    )
+    .await
+    .expect("exits at once")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("invalid configuration: PORT:"), "{stderr}");
+}
