@@ -3,14 +3,14 @@
 //!
 //! - [`chats`]: the chat registry, message queues and turns (per-chat runner), history files, restart recovery.
 //! - [`config`]: environment → validated [`config::Config`]; every path from one home ([`config::Paths`]).
-//! - [`app`]: [`app::AppState`] (service handles), `build()`, and `run(state, listener)`.
+//! - [`app`]: [`app::AppState`] (service handles), `build()`, and `run(state, listener)` over a bounded accept loop (header timeout, connection cap).
 //! - [`http`]: the only module that knows HTTP: router, layers, auth, error shape, one file per resource.
 //! - [`events`]: the typed `EngineEvent`, the gapless bus, the bounded JSONL journal.
 //! - [`repos`]: repos under the workspace root: git status, diffs, PR URL, repo events; the replicas config.
 //! - [`hooks`]: start hooks (once per workspace, in the background), `/hooks/status`, `warm`.
-//! - [`process`]: every subprocess: own process group, parent-death signal, TERM→KILL of the group.
+//! - [`process`]: every subprocess: allow-listed environment, own process group, parent-death signal, TERM→KILL of the group.
 //! - [`providers`]: the agent CLIs (claude, codex) run headless per chat: command building, line parsers, turn supervision.
-//! - [`util`]: timestamps, ids, atomic file writes.
+//! - [`util`]: timestamps, ids, atomic file writes, private (0600/0700) state files.
 //! - [`plans`]: plan files from `~/.claude/plans` and `~/.replicas/plans`, with path-escape checks.
 //! - [`upstream`]: the backend client, durable ordered webhooks, credential refresh managers.
 
