@@ -47,12 +47,12 @@ impl fmt::Debug for Secret {
 
 /// Every variable the engine reads, with its meaning; printed by `--help`.
 pub const ENV_HELP: &str = "\
-ENVIRONMENT (also read from ./.env when present):
+ENVIRONMENT (plus the file given with --env-file; the process environment wins):
   REPLICAS_ENGINE_SECRET    required. Shared secret clients send in X-Replicas-Engine-Secret.
   PORT                      listen port (alias REPLICAS_ENGINE_PORT). Default 3737; 0 = any free port.
   HOST                      listen address. Default 0.0.0.0.
   WORKSPACE_ID              workspace id sent upstream; required when MONOLITH_URL is set.
-  MONOLITH_URL              backend base URL (http/https). Unset disables webhooks and token refresh.
+  MONOLITH_URL              backend base URL; https, or http only to a loopback host. Unset disables webhooks and token refresh.
   WORKSPACE_HOME            home of the workspace user. Default $HOME.
   REPLICAS_WORKSPACES_DIR   workspace root holding the repos. Default $WORKSPACE_HOME/workspaces.
   REPLICAS_READY_FILE       /health answers 200 once this file exists. Default /var/log/cloud-init-output.log.
@@ -73,6 +73,11 @@ ENVIRONMENT (also read from ./.env when present):
                             back to exec once if it fails its handshake.
   REPLICAS_MAX_AGENT_PROCESSES
                             live agent CLI processes at most; the least recently used idle one is stopped first (running turns never are). Default 8.
+  REPLICAS_HEADER_READ_TIMEOUT_MS
+                            a connection that takes longer to send a request head (half-sent headers,
+                            idle keep-alive) is closed. Default 10000.
+  REPLICAS_MAX_CONNECTIONS  open HTTP connections at most; beyond, new ones are closed at once. Default 1024.
+  REPLICAS_MAX_SUBSCRIBERS  open /events streams at most; beyond, 503 unavailable. Default 256.
   REPLICAS_UPSTREAM_TIMEOUT_MS
                             timeout of one call to MONOLITH_URL (connect timeout is the smaller of this and 5 s). Default 30000.
   REPLICAS_UPSTREAM_RETRY_BASE_MS
@@ -86,6 +91,9 @@ ENVIRONMENT (also read from ./.env when present):
                             within this window (and while a delivery is in flight). Default 250; 0 = off.
   REPLICAS_HTTP_METRICS     1: count every request in /metrics (method, route, status, latency); 0: leave
                             the replicas_http_* series out. Default 1.
+  REPLICAS_CHILD_ENV        extra variables passed on to agents, hooks, git and gh, comma-separated
+                            (NAME or PREFIX*). Default none: children get only the documented allow-list,
+                            never REPLICAS_* or MONOLITH_URL.
   RUST_LOG                  log filter. Default info.
 
 FILES (under $WORKSPACE_HOME):
@@ -174,6 +182,13 @@ pub struct Config {
     /// Drive Codex through `codex app-server` (else `codex exec --json`).
     pub codex_app_server: bool,
     pub sse_keepalive: Duration,
+    /// Time a connection has to send a request head (also the keep-alive
+    /// idle timeout).
+    pub header_read_timeout: Duration,
+    /// Open HTTP connections at most.
+    pub max_connections: usize,
+    /// Open `/events` streams at most.
+    pub max_subscribers: usize,
     /// Upstream (MONOLITH_URL) call timeout and first retry delay.
     pub upstream_timeout: Duration,
     pub upstream_retry_base: Duration,
@@ -186,6 +201,9 @@ pub struct Config {
     /// Record the per-request HTTP series (`REPLICAS_HTTP_METRICS`).
     pub http_metrics: bool,
     pub max_diff_bytes: usize,
+    /// Extra variable names (`NAME` or `PREFIX*`) children receive on top of
+    /// the allow-list in `process`.
+    pub child_env: Vec<String>,
 }
 
 impl Config {
@@ -208,7 +226,12 @@ impl Config {
     /// Load for `replicas-engine warm`, which never serves and runs before
     /// the server is configured (pre-warming): the secret may be absent.
     pub fn from_env_for_warm() -> Result<Self, ConfigError> {
-        Self::load(&std::env::vars().collect(), false)
+        Self::from_vars_for_warm(&std::env::vars().collect())
+    }
+
+    /// [`from_env_for_warm`](Self::from_env_for_warm) from an explicit map.
+    pub fn from_vars_for_warm(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::load(vars, false)
     }
 
     fn load(vars: &HashMap<String, String>, need_secret: bool) -> Result<Self, ConfigError> {
@@ -247,6 +270,14 @@ impl Config {
                     return Err(invalid(
                         "MONOLITH_URL",
                         format!("{v:?} must be an http(s) URL"),
+                    ));
+                }
+                // The secret travels as a Bearer token: plain http only
+                // where nobody can listen in.
+                if url.scheme() == "http" && !is_loopback(&url) {
+                    return Err(invalid(
+                        "MONOLITH_URL",
+                        "must use https (plain http is allowed only to a loopback host)",
                     ));
                 }
                 Some(url)
@@ -339,6 +370,21 @@ impl Config {
                 get("REPLICAS_SSE_KEEPALIVE_SECS"),
                 15,
             )?),
+            header_read_timeout: Duration::from_millis(parse_num(
+                "REPLICAS_HEADER_READ_TIMEOUT_MS",
+                get("REPLICAS_HEADER_READ_TIMEOUT_MS"),
+                10_000,
+            )?),
+            max_connections: parse_num(
+                "REPLICAS_MAX_CONNECTIONS",
+                get("REPLICAS_MAX_CONNECTIONS"),
+                1024,
+            )?,
+            max_subscribers: parse_num(
+                "REPLICAS_MAX_SUBSCRIBERS",
+                get("REPLICAS_MAX_SUBSCRIBERS"),
+                256,
+            )?,
             upstream_timeout: Duration::from_millis(parse_num(
                 "REPLICAS_UPSTREAM_TIMEOUT_MS",
                 get("REPLICAS_UPSTREAM_TIMEOUT_MS"),
@@ -379,6 +425,13 @@ impl Config {
                 get("REPLICAS_MAX_DIFF_BYTES"),
                 2 * 1024 * 1024,
             )?,
+            child_env: get("REPLICAS_CHILD_ENV")
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect(),
         })
     }
 
@@ -393,6 +446,24 @@ impl Config {
         );
         Self::from_vars(&vars).expect("test config is valid")
     }
+}
+
+/// `localhost`, `127.0.0.0/8` or `::1`.
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Read a `KEY=VALUE` env file (the `--env-file` flag) into a map without
+/// touching the process environment, so its values never reach a child.
+pub fn read_env_file(path: &Path) -> Result<HashMap<String, String>, String> {
+    let iter = dotenvy::from_path_iter(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    iter.map(|item| item.map_err(|e| format!("{}: {e}", path.display())))
+        .collect()
 }
 
 fn parse_port(var: &'static str, v: &str) -> Result<u16, ConfigError> {
@@ -468,6 +539,9 @@ mod tests {
             PathBuf::from("/home/u/.replicas/engine/events.jsonl")
         );
         assert_eq!(c.max_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.max_subscribers, 256);
         assert!(c.monolith_url.is_none());
         assert_eq!(c.provider_idle, Duration::from_secs(600));
         assert_eq!(c.max_agent_processes, 8);
@@ -560,7 +634,7 @@ mod tests {
         .starts_with("MONOLITH_URL:"));
         assert!(err(&[
             ("REPLICAS_ENGINE_SECRET", "s"),
-            ("MONOLITH_URL", "http://x")
+            ("MONOLITH_URL", "https://x")
         ])
         .starts_with("WORKSPACE_ID:"));
         assert!(err(&[
@@ -573,6 +647,64 @@ mod tests {
             ("REPLICAS_WORKSPACES_DIR", "rel/dir")
         ])
         .starts_with("REPLICAS_WORKSPACES_DIR:"));
+    }
+
+    #[test]
+    fn plain_http_backend_only_on_loopback() {
+        for bad in [
+            "http://monolith.example.com",
+            "http://10.0.0.5:8080/api",
+            "http://[fe80::1]/",
+        ] {
+            let e = err(&[
+                ("REPLICAS_ENGINE_SECRET", "s"),
+                ("MONOLITH_URL", bad),
+                ("WORKSPACE_ID", "w"),
+            ]);
+            assert!(
+                e.starts_with("MONOLITH_URL:") && e.contains("https"),
+                "{bad}: {e}"
+            );
+        }
+        for good in [
+            "https://monolith.example.com",
+            "http://127.0.0.1:9000",
+            "http://localhost/",
+            "http://[::1]:80",
+        ] {
+            let c = Config::from_vars(&vars(&[
+                ("REPLICAS_ENGINE_SECRET", "s"),
+                ("MONOLITH_URL", good),
+                ("WORKSPACE_ID", "w"),
+            ]));
+            assert!(c.is_ok(), "{good}: {:?}", c.err());
+        }
+    }
+
+    #[test]
+    fn child_env_patterns_are_split() {
+        let c = Config::from_vars(&vars(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_CHILD_ENV", " FAKE_* , MOCK_API_KEY,,"),
+        ]))
+        .unwrap();
+        assert_eq!(c.child_env, vec!["FAKE_*", "MOCK_API_KEY"]);
+    }
+
+    #[test]
+    fn env_file_is_read_without_touching_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("env");
+        std::fs::write(
+            &p,
+            "# comment\nREPLICAS_TEST_ENV_FILE_ONLY=from-file\nPORT=4000\n",
+        )
+        .unwrap();
+        let m = read_env_file(&p).unwrap();
+        assert_eq!(m["REPLICAS_TEST_ENV_FILE_ONLY"], "from-file");
+        assert_eq!(m["PORT"], "4000");
+        assert!(std::env::var_os("REPLICAS_TEST_ENV_FILE_ONLY").is_none());
+        assert!(read_env_file(&dir.path().join("missing")).is_err());
     }
 
     #[test]

@@ -77,7 +77,7 @@ fn problem(detail: impl Into<String>, hint: impl Into<String>) -> Result<String,
 }
 
 /// Entry point of the subcommand: run the checks, print, exit code.
-pub fn main(json: bool) -> ExitCode {
+pub fn main(json: bool, vars: &std::collections::HashMap<String, String>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -88,8 +88,7 @@ pub fn main(json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let vars = std::env::vars().collect();
-    let report = runtime.block_on(run(&vars));
+    let report = runtime.block_on(run(vars));
     let mut out = std::io::stdout().lock();
     if json {
         let _ = serde_json::to_writer_pretty(&mut out, &report);

@@ -3,16 +3,16 @@
 //!
 //! - [`chats`]: the chat registry, message queues and turns (per-chat runner), history files, restart recovery.
 //! - [`config`]: environment → validated [`config::Config`]; every path from one home ([`config::Paths`]).
-//! - [`app`]: [`app::AppState`] (service handles), `build()`, and `run(state, listener)`.
+//! - [`app`]: [`app::AppState`] (service handles), `build()`, and `run(state, listener)` over a bounded accept loop (header timeout, connection cap).
 //! - [`http`]: the only module that knows HTTP: router, layers, auth, error shape, one file per resource.
 //! - [`events`]: the typed `EngineEvent`, the gapless bus, the bounded JSONL journal.
 //! - [`repos`]: repos under the workspace root: git status, diffs, PR URL, repo events; the replicas config.
 //! - [`hooks`]: start hooks (once per workspace, in the background), `/hooks/status`, `warm`.
-//! - [`process`]: every subprocess: own process group ([`process::Group`]), parent-death signal, TERM→KILL of the group, the `/proc` reader.
+//! - [`process`]: every subprocess: allow-listed environment, own process group ([`process::Group`]), parent-death signal, TERM→KILL of the group, the `/proc` reader.
 //! - [`providers`]: the agent CLIs (claude, codex exec/app-server) run headless per chat: one folder per CLI, one turn driver, the agent-process bound.
 //! - [`doctor`]: `replicas-engine doctor`: checks a machine can run the engine.
 //! - [`metrics`]: Prometheus series: recorded counters/histograms and gauges sampled at scrape time.
-//! - [`util`]: timestamps, ids, atomic file writes.
+//! - [`util`]: timestamps, ids, atomic file writes, private (0600/0700) state files.
 //! - [`plans`]: plan files from `~/.claude/plans` and `~/.replicas/plans`, with path-escape checks.
 //! - [`upstream`]: the backend client, durable ordered webhooks, credential refresh managers.
 

@@ -2,14 +2,17 @@
 //! validate the configuration, bind, run. Everything else lives in the
 //! library so tests drive the same code.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use replicas_engine::app::{self, AppState};
-use replicas_engine::config::{Config, ENV_HELP};
+use replicas_engine::config::{self, Config, ENV_HELP};
+use replicas_engine::process;
 use tokio_util::sync::CancellationToken;
 
 /// How long shutdown may take before the engine exits anyway.
@@ -24,6 +27,12 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
     after_help = ENV_HELP
 )]
 struct Cli {
+    /// Read `KEY=VALUE` lines from this file too (variables already in the
+    /// environment win). No `.env` is read unless named here: under systemd
+    /// the working directory is the workspace user's home, which agents can
+    /// write.
+    #[arg(long, value_name = "PATH", global = true)]
+    env_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -43,24 +52,35 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Agents run as our user: keep them out of /proc/<pid>/environ and mem.
+    let dumpable = process::make_non_dumpable();
     let cli = Cli::parse();
-    // A missing .env is normal; a malformed one is worth a line.
-    if let Err(e) = dotenvy::dotenv() {
-        if !e.not_found() {
-            eprintln!("replicas-engine: ignoring .env: {e}");
-        }
-    }
+    let mut vars: HashMap<String, String> = match &cli.env_file {
+        Some(path) => match config::read_env_file(path) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("replicas-engine: cannot read --env-file {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => HashMap::new(),
+    };
+    vars.extend(std::env::vars());
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::Doctor { json } = command {
-        return replicas_engine::doctor::main(json);
+        return replicas_engine::doctor::main(json, &vars);
     }
     init_tracing();
+    if let Err(e) = dumpable {
+        tracing::warn!(error = %e, "could not make the engine non-dumpable");
+    }
     // `warm` runs before the server is configured (pre-warming): no secret needed.
     let loaded = match command {
-        Command::Serve => Config::from_env(),
-        Command::Warm => Config::from_env_for_warm(),
+        Command::Serve => Config::from_vars(&vars),
+        Command::Warm => Config::from_vars_for_warm(&vars),
         Command::Doctor { .. } => unreachable!("doctor returned above"),
     };
+    drop(vars);
     let config = match loaded {
         Ok(c) => c,
         Err(e) => {
@@ -69,6 +89,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    process::allow_child_env(&config.child_env);
+    forget_engine_settings();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -92,6 +114,21 @@ fn main() -> ExitCode {
             eprintln!("replicas-engine: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Drop the engine's own settings (the secret, the backend URL) from the
+/// process environment now that `Config` holds them. Runs before the runtime
+/// starts any thread (`remove_var` is not thread-safe). Children never see
+/// these anyway (`process::child_env`); this also keeps them out of
+/// `/proc/<pid>/environ` for anything that could read it.
+fn forget_engine_settings() {
+    let names: Vec<_> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| k.to_str().is_some_and(process::is_engine_only))
+        .collect();
+    for name in names {
+        std::env::remove_var(name);
     }
 }
 

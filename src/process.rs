@@ -4,11 +4,17 @@
 //! kills it if its handle is dropped. [`stop_group`] ends a whole tree:
 //! TERM to the group, a grace period, then KILL; "already gone" is success.
 //!
+//! Children get an allow-listed environment ([`child_env`]): the ambient
+//! variables a shell, git, node and the agent CLIs need, never the engine's
+//! own settings (`REPLICAS_*`, `MONOLITH_URL`: the secret is the key to the
+//! API and the backend). Callers add their own explicit variables on top.
+//!
 //! Invariant: a caller reports a run as finished only after `wait()` on the
 //! child returned, so "idle" never means "probably dead".
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::process::ExitStatus;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
@@ -19,9 +25,105 @@ use tokio::process::{Child, Command};
 /// killed when its `Child` is dropped. Stdio is left for the caller to set.
 pub fn command(program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(program);
-    cmd.process_group(0).kill_on_drop(true);
+    cmd.env_clear()
+        .envs(child_env())
+        .process_group(0)
+        .kill_on_drop(true);
     set_parent_death_signal(&mut cmd);
     cmd
+}
+
+/// Ambient variables every child receives when the engine has them: what a
+/// login shell, git, gh, node and the agent CLIs read. Documented in
+/// `docs/API.md` ("Child processes"); keep the two in step.
+pub const CHILD_ENV_NAMES: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TERM",
+    "COLORTERM",
+    "TMPDIR",
+    "TZ",
+    "EDITOR",
+    "VISUAL",
+    "SSH_AUTH_SOCK",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "GH_TOKEN",
+    "GITHUB_TOKEN",
+    "GH_HOST",
+    "DISABLE_AUTOUPDATER",
+    "DISABLE_TELEMETRY",
+    "DISABLE_ERROR_REPORTING",
+];
+
+/// Prefixes of ambient variables children receive: locale, XDG dirs, the
+/// agent CLIs' own settings and credentials, node/npm, AWS (Bedrock).
+pub const CHILD_ENV_PREFIXES: &[&str] = &[
+    "LC_",
+    "XDG_",
+    "ANTHROPIC_",
+    "CLAUDE_",
+    "OPENAI_",
+    "CODEX_",
+    "AWS_",
+    "NODE_",
+    "NPM_",
+    "npm_config_",
+];
+
+/// Extra names (`NAME`, or `PREFIX*`) from `REPLICAS_CHILD_ENV`, set once at
+/// boot by [`allow_child_env`].
+static EXTRA_CHILD_ENV: RwLock<Vec<String>> = RwLock::new(Vec::new());
+
+/// Pass these extra variables (`NAME` or `PREFIX*`) on to children as well.
+/// Engine-only settings stay out whatever is listed.
+pub fn allow_child_env(patterns: &[String]) {
+    *EXTRA_CHILD_ENV.write().unwrap_or_else(|e| e.into_inner()) = patterns.to_vec();
+}
+
+/// Whether a variable is the engine's own and must never reach a child.
+pub fn is_engine_only(name: &str) -> bool {
+    name.starts_with("REPLICAS_") || name == "MONOLITH_URL"
+}
+
+fn child_may_see(name: &str, extra: &[String]) -> bool {
+    if is_engine_only(name) {
+        return false;
+    }
+    CHILD_ENV_NAMES.contains(&name)
+        || CHILD_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
+        || extra.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == p,
+        })
+}
+
+/// The engine's environment filtered down to what children may see.
+pub fn child_env() -> Vec<(OsString, OsString)> {
+    let extra = EXTRA_CHILD_ENV.read().unwrap_or_else(|e| e.into_inner());
+    std::env::vars_os()
+        .filter(|(k, _)| k.to_str().is_some_and(|k| child_may_see(k, &extra)))
+        .collect()
+}
+
+/// Make the engine non-dumpable: no core dumps, and processes of the same
+/// user (the agents) can neither `ptrace` it nor read its
+/// `/proc/<pid>/environ` or memory, where the secret lives.
+pub fn make_non_dumpable() -> std::io::Result<()> {
+    nix::sys::prctl::set_dumpable(false).map_err(std::io::Error::from)
 }
 
 /// Ask the kernel to SIGKILL the child when the engine dies, so a `kill -9`
@@ -478,6 +580,56 @@ mod tests {
         // The shell's `wait` returns once its children are gone.
         let _ = g.wait().await;
         assert!(!group_alive(g.pgid()));
+    }
+
+    #[test]
+    fn engine_settings_never_pass_even_when_listed() {
+        let extra = vec![
+            "REPLICAS_*".to_owned(),
+            "MONOLITH_URL".to_owned(),
+            "FAKE_*".to_owned(),
+            "EXACT".to_owned(),
+        ];
+        for name in [
+            "REPLICAS_ENGINE_SECRET",
+            "REPLICAS_WORKSPACES_DIR",
+            "MONOLITH_URL",
+        ] {
+            assert!(!child_may_see(name, &extra), "{name}");
+        }
+        for name in [
+            "PATH",
+            "HOME",
+            "LC_ALL",
+            "ANTHROPIC_BASE_URL",
+            "CODEX_HOME",
+            "FAKE_X",
+            "EXACT",
+        ] {
+            assert!(child_may_see(name, &extra), "{name}");
+        }
+        for name in ["WORKSPACE_ID", "EXACTLY", "RANDOM_SETTING", "LD_PRELOAD"] {
+            assert!(!child_may_see(name, &extra), "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn children_see_only_the_allow_list() {
+        let out = command("env").env("EXPLICIT", "1").output().await.unwrap();
+        let env = String::from_utf8(out.stdout).unwrap();
+        let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+        assert!(names.contains(&"EXPLICIT"), "{env}");
+        assert!(names.contains(&"PATH"), "{env}");
+        for n in &names {
+            assert!(child_may_see(n, &[]) || *n == "EXPLICIT", "{n} leaked");
+        }
+    }
+
+    #[test]
+    fn the_engine_can_make_itself_non_dumpable() {
+        // Process-wide; harmless for the test binary.
+        make_non_dumpable().unwrap();
+        assert!(!nix::sys::prctl::get_dumpable().unwrap());
     }
 
     #[test]

@@ -1,6 +1,13 @@
-//! Small shared helpers: wire timestamps, prefixed ids, atomic file writes.
+//! Small shared helpers: wire timestamps, prefixed ids, atomic file writes,
+//! private (0600/0700) state files.
+//!
+//! Every state file the engine writes is 0600 and every directory it creates
+//! 0700: history, events and logs hold prompts, tool output and sometimes
+//! credentials, and the VM may have other users.
 
+use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -26,9 +33,10 @@ pub fn new_id(prefix: &str) -> String {
 /// `mode` sets the permission bits of the new file (e.g. 0o600 for secrets)
 /// before any content is written.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: Option<u32>) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    // Only directories created here become 0700; an existing parent (the
+    // user's home for `.git-credentials`) is left as it is.
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
     if let Some(mode) = mode {
         tmp.as_file()
@@ -41,6 +49,27 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: Option<u32>) -> std::io:
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Create `dir` and any missing parents as 0700, and make `dir` itself 0700
+/// (an older engine may have created it 0755). For the engine's own
+/// directories only.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, Permissions::from_mode(0o700))
+}
+
+/// Open (creating it 0600) a state file for reading and appending; an
+/// existing file is made 0600 too.
+pub fn open_private_append(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(Permissions::from_mode(0o600))?;
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -56,8 +85,24 @@ mod tests {
     }
 
     #[test]
+    fn private_files_and_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("a/b");
+        create_private_dir(&d).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&d), 0o700);
+        assert_eq!(mode(&dir.path().join("a")), 0o700);
+        let f = d.join("log");
+        std::fs::write(&f, "old").unwrap();
+        std::fs::set_permissions(&f, Permissions::from_mode(0o644)).unwrap();
+        open_private_append(&f).unwrap();
+        assert_eq!(mode(&f), 0o600);
+        open_private_append(&d.join("new")).unwrap();
+        assert_eq!(mode(&d.join("new")), 0o600);
+    }
+
+    #[test]
     fn atomic_write_sets_mode_and_replaces() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sub/creds.json");
         write_atomic(&p, b"one", Some(0o600)).unwrap();

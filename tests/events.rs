@@ -372,3 +372,58 @@ async fn idle_streams_get_keepalive_comments() {
     assert_eq!(ka.comments, vec!["keepalive".to_owned()]);
     e.shutdown().await;
 }
+
+/// At `REPLICAS_MAX_SUBSCRIBERS` open streams the next `GET /events` is 503
+/// in the error shape (and `/status` still answers); once a stream closes a
+/// new one is accepted.
+#[tokio::test]
+async fn event_streams_beyond_the_cap_are_503() {
+    let home = tempfile::tempdir().unwrap();
+    let e = InProc::start(home.path(), |c| {
+        c.max_subscribers = 2;
+        c.sse_keepalive = Duration::from_millis(100);
+    })
+    .await;
+    let first = e.events("since=0").await;
+    let mut second = e.events("").await;
+    let res = e
+        .client
+        .get(format!("{}/events", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    let v: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "unavailable", "{v}");
+    let status: serde_json::Value = e
+        .client
+        .get(format!("{}/status", e.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["events"]["subscribers"], 2, "{status}");
+    // The open ones keep streaming.
+    e.state.bus.publish(None, err_event(1));
+    second.wait_type("error").await;
+    // A slot frees once a client goes (noticed at the next keepalive write).
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let res = e
+            .client
+            .get(format!("{}/events", e.base))
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no slot freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(second);
+    e.stop().await;
+}

@@ -608,3 +608,76 @@ async fn an_oversized_message_is_413_and_changes_nothing() {
     assert_eq!(ok["status"], "sent");
     e.shutdown().await;
 }
+
+// ---------------------------------------------------------------- child environment
+
+/// Neither an agent nor a start hook sees the engine's secret, its backend
+/// URL or any other `REPLICAS_*` setting; they do get the ambient variables
+/// (PATH, HOME) and the agent CLIs' own (`ANTHROPIC_*`).
+#[tokio::test]
+async fn children_never_see_the_secret_or_engine_settings() {
+    let (mock, url) = Backend::start().await;
+    let (spec, guard) = spec();
+    let hook_env = spec.home.join("hook-env.txt");
+    let agent_env = spec.home.join("agent-env.txt");
+    repo(
+        &spec.workspaces(),
+        "api",
+        &format!(
+            "startHook:\n  commands:\n    - 'env > {}'\n",
+            hook_env.display()
+        ),
+    );
+    let spec = spec
+        .with("MONOLITH_URL", url)
+        .with("REPLICAS_SSE_KEEPALIVE_SECS", "15")
+        .with("ANTHROPIC_BASE_URL", "http://127.0.0.1:9")
+        .with("SOME_UNLISTED_VAR", "nope")
+        .with("FAKE_ENV_FILE", agent_env.display().to_string());
+    let e = TestEngine::start_spec(spec, guard).await;
+    let chat = create_chat(&e, json!({"provider": "claude", "cwd": "api"})).await;
+    let mut events = e.events("since=0").await;
+    let accepted = send(&e, &chat, "hello").await;
+    let message_id = accepted["messageId"].as_str().unwrap().to_owned();
+    wait_turn(&mut events, &chat, &message_id).await;
+    for file in [&hook_env, &agent_env] {
+        let env = poll("a child wrote its environment", async || {
+            std::fs::read_to_string(file).ok().filter(|s| !s.is_empty())
+        })
+        .await;
+        let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+        assert!(!env.contains(common::SECRET), "{file:?} has the secret");
+        for bad in [
+            "REPLICAS_ENGINE_SECRET",
+            "MONOLITH_URL",
+            "REPLICAS_SSE_KEEPALIVE_SECS",
+            "SOME_UNLISTED_VAR",
+            "WORKSPACE_ID",
+        ] {
+            assert!(!names.contains(&bad), "{file:?} has {bad}: {env}");
+        }
+        for good in ["PATH", "HOME", "ANTHROPIC_BASE_URL"] {
+            assert!(names.contains(&good), "{file:?} lacks {good}: {env}");
+        }
+    }
+    drop(mock);
+    let spec = e.shutdown().await;
+    // Every state file the run left is private to the engine's user.
+    assert_private(&spec.home.join(".replicas"));
+}
+
+/// Everything under `dir`: files 0600, directories 0700.
+fn assert_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{dir:?} is {mode:o}");
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            assert_private(&path);
+        } else {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{path:?} is {mode:o}");
+        }
+    }
+}

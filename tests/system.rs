@@ -191,6 +191,12 @@ async fn invalid_configuration_stops_the_engine_with_one_clear_line() {
             "WORKSPACE_ID",
         ),
         (&[("HOST", "localhost:80")], &[], "HOST"),
+        // The secret would travel in clear.
+        (
+            &[("MONOLITH_URL", "http://monolith.example.com")],
+            &[],
+            "MONOLITH_URL",
+        ),
         (
             &[("REPLICAS_MAX_BODY_BYTES", "lots")],
             &[],
@@ -233,6 +239,11 @@ async fn help_explains_every_variable() {
         "REPLICAS_WEBHOOK_COALESCE_MS",
         "REPLICAS_HTTP_METRICS",
         "RUST_LOG",
+        "REPLICAS_CHILD_ENV",
+        "REPLICAS_HEADER_READ_TIMEOUT_MS",
+        "REPLICAS_MAX_CONNECTIONS",
+        "REPLICAS_MAX_SUBSCRIBERS",
+        "--env-file",
         "serve",
         "warm",
     ] {
@@ -412,4 +423,165 @@ async fn metrics_count_requests_by_route_template_and_sample_the_services() {
     assert!(text.contains("replicas_events_last_id "));
     off.shutdown().await;
     e.shutdown().await;
+}
+
+// ---------------------------------------------------------------- connection bounds
+
+mod raw {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n";
+
+    /// Whether the server closes `s` within `d` (EOF or reset), reading and
+    /// discarding whatever it sends first.
+    pub async fn closed_within(s: &mut TcpStream, d: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + d;
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Send `/health` on `s` and read the response head; `None` if the
+    /// connection was closed instead.
+    pub async fn health(s: &mut TcpStream) -> Option<String> {
+        s.write_all(HEALTH).await.ok()?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+                .await
+                .expect("server answers or closes")
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        // Drain the (small) body so the next response starts clean.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await;
+        Some(String::from_utf8_lossy(&got).into_owned())
+    }
+}
+
+/// A client that sends half its headers and stops, and a keep-alive
+/// connection left idle after a request, are both closed after
+/// `REPLICAS_HEADER_READ_TIMEOUT_MS`.
+#[tokio::test]
+async fn half_sent_headers_and_idle_keep_alive_connections_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let home = tempfile::tempdir().unwrap();
+    let e = common::inproc::InProc::start(home.path(), |c| {
+        c.header_read_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let addr = e.base.trim_start_matches("http://").to_owned();
+
+    let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        .await
+        .unwrap();
+    assert!(raw::closed_within(&mut half, std::time::Duration::from_secs(10)).await);
+
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = raw::health(&mut idle).await.expect("answered");
+    assert!(head.starts_with("HTTP/1.1 "), "{head}");
+    assert!(raw::closed_within(&mut idle, std::time::Duration::from_secs(10)).await);
+
+    // An event stream is not idle: it outlives the timeout.
+    let mut events = e.events("").await;
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    e.state.bus.publish(
+        None,
+        replicas_engine::events::EventKind::Error {
+            code: "probe".into(),
+            message: "m".into(),
+            source: "test".into(),
+        },
+    );
+    events.wait_type("error").await;
+    e.stop().await;
+}
+
+/// At `REPLICAS_MAX_CONNECTIONS` open connections a new one is closed at
+/// once, without an answer; those within the cap keep answering, and once
+/// one closes a new connection is served again.
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_at_once() {
+    let home = tempfile::tempdir().unwrap();
+    let e = common::inproc::InProc::start(home.path(), |c| {
+        c.max_connections = 3;
+        c.header_read_timeout = std::time::Duration::from_secs(120);
+    })
+    .await;
+    let addr = e.base.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        assert!(raw::health(&mut s).await.is_some());
+        held.push(s);
+    }
+    let mut over = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(
+        raw::health(&mut over).await.is_none(),
+        "served beyond the cap"
+    );
+    assert!(raw::closed_within(&mut over, std::time::Duration::from_secs(10)).await);
+    // Those within the cap still answer.
+    for s in &mut held {
+        assert!(raw::health(s).await.is_some());
+    }
+    // A slot frees up when one of them goes.
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        if raw::health(&mut s).await.is_some() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no slot freed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(held);
+    e.stop().await;
+}
+
+/// No `.env` is read from the working directory (under systemd that is the
+/// agents' home); a file named with `--env-file` is, and a bad value in it
+/// stops the boot naming the variable.
+#[tokio::test]
+async fn only_an_explicit_env_file_is_read() {
+    let (spec, guard) = EngineSpec::new();
+    // The harness runs the engine in the temp home: a planted .env there
+    // with an invalid port and a different secret must change nothing.
+    std::fs::write(
+        spec.home.join(".env"),
+        "PORT=not-a-port\nREPLICAS_ENGINE_SECRET=planted\n",
+    )
+    .unwrap();
+    let e = TestEngine::start_spec(spec.clone(), guard.clone()).await;
+    e.get_json("/status", 200).await;
+    e.shutdown().await;
+
+    let file = spec.home.join("engine.env");
+    std::fs::write(&file, "PORT=not-a-port\n").unwrap();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        spec.without("PORT")
+            .command(&["--env-file", file.to_str().unwrap()])
+            .output(),
+    )
+    .await
+    .expect("exits at once")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("invalid configuration: PORT:"), "{stderr}");
 }

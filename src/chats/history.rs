@@ -252,14 +252,9 @@ impl ChatHistory {
     ) -> std::io::Result<()> {
         if self.file.is_none() {
             if let Some(dir) = self.path.parent() {
-                std::fs::create_dir_all(dir)?;
+                crate::util::create_private_dir(dir)?;
             }
-            self.file = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?,
-            );
+            self.file = Some(crate::util::open_private_append(&self.path)?);
         }
         self.pending.extend_from_slice(line);
         if starts_turn {

@@ -768,17 +768,17 @@ fn resolve_cwd(root: &Path, cwd: Option<&str>) -> Result<PathBuf, ChatError> {
     if cwd.contains('\0') {
         return Err(invalid("cwd", "must not contain NUL"));
     }
-    let joined = root.join(cwd);
-    let canon = std::fs::canonicalize(&joined)
-        .map_err(|e| invalid("cwd", format!("{cwd:?} cannot be used: {e}")))?;
-    if !canon.starts_with(root) {
-        return Err(invalid(
+    // One answer for every failure: a different message for "missing" and
+    // "outside" would tell a client which paths exist beyond the root.
+    let unusable = || {
+        invalid(
             "cwd",
-            format!("{cwd:?} is outside the workspace root {}", root.display()),
-        ));
-    }
-    if !canon.is_dir() {
-        return Err(invalid("cwd", format!("{cwd:?} is not a directory")));
+            format!("{cwd:?} is not a directory inside the workspace root"),
+        )
+    };
+    let canon = std::fs::canonicalize(root.join(cwd)).map_err(|_| unusable())?;
+    if !canon.starts_with(root) || !canon.is_dir() {
+        return Err(unusable());
     }
     Ok(canon)
 }
@@ -885,6 +885,14 @@ mod tests {
                 "{bad}"
             );
         }
+        // An existing and a missing path outside the root get the same
+        // message (apart from the echoed input): no existence oracle.
+        let message = |p: &str| match resolve_cwd(&root, Some(p)) {
+            Err(e) => e.to_string().replace(p, "<cwd>"),
+            Ok(_) => panic!("{p} accepted"),
+        };
+        assert_eq!(message("/etc"), message("/no/such/dir"));
+        assert_eq!(message("../../../etc"), message("../../../nonexistent"));
     }
 
     /// Start hooks gate turns: messages queue with `waiting_for_hooks`

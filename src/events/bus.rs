@@ -11,6 +11,12 @@
 //! no gap, no duplicate. If a subscriber falls behind the broadcast buffer
 //! (`Lagged`), it re-attaches from its cursor and is caught up from the
 //! journal instead of losing events. Publishers never wait for subscribers.
+//!
+//! Ids are unique across a power loss ([`IdFloor`]): the journal is not
+//! fsynced per event, so a power cut can lose its tail after those events
+//! went out (SSE, webhooks); the ids handed out are reserved durably in
+//! blocks, and after a reboot numbering resumes above the reservation, never
+//! reusing an id the backend (which deduplicates by id) has already seen.
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -143,6 +149,98 @@ pub enum SubscriptionItem {
 struct BusState {
     journal: Journal,
     last_id: u64,
+    floor: IdFloor,
+}
+
+/// Ids reserved per durable write of the floor file.
+const ID_RESERVE: u64 = 4096;
+
+/// The durable high-water mark of ids: `event-ids.json` next to the journal,
+/// `{"bootId","reserved"}`. Before an id above `reserved` is handed out,
+/// `reserved` moves up by [`ID_RESERVE`] and is written with fsync. On open,
+/// in the same boot (a restart or `kill -9`: the page cache survived, the
+/// journal is complete) numbering continues from the journal; after a
+/// reboot (possibly a power cut that lost the journal's tail) it continues
+/// above `reserved`. A clean shutdown ([`EventBus::sync`]) fsyncs the
+/// journal and lowers `reserved` to the last id, so a clean reboot
+/// continues without a jump.
+struct IdFloor {
+    path: std::path::PathBuf,
+    boot_id: String,
+    reserved: u64,
+}
+
+#[derive(Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FloorFile {
+    boot_id: String,
+    reserved: u64,
+}
+
+impl IdFloor {
+    /// Load the floor; returns it and the lowest id the next one must exceed
+    /// because of it (0 in the same boot).
+    fn load(path: std::path::PathBuf, boot_id: String) -> (Self, u64) {
+        let stored = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<FloorFile>(&b).ok());
+        let (reserved, above) = match stored {
+            Some(f) if f.boot_id == boot_id && !boot_id.is_empty() => (f.reserved, 0),
+            Some(f) => {
+                tracing::info!(
+                    reserved = f.reserved,
+                    "first start since a reboot; event ids continue above the reserved ones"
+                );
+                (f.reserved, f.reserved)
+            }
+            None => (0, 0),
+        };
+        (
+            Self {
+                path,
+                boot_id,
+                reserved,
+            },
+            above,
+        )
+    }
+
+    /// Make sure `id` is covered by a durable reservation.
+    fn cover(&mut self, id: u64) {
+        if id <= self.reserved {
+            return;
+        }
+        self.write(id + ID_RESERVE - 1);
+    }
+
+    fn write(&mut self, reserved: u64) {
+        let body = serde_json::to_vec(&FloorFile {
+            boot_id: self.boot_id.clone(),
+            reserved,
+        })
+        .expect("floor serializes");
+        match crate::util::write_atomic(&self.path, &body, Some(0o600)) {
+            Ok(()) => self.reserved = reserved,
+            // Still hand the id out: a power cut before the next successful
+            // write could reuse ids, which is what we had before; not worth
+            // stopping the engine for.
+            Err(e) => {
+                tracing::error!(error = %e, path = %self.path.display(), "could not reserve event ids")
+            }
+        }
+    }
+}
+
+/// This kernel boot's id; empty (treated as "another boot") if unknown.
+fn current_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// `.../events.jsonl` → `.../event-ids.json`.
+fn floor_path(events_file: &std::path::Path) -> std::path::PathBuf {
+    events_file.with_file_name("event-ids.json")
 }
 
 struct Inner {
@@ -170,6 +268,15 @@ impl EventBus {
     /// Open the journal and continue numbering after its last id. Load
     /// problems (torn tail, garbage lines) are logged as warnings.
     pub fn open(events_file: &std::path::Path, max_bytes: u64) -> std::io::Result<Self> {
+        Self::open_in_boot(events_file, max_bytes, current_boot_id())
+    }
+
+    /// [`open`](Self::open) as if the kernel's boot id were `boot_id`.
+    fn open_in_boot(
+        events_file: &std::path::Path,
+        max_bytes: u64,
+        boot_id: String,
+    ) -> std::io::Result<Self> {
         let (journal, warnings) = Journal::open(events_file, max_bytes)?;
         for w in &warnings {
             match w {
@@ -184,12 +291,17 @@ impl EventBus {
                 }
             }
         }
-        let last_id = journal.last_id();
+        let (floor, above) = IdFloor::load(floor_path(events_file), boot_id);
+        let last_id = journal.last_id().max(above);
         tracing::info!(last_id, retained = journal.len(), "event journal loaded");
         let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         Ok(Self {
             inner: Arc::new(Inner {
-                state: Mutex::new(BusState { journal, last_id }),
+                state: Mutex::new(BusState {
+                    journal,
+                    last_id,
+                    floor,
+                }),
                 tx,
                 subscribers: AtomicUsize::new(0),
             }),
@@ -215,6 +327,7 @@ impl EventBus {
         let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         let id = state.last_id + 1;
         state.last_id = id;
+        state.floor.cover(id);
         // The SSE frame is built in one buffer; the journal line is a slice
         // of it (the envelope plus the first of the two closing newlines).
         // `body` starts with `{`; put the id first so the journal index can
@@ -241,6 +354,19 @@ impl EventBus {
         drop(state);
         tracing::debug!(id, r#type = type_name, "event published");
         published
+    }
+
+    /// Clean shutdown: fsync the journal and lower the id reservation to the
+    /// last id, so the next start (even after a reboot) numbers on without a
+    /// jump. Publishing afterwards is still safe (it reserves again).
+    pub fn sync(&self) {
+        let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = state.journal.sync() {
+            tracing::error!(error = %e, "could not fsync the event journal");
+            return;
+        }
+        let last = state.last_id;
+        state.floor.write(last);
     }
 
     pub fn last_id(&self) -> u64 {
@@ -284,6 +410,26 @@ impl EventBus {
         (rx, state.journal.plan_after(after), state.last_id)
     }
 
+    /// A client stream like [`subscribe`](Self::subscribe), unless `max`
+    /// client streams are already open (the check and the count are one
+    /// atomic step, so concurrent requests cannot overshoot).
+    pub fn try_subscribe(&self, after: Option<u64>, max: usize) -> Result<Subscription, Full> {
+        let counter = &self.inner.subscribers;
+        let mut now = counter.load(Ordering::Relaxed);
+        loop {
+            if now >= max {
+                return Err(Full { max });
+            }
+            match counter.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(seen) => now = seen,
+            }
+        }
+        // The guard takes over the increment made above.
+        let guard = SubscriberGuard(self.inner.clone());
+        Ok(self.subscription(after, Some(guard)))
+    }
+
     /// Every event with id > `after` (or only live ones when `after` is
     /// `None`), in order, forever. Starts with a `Reset` when `after` is older
     /// than the retained journal or newer than the last id ever published.
@@ -299,8 +445,12 @@ impl EventBus {
     }
 
     fn subscribe_counted(&self, after: Option<u64>, counted: bool) -> Subscription {
+        let guard = counted.then(|| SubscriberGuard::new(self.inner.clone()));
+        self.subscription(after, guard)
+    }
+
+    fn subscription(&self, after: Option<u64>, guard: Option<SubscriberGuard>) -> Subscription {
         let bus = self.clone();
-        let guard = counted.then(|| SubscriberGuard::new(bus.inner.clone()));
         let stream = async_stream::stream! {
             let _guard = guard;
             let mut cursor = match after {
@@ -360,26 +510,58 @@ impl EventBus {
     }
 }
 
+/// All client streams are taken: `REPLICAS_MAX_SUBSCRIBERS` are open.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("{max} event streams are open already; try again later")]
+pub struct Full {
+    pub max: usize,
+}
+
+/// Events per replay batch at most.
+const REPLAY_BATCH_EVENTS: usize = 512;
+/// Bytes per replay batch at most (a single larger event is one batch).
+const REPLAY_BATCH_BYTES: usize = 256 * 1024;
+
 /// Read a replay plan on a blocking thread and hand the events over in
-/// batches, so a long replay starts streaming at once, reading and sending
-/// overlap, and memory stays bounded by a few batches whatever the journal
-/// size. Reading stops when the subscriber goes away.
+/// batches, so a long replay starts streaming at once and reading and
+/// sending overlap. Bounded by bytes, not by the journal: the channel holds
+/// one batch, so the next chunk of the journal is read only once the
+/// previous batch was taken by the stream (which takes it when the client
+/// has accepted what came before). A stalled client thus pins a few hundred
+/// KiB, whatever the journal size. Reading stops when the subscriber goes
+/// away.
 fn replay_batches(
     plan: ReplayPlan,
     after: u64,
 ) -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<Arc<Published>>>> {
-    const BATCH: usize = 512;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    replay_batches_counted(plan, after, None)
+}
+
+/// [`replay_batches`], adding every line read to `read_bytes` (tests).
+fn replay_batches_counted(
+    plan: ReplayPlan,
+    after: u64,
+    read_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
+) -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<Arc<Published>>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::task::spawn_blocking(move || {
-        let mut batch = Vec::with_capacity(BATCH);
+        let mut batch = Vec::with_capacity(64);
+        let mut batch_bytes = 0usize;
         let mut open = true;
         let read = journal::read_plan(&plan, |line| {
+            if let Some(n) = &read_bytes {
+                n.fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
+            }
             match Published::from_line(line) {
-                Some(p) if p.id > after => batch.push(Arc::new(p)),
+                Some(p) if p.id > after => {
+                    batch_bytes += p.frame.len();
+                    batch.push(Arc::new(p));
+                }
                 Some(_) => {}
                 None => tracing::warn!("skipping unreadable event journal line during replay"),
             }
-            if batch.len() >= BATCH {
+            if batch.len() >= REPLAY_BATCH_EVENTS || batch_bytes >= REPLAY_BATCH_BYTES {
+                batch_bytes = 0;
                 open = tx.blocking_send(Ok(std::mem::take(&mut batch))).is_ok();
             }
             open
@@ -489,6 +671,72 @@ mod tests {
         assert_eq!(got, (2..=n + 1).collect::<Vec<_>>());
     }
 
+    /// A subscriber that stops reading in the middle of a long replay pins
+    /// a bounded number of bytes: the reader waits for it after about one
+    /// block and two batches, however long the journal.
+    #[tokio::test]
+    async fn a_stalled_replay_reads_a_bounded_number_of_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open(&dir.path().join("events.jsonl"), 1 << 30).unwrap();
+        let big = "x".repeat(16 * 1024);
+        for i in 0..1000 {
+            bus.publish(
+                None,
+                EventKind::Error {
+                    code: "test".into(),
+                    message: format!("{i}{big}"),
+                    source: "test".into(),
+                },
+            );
+        }
+        let journal_bytes = std::fs::metadata(dir.path().join("events.jsonl"))
+            .unwrap()
+            .len();
+        assert!(journal_bytes > 16_000_000);
+        let (_rx, plan, _) = bus.attach(0);
+        let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut rx = replay_batches_counted(plan, 0, Some(read.clone()));
+        let first = rx.recv().await.unwrap().unwrap();
+        assert!(!first.is_empty());
+        // Wait until the reader has stopped (blocked on the full channel).
+        let mut last = u64::MAX;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let now = read.load(Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let bound = (journal::REPLAY_BLOCK + 3 * REPLAY_BATCH_BYTES + 64 * 1024) as u64;
+        assert!(
+            last <= bound,
+            "read {last} bytes of {journal_bytes} for a stalled subscriber (bound {bound})"
+        );
+        // Reading on resumes and ends with every event.
+        let mut n = first.len();
+        while let Some(batch) = rx.recv().await {
+            n += batch.unwrap().len();
+        }
+        assert_eq!(n, 1000);
+    }
+
+    #[tokio::test]
+    async fn client_streams_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open(&dir.path().join("events.jsonl"), 1 << 30).unwrap();
+        let a = bus.try_subscribe(None, 2).unwrap();
+        let _internal = bus.subscribe_internal(None);
+        let b = bus.try_subscribe(Some(0), 2).unwrap();
+        assert_eq!(bus.subscriber_count(), 2);
+        assert_eq!(bus.try_subscribe(None, 2).err().map(|f| f.max), Some(2));
+        drop(a);
+        let c = bus.try_subscribe(None, 2).unwrap();
+        assert_eq!(bus.subscriber_count(), 2);
+        drop((b, c));
+        assert_eq!(bus.subscriber_count(), 0);
+    }
+
     #[test]
     fn fast_header_agrees_with_the_full_parse() {
         let dir = tempfile::tempdir().unwrap();
@@ -521,6 +769,44 @@ mod tests {
         drop(bus);
         let bus = EventBus::open(&path, 1 << 30).unwrap();
         assert_eq!(bus.publish(None, ev(9)).id, 4);
+    }
+
+    /// A power cut loses the journal's unsynced tail (ids 6..=10 here, which
+    /// clients and the backend may have seen): after the reboot, ids go on
+    /// above every id ever handed out. Within one boot (restart, kill -9)
+    /// and after a clean shutdown they continue without a jump.
+    #[tokio::test]
+    async fn ids_are_never_reused_after_a_power_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let bus = EventBus::open_in_boot(&path, 1 << 30, "boot-a".into()).unwrap();
+        let mut cut_at = 0;
+        for i in 1..=10 {
+            bus.publish(None, ev(i));
+            if i == 5 {
+                cut_at = std::fs::metadata(&path).unwrap().len();
+            }
+        }
+        drop(bus);
+        // Same boot (kill -9): the journal is complete; numbering goes on.
+        let bus = EventBus::open_in_boot(&path, 1 << 30, "boot-a".into()).unwrap();
+        assert_eq!(bus.publish(None, ev(0)).id, 11);
+        drop(bus);
+        // Power cut: the tail after id 5 is gone, the machine rebooted.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(cut_at).unwrap();
+        drop(f);
+        let bus = EventBus::open_in_boot(&path, 1 << 30, "boot-b".into()).unwrap();
+        let next = bus.publish(None, ev(0)).id;
+        assert!(
+            next > 11,
+            "id {next} may have been seen before the power cut"
+        );
+        // A clean shutdown, then a reboot: no jump.
+        bus.sync();
+        drop(bus);
+        let bus = EventBus::open_in_boot(&path, 1 << 30, "boot-c".into()).unwrap();
+        assert_eq!(bus.publish(None, ev(0)).id, next + 1);
     }
 
     #[tokio::test]

@@ -400,13 +400,9 @@ fn write_record(config: &Config, status: &HooksStatus) -> anyhow::Result<()> {
 /// The log, opened for append; `/dev/null` if it cannot be (logged).
 fn open_log(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
+        let _ = crate::util::create_private_dir(dir);
     }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .or_else(|e| {
+    crate::util::open_private_append(path).or_else(|e| {
             tracing::error!(error = %e, file = %path.display(), "cannot open the start hooks log; output is discarded");
             std::fs::OpenOptions::new().write(true).open("/dev/null")
         })

@@ -170,3 +170,13 @@ pub async fn json_error_bodies(req: Request, next: axum::middleware::Next) -> Re
     }
     res
 }
+
+/// axum's method router puts `Allow` on whatever its method fallback
+/// answered, including the 401 of auth (which runs inside it): only a 405,
+/// which an authenticated client got, may list the methods.
+pub async fn drop_stray_allow(mut res: Response) -> Response {
+    if res.status() != StatusCode::METHOD_NOT_ALLOWED {
+        res.headers_mut().remove(axum::http::header::ALLOW);
+    }
+    res
+}

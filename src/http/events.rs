@@ -1,7 +1,7 @@
 //! `GET /events`: the bus as Server-Sent Events. Resume with `Last-Event-ID`
 //! or `?since=`; filter with `?chatId=` and `?types=`; `retry: 3000` once;
 //! a keepalive comment every `REPLICAS_SSE_KEEPALIVE_SECS` (15 s); the stream ends when the engine shuts
-//! down.
+//! down. At most `REPLICAS_MAX_SUBSCRIBERS` streams are open; beyond, 503.
 
 use std::convert::Infallible;
 
@@ -93,7 +93,17 @@ async fn stream_events(
         None => None,
     };
     let filter = Filter::new(q.chat_id, q.types.as_deref());
-    let events = state.bus.subscribe(since).filter_map(move |item| {
+    let subscription = state
+        .bus
+        .try_subscribe(since, state.config.max_subscribers)
+        .map_err(|full| {
+            tracing::warn!(
+                max = full.max,
+                "event stream refused: subscriber limit reached"
+            );
+            ApiError::unavailable(full.to_string())
+        })?;
+    let events = subscription.filter_map(move |item| {
         let out = match item {
             // The frame was serialized once at publish time; every
             // subscriber sends the same buffer.

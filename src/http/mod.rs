@@ -13,7 +13,9 @@
 //! 4. `json_error_bodies` — any error response without a JSON body gets the
 //!    error shape;
 //! 5. `DefaultBodyLimit` — body cap for every extractor (413);
-//! 6. auth — on the protected sub-router only.
+//! 6. auth — on the protected sub-router only, as a `layer` (not a
+//!    `route_layer`) so it also wraps each route's method fallback: a wrong
+//!    method without the secret is 401, not a 405 with `Allow`.
 
 pub mod auth;
 pub mod chats;
@@ -60,7 +62,7 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
         .merge(metrics::router())
         .merge(openapi::router())
         .merge(extra)
-        .route_layer(middleware::from_fn_with_state(
+        .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_secret,
         ));
@@ -81,20 +83,25 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
                 .layer(middleware::from_fn(error::json_error_bodies))
                 .layer(DefaultBodyLimit::max(body_limit)),
         );
-    // Outermost (added last).
+    // Outermost on the routes (added last); `Router::layer` wraps each
+    // route after matching, so the template is known.
     let app = if http_metrics {
         app.layer(middleware::from_fn(record_metrics))
     } else {
         app
     };
-    app.with_state(state)
+    let app = app.with_state(state);
+    // `Router::layer` wraps each route *inside* its method router, which
+    // adds `Allow` afterwards; this wraps the whole router.
+    Router::new()
+        .fallback_service(app)
+        .layer(middleware::map_response(error::drop_stray_allow))
 }
 
 /// Count the request in `replicas_http_requests_total` and time it in
 /// `replicas_http_request_duration_seconds` (to the response head; an SSE
-/// stream counts when it opens). `Router::layer` wraps each route after
-/// matching, so the template is in the extensions; the fallback has none
-/// and counts as `unmatched`, never as its raw path.
+/// stream counts when it opens). The fallback has no template and counts
+/// as `unmatched`, never as its raw path.
 async fn record_metrics(req: Request, next: middleware::Next) -> axum::response::Response {
     let started = std::time::Instant::now();
     let method = req.method().clone();
@@ -164,6 +171,9 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         let mut config = crate::config::Config::for_home(home.path(), "s3cret");
         config.max_body_bytes = max_body;
+        // No agent ever starts from these tests.
+        config.claude_bin = "/nonexistent/claude".into();
+        config.codex_bin = "/nonexistent/codex".into();
         let state = AppState::build(config, Default::default()).await.unwrap();
         (
             with_routes(state, Router::new().route("/echo", post(echo))),
@@ -273,5 +283,148 @@ mod tests {
 
         let (s, v) = call(&app, Method::GET, "/nope", None, vec![]).await;
         assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    }
+
+    /// Without the secret a wrong method on a protected route is the same
+    /// 401 as a right one: no 405, no `Allow` header listing the methods.
+    #[tokio::test]
+    async fn auth_runs_before_method_routing() {
+        let (app, _home) = app(1024).await;
+        for (method, uri) in [
+            (Method::GET, "/echo"),
+            (Method::DELETE, "/chats"),
+            (Method::PUT, "/status"),
+            (Method::POST, "/events"),
+        ] {
+            let req = axum::http::Request::builder()
+                .method(method.clone())
+                .uri(uri)
+                .header("x-replicas-engine-secret", "wrong")
+                .body(Body::empty())
+                .unwrap();
+            let res = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{method} {uri}");
+            assert!(res.headers().get("allow").is_none(), "{method} {uri}");
+        }
+        // Public and unknown routes are unaffected.
+        let (s, _) = call(&app, Method::GET, "/nope", None, vec![]).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let req = axum::http::Request::builder()
+            .uri("/health")
+            .body(Body::empty())
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_ne!(res.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    /// Arbitrary JSON (and arbitrary bytes) into every request body type,
+    /// through the real router and layers: never a panic or a 500, always a
+    /// clean status, and every failure in the error shape. Bodies are built
+    /// around the real field names so the typed decoding is reached, not
+    /// just the JSON parser.
+    #[test]
+    fn arbitrary_request_bodies_get_clean_answers() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => prop::sample::select(vec![
+                    "provider", "title", "model", "cwd", "message", "planMode",
+                    "thinkingLevel", "images", "clearQueue", "mediaType", "data",
+                ])
+                .prop_map(str::to_owned),
+                1 => ".{0,6}",
+            ]
+        }
+        fn value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                prop::sample::select(vec!["claude", "codex", "", "/", "..", "api", "high"])
+                    .prop_map(Value::from),
+                ".{0,12}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 5, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map(key(), inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+        // Near-valid objects: the required fields present (with a
+        // plausible value), the rest arbitrary.
+        let near_valid = (
+            prop::collection::btree_map(key(), value(), 0..4),
+            prop::sample::select(vec!["claude", "codex", "gpt"]),
+            ".{0,16}",
+        )
+            .prop_map(|(mut m, provider, message)| {
+                m.entry("provider".into()).or_insert(provider.into());
+                m.entry("message".into()).or_insert(message.into());
+                Value::Object(m.into_iter().collect())
+            });
+        let body = prop_oneof![
+            3 => value().prop_map(|v| serde_json::to_vec(&v).unwrap()),
+            2 => near_valid.prop_map(|v| serde_json::to_vec(&v).unwrap()),
+            1 => prop::collection::vec(any::<u8>(), 0..64),
+        ];
+        let route = prop::sample::select(vec![
+            "/chats",
+            "/chats/c_missing/messages",
+            "/chats/c_missing/interrupt",
+        ]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (app, home) = rt.block_on(app(64 * 1024));
+        // A chat that exists, so valid bodies reach the service too; its
+        // agent binary does not exist, so a turn fails at once.
+        let (_, chat) = rt.block_on(call(
+            &app,
+            Method::POST,
+            "/chats",
+            Some("application/json"),
+            br#"{"provider":"claude"}"#.to_vec(),
+        ));
+        let chat_id = chat["id"].as_str().unwrap().to_owned();
+        let mut runner = TestRunner::new(Config {
+            cases: 256,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        runner
+            .run(&(route, any::<bool>(), body), |(route, existing, body)| {
+                let route = if existing {
+                    route.replace("c_missing", &chat_id)
+                } else {
+                    route.to_owned()
+                };
+                let (status, v) = rt.block_on(call(
+                    &app,
+                    Method::POST,
+                    &route,
+                    Some("application/json"),
+                    body.clone(),
+                ));
+                prop_assert!(
+                    [200u16, 201, 202, 400, 404, 409, 413, 422, 429].contains(&status.as_u16()),
+                    "{route}: {status} for {:?}",
+                    String::from_utf8_lossy(&body)
+                );
+                if !status.is_success() {
+                    prop_assert!(v["error"]["code"].is_string(), "{route}: {v}");
+                    prop_assert!(v["error"]["message"].is_string(), "{route}: {v}");
+                }
+                Ok(())
+            })
+            .unwrap();
+        drop(home);
     }
 }

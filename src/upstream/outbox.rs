@@ -91,7 +91,7 @@ fn line_bytes(ev: &Published) -> u64 {
 impl Outbox {
     pub fn open(cfg: OutboxConfig) -> io::Result<(Self, LoadReport)> {
         if let Some(dir) = cfg.file.parent() {
-            std::fs::create_dir_all(dir)?;
+            crate::util::create_private_dir(dir)?;
         }
         let mut report = LoadReport::default();
         let cursor = match std::fs::read(&cfg.cursor_file) {
@@ -125,10 +125,7 @@ impl Outbox {
                 _ => report.bad_lines += 1,
             }
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&cfg.file)?;
+        let file = crate::util::open_private_append(&cfg.file)?;
         let mut file_len = data.len() as u64;
         // A torn last line must not swallow the next append.
         if data.last().is_some_and(|b| *b != b'\n') {

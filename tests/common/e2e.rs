@@ -188,6 +188,9 @@ impl E2eEnv {
             ("ANTHROPIC_API_KEY".into(), "sk-ant-mock".into()),
             ("CODEX_HOME".into(), self.codex_home.display().to_string()),
             ("MOCK_API_KEY".into(), "mock-key".into()),
+            // codex reads the mock provider's key from MOCK_API_KEY, which
+            // is not on the children's allow-list.
+            ("REPLICAS_CHILD_ENV".into(), "FAKE_*,MOCK_API_KEY".into()),
             // Keep the CLIs from touching anything outside.
             ("DISABLE_AUTOUPDATER".into(), "1".into()),
             ("NO_PROXY".into(), "127.0.0.1,localhost".into()),

@@ -65,6 +65,9 @@ impl EngineSpec {
         );
         env.insert("PATH".into(), std::env::var("PATH").unwrap_or_default());
         env.insert("RUST_LOG".into(), "info,replicas_engine=debug".into());
+        // The fake CLIs read FAKE_* knobs (FAKE_ARGS_FILE, FAKE_PID_FILE);
+        // children see only the allow-list plus what is named here.
+        env.insert("REPLICAS_CHILD_ENV".into(), "FAKE_*".into());
         (
             Self {
                 home,

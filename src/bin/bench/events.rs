@@ -315,6 +315,10 @@ pub async fn engine_host() -> anyhow::Result<()> {
     let home = tempfile::tempdir()?;
     let mut config = replicas_engine::config::Config::for_home(home.path(), SECRET);
     config.host = [127, 0, 0, 1].into();
+    // The fan-out measures capacity beyond the default caps (256 streams,
+    // 1,024 connections).
+    config.max_subscribers = 4096;
+    config.max_connections = 4096;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let state = replicas_engine::app::AppState::build(config, Default::default()).await?;
     println!("LISTENING {}", listener.local_addr()?);
