@@ -62,6 +62,10 @@ ENVIRONMENT (also read from ./.env when present):
   REPLICAS_MAX_BODY_BYTES   request body cap in bytes. Default 10485760 (10 MiB).
   REPLICAS_EVENTS_MAX_BYTES events.jsonl retention budget in bytes. Default 67108864 (64 MiB).
   REPLICAS_MAX_DIFF_BYTES   cap of fullDiff in GET /repos?includeDiffs=true. Default 2097152 (2 MiB).
+  REPLICAS_MAX_MESSAGE_BYTES
+                            cap of one chat message's text in bytes (413 above). Default 1048576 (1 MiB).
+  REPLICAS_MAX_QUEUED_MESSAGES
+                            messages waiting in one chat's queue (429 queue_full above). Default 100.
   REPLICAS_TURN_TIMEOUT_SECS
                             a provider turn that runs longer fails. Default 3600.
   REPLICAS_SSE_KEEPALIVE_SECS
@@ -157,6 +161,10 @@ pub struct Config {
     pub webhook_outbox_max_events: usize,
     pub webhook_outbox_max_bytes: u64,
     pub max_diff_bytes: usize,
+    /// Cap of one message's text (bytes); longer is 413.
+    pub max_message_bytes: usize,
+    /// Messages one chat may have waiting; one more is 429 `queue_full`.
+    pub max_queued_messages: usize,
 }
 
 impl Config {
@@ -309,6 +317,16 @@ impl Config {
                 get("REPLICAS_MAX_DIFF_BYTES"),
                 2 * 1024 * 1024,
             )?,
+            max_message_bytes: parse_num(
+                "REPLICAS_MAX_MESSAGE_BYTES",
+                get("REPLICAS_MAX_MESSAGE_BYTES"),
+                1024 * 1024,
+            )?,
+            max_queued_messages: parse_num(
+                "REPLICAS_MAX_QUEUED_MESSAGES",
+                get("REPLICAS_MAX_QUEUED_MESSAGES"),
+                100,
+            )?,
         })
     }
 
@@ -388,6 +406,8 @@ mod tests {
             PathBuf::from("/home/u/.replicas/engine/events.jsonl")
         );
         assert_eq!(c.max_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.max_message_bytes, 1024 * 1024);
+        assert_eq!(c.max_queued_messages, 100);
         assert!(c.monolith_url.is_none());
     }
 

@@ -1012,3 +1012,120 @@ async fn a_corrupt_chats_file_is_set_aside_and_the_engine_starts_empty() {
     assert_eq!(p["outcome"], "completed");
     e.shutdown().await;
 }
+
+/// `REPLICAS_MAX_MESSAGE_BYTES` (default 1 MiB): a text of exactly the limit
+/// is accepted, one byte more is 413 in the error shape and nothing is
+/// queued. A queued long message shows as a preview (280 characters plus
+/// the full length) in the Chat, `chat.updated` and `chat.turn.accepted`;
+/// the agent and the history get the whole text.
+#[tokio::test]
+async fn message_text_is_capped_and_queued_messages_show_as_previews() {
+    const LIMIT: usize = 1024 * 1024;
+    let e = engine().await;
+    let chat = create_chat(&e, "claude").await;
+    let mut events = chat_events(&e, &chat).await;
+    let hang = send(&e, &chat, "FAKE_HANG").await;
+    assert_eq!(hang["status"], "sent");
+
+    let over = "x".repeat(LIMIT + 1);
+    let (code, msg) = error_of(
+        e.post(&format!("/chats/{chat}/messages"))
+            .json(&json!({ "message": over }))
+            .send()
+            .await
+            .unwrap(),
+        413,
+    )
+    .await;
+    assert_eq!(code, "payload_too_large");
+    assert!(msg.contains("1048576"), "{msg}");
+
+    let at = "y".repeat(LIMIT);
+    let acc = send(&e, &chat, &at).await;
+    assert_eq!(
+        (acc["status"].as_str(), acc["position"].as_u64()),
+        (Some("queued"), Some(1))
+    );
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(
+        c["queue"].as_array().unwrap().len(),
+        1,
+        "the 413 queued nothing"
+    );
+    let q = &c["queue"][0];
+    assert_eq!(q["id"], acc["messageId"]);
+    assert_eq!(q["text"], "y".repeat(280));
+    assert_eq!(q["textLength"], LIMIT);
+    assert_eq!(q["truncated"], true);
+    let (accepted, _) = events
+        .wait_for(WAIT, |ev| {
+            ev.event.as_deref() == Some("chat.turn.accepted")
+                && payload(ev)["message"]["id"] == acc["messageId"]
+        })
+        .await;
+    assert_eq!(payload(&accepted)["message"], *q);
+    let updated = events.wait_type("chat.updated").await;
+    assert_eq!(payload(&updated)["chat"]["queue"][0], *q);
+    assert!(
+        updated.data.len() < 4096,
+        "chat.updated carries the preview only"
+    );
+
+    // The agent runs the whole text; the history keeps it.
+    e.post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
+        .await;
+    let (_, end, _) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+    assert_eq!(end, "chat.turn.completed");
+    let hist = e
+        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
+        .await;
+    let users: Vec<usize> = hist["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["kind"] == "user_message")
+        .map(|i| i["text"].as_str().unwrap().len())
+        .collect();
+    assert_eq!(users, [9, LIMIT]);
+    e.shutdown().await;
+}
+
+/// `REPLICAS_MAX_QUEUED_MESSAGES` (default 100): the 100th waiting message
+/// is queued, the 101st is 429 `queue_full` and changes nothing; once the
+/// queue is cleared the chat takes messages again.
+#[tokio::test]
+async fn a_full_queue_answers_429_queue_full() {
+    let e = engine().await;
+    let chat = create_chat(&e, "claude").await;
+    assert_eq!(send(&e, &chat, "FAKE_HANG").await["status"], "sent");
+    for n in 1..=100 {
+        let acc = send(&e, &chat, &format!("queued {n}")).await;
+        assert_eq!(acc["position"], n);
+    }
+    let (code, msg) = error_of(
+        e.post(&format!("/chats/{chat}/messages"))
+            .json(&json!({ "message": "one too many" }))
+            .send()
+            .await
+            .unwrap(),
+        429,
+    )
+    .await;
+    assert_eq!(code, "queue_full");
+    assert!(msg.contains("100"), "{msg}");
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(c["queue"].as_array().unwrap().len(), 100);
+    assert_eq!(c["queue"][99]["text"], "queued 100");
+
+    let c = e
+        .post_json(
+            &format!("/chats/{chat}/interrupt"),
+            json!({"clearQueue": true}),
+            200,
+        )
+        .await;
+    assert_eq!(c["queue"], json!([]));
+    let acc = send(&e, &chat, "after the clear").await;
+    assert!(acc["status"] == "sent" || acc["position"] == 1, "{acc}");
+    e.shutdown().await;
+}

@@ -44,8 +44,8 @@ use crate::util::{new_id, now_ts};
 
 pub use history::Page;
 pub use model::{
-    ActiveTurn, Chat, ChatRecord, ChatStatus, HistoryItem, LastTurn, Message, Outcome,
-    ThinkingLevel, Usage,
+    ActiveTurn, Chat, ChatRecord, ChatStatus, HistoryItem, LastTurn, Message, MessagePreview,
+    Outcome, ThinkingLevel, Usage,
 };
 
 /// How long an interrupt or delete waits for the turn's processes to end
@@ -65,6 +65,12 @@ pub enum ChatError {
         field: &'static str,
         message: String,
     },
+    /// The message text is over `REPLICAS_MAX_MESSAGE_BYTES`.
+    #[error("message: the text is {len} bytes; the limit is {max} bytes")]
+    MessageTooLarge { len: usize, max: usize },
+    /// The chat already holds `REPLICAS_MAX_QUEUED_MESSAGES` waiting messages.
+    #[error("the chat already has {max} queued messages; wait for them to run or interrupt with clearQueue")]
+    QueueFull { max: usize },
     /// `chats.json` or an attachment could not be written; the change may
     /// not survive a restart.
     #[error("could not persist chat state: {0}")]
@@ -517,6 +523,13 @@ impl ChatService {
     /// this returns.
     #[tracing::instrument(skip_all, fields(chat.id = %id))]
     pub async fn send(&self, id: &str, req: NewMessage) -> Result<Accepted, ChatError> {
+        let max = self.inner.config.max_message_bytes;
+        if req.text.len() > max {
+            return Err(ChatError::MessageTooLarge {
+                len: req.text.len(),
+                max,
+            });
+        }
         let (text, plan_prefix) = strip_plan(&req.text);
         let images = parse_images(&req.images)?;
         if text.trim().is_empty() && images.is_empty() {
@@ -536,7 +549,20 @@ impl ChatService {
                 )
             })?),
         };
-        self.get(id)?;
+        let max_queued = self.inner.config.max_queued_messages;
+        {
+            // Checked again under the lock below; this spares writing the
+            // images of a message that cannot be queued.
+            let st = self.state();
+            match st.chats.get(id) {
+                Some(s) if !s.deleting => {
+                    if s.rec.queue.len() >= max_queued {
+                        return Err(ChatError::QueueFull { max: max_queued });
+                    }
+                }
+                _ => return Err(ChatError::NotFound(id.to_owned())),
+            }
+        }
         let msg = Message {
             id: new_id("m"),
             text: text.to_owned(),
@@ -561,6 +587,10 @@ impl ChatService {
                 return Err(ChatError::NotFound(id.to_owned()));
             };
             let idle = slot.rec.active_turn.is_none() && slot.rec.queue.is_empty() && hooks_done;
+            if !idle && slot.rec.queue.len() >= max_queued {
+                self.inner.attachments.remove(&msg.id);
+                return Err(ChatError::QueueFull { max: max_queued });
+            }
             let (status, position) = if idle {
                 slot.rec.active_turn = Some(ActiveTurn {
                     turn_id: new_id("t"),
@@ -578,7 +608,7 @@ impl ChatService {
             self.inner.bus.publish(
                 Some(id),
                 EventKind::TurnAccepted {
-                    message: serde_json::to_value(&msg).expect("message serializes"),
+                    message: serde_json::to_value(msg.preview()).expect("message serializes"),
                     status: status.to_owned(),
                     position,
                 },

@@ -68,6 +68,7 @@ pub fn code_for(status: StatusCode) -> &'static str {
         413 => "payload_too_large",
         415 => "unsupported_media_type",
         422 => "unprocessable",
+        429 => "too_many_requests",
         503 => "unavailable",
         s if s >= 500 => "internal",
         _ => "invalid_request",
