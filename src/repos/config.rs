@@ -547,3 +547,80 @@ mod tests {
         );
     }
 }
+
+/// Property tests: any bytes or any JSON/YAML document as a config file
+/// gives a config or a [`RepoConfigError`] naming the file, never a panic,
+/// and the error never quotes the document.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::testing::arb_json;
+    use proptest::prelude::*;
+
+    const MARK: &str = "Zq9SECRETq9Z";
+
+    fn check(file: &'static str, text: &str) -> Result<(), TestCaseError> {
+        if let Err(e) = parse(file, text) {
+            prop_assert_eq!(e.file.as_str(), file);
+            prop_assert!(!e.message.is_empty());
+            prop_assert!(!e.message.contains(MARK), "{} leaked: {}", file, e.message);
+        }
+        Ok(())
+    }
+
+    /// JSON where every string carries the marker, so a quoted value shows.
+    fn marked(v: Value) -> Value {
+        match v {
+            Value::String(s) => Value::String(format!("{MARK}{s}")),
+            Value::Array(a) => Value::Array(a.into_iter().map(marked).collect()),
+            Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, marked(v))).collect()),
+            other => other,
+        }
+    }
+
+    use serde_json::Value;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let text = String::from_utf8_lossy(&bytes);
+            for file in CONFIG_FILES {
+                check(file, &text)?;
+            }
+        }
+
+        #[test]
+        fn arbitrary_documents_never_panic_nor_leak(v in arb_json()) {
+            let v = marked(v);
+            check("replicas.json", &v.to_string())?;
+            let yaml = serde_yaml_ng::to_string(&v).unwrap();
+            check("replicas.yaml", &yaml)?;
+        }
+
+        /// Config-shaped documents with wrong types in the known fields.
+        #[test]
+        fn config_shaped_documents_never_panic_nor_leak(
+            prompt in arb_json(), commands in arb_json(), timeout in arb_json(), separate in arb_json()
+        ) {
+            let v = marked(serde_json::json!({
+                "systemPrompt": prompt,
+                "startHook": {"commands": commands, "timeout": timeout, "separate": separate},
+                "warmHook": {"commands": commands},
+            }));
+            check("replicas.json", &v.to_string())?;
+            check("replicas.yml", &serde_yaml_ng::to_string(&v).unwrap())?;
+        }
+
+        /// Raw text with the marker in odd places (unclosed quotes, bad
+        /// indentation): syntax errors do not quote it either.
+        #[test]
+        fn broken_syntax_does_not_leak(prefix in "[ -~\n]{0,40}", suffix in "[ -~\n]{0,40}") {
+            let text = format!("{prefix}{MARK}{suffix}");
+            for file in CONFIG_FILES {
+                check(file, &text)?;
+            }
+        }
+    }
+}
