@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use base64::Engine as _;
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -814,6 +815,9 @@ fn strip_plan(text: &str) -> (&str, bool) {
     }
 }
 
+/// The image types both CLIs accept.
+pub const IMAGE_MEDIA_TYPES: [&str; 4] = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+
 /// Anthropic base64 image blocks → provider images; anything else is 400.
 fn parse_images(images: &[Value]) -> Result<Vec<Image>, ChatError> {
     images
@@ -831,13 +835,23 @@ fn parse_images(images: &[Value]) -> Result<Vec<Image>, ChatError> {
             let media_type = source
                 .get("media_type")
                 .and_then(Value::as_str)
-                .filter(|m| m.starts_with("image/"))
-                .ok_or_else(|| bad("source.media_type must be an image/* type"))?;
+                .filter(|m| IMAGE_MEDIA_TYPES.contains(m))
+                .ok_or_else(|| {
+                    bad(&format!(
+                        "source.media_type must be one of {}",
+                        IMAGE_MEDIA_TYPES.join(", ")
+                    ))
+                })?;
             let data = source
                 .get("data")
                 .and_then(Value::as_str)
                 .filter(|d| !d.is_empty())
                 .ok_or_else(|| bad("source.data must be a non-empty base64 string"))?;
+            // Checked at the door: a CLI handed bad base64 fails the turn
+            // long after the client got its 202.
+            if let Err(e) = base64::engine::general_purpose::STANDARD.decode(data) {
+                return Err(bad(&format!("source.data is not valid base64 ({e})")));
+            }
             Ok(Image {
                 media_type: media_type.to_owned(),
                 data_base64: data.to_owned(),
@@ -984,15 +998,35 @@ mod tests {
 
     #[test]
     fn images_are_validated() {
-        let ok = serde_json::json!({"type":"image","source":{"type":"base64","media_type":"image/png","data":"aGk="}});
-        assert_eq!(parse_images(&[ok]).unwrap().len(), 1);
-        let bad = serde_json::json!({"type":"image","source":{"type":"url","url":"x"}});
-        assert!(matches!(
-            parse_images(&[bad]),
-            Err(ChatError::Invalid {
-                field: "images",
-                ..
-            })
-        ));
+        let ok: Value = serde_json::json!({"type":"image","source":{"type":"base64","media_type":"image/png","data":"aGk="}});
+        assert_eq!(parse_images(std::slice::from_ref(&ok)).unwrap().len(), 1);
+        let source = |media: &str, data: &str| serde_json::json!({"type":"image","source":{"type":"base64","media_type":media,"data":data}});
+        for (bad, says) in [
+            (
+                serde_json::json!({"type":"image","source":{"type":"url","url":"x"}}),
+                "source.type",
+            ),
+            (source("image/svg+xml", "aGk="), "source.media_type"),
+            (source("text/plain", "aGk="), "source.media_type"),
+            (source("image/png", "not base64!"), "source.data"),
+            (source("image/png", "aGk"), "source.data"),
+            (source("image/png", ""), "source.data"),
+        ] {
+            match parse_images(&[ok.clone(), bad.clone()]) {
+                Err(ChatError::Invalid {
+                    field: "images",
+                    message,
+                }) => {
+                    assert!(
+                        message.starts_with("images[1]: ") && message.contains(says),
+                        "{bad}: {message}"
+                    )
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        for media in IMAGE_MEDIA_TYPES {
+            assert!(parse_images(&[source(media, "aGk=")]).is_ok());
+        }
     }
 }

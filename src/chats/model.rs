@@ -158,7 +158,11 @@ pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cached_input_tokens: u64,
-    pub cost_usd: f64,
+    /// USD summed over the turns that reported a cost; `null` (unknown)
+    /// until one did: Codex never reports one, so a Codex chat's cost is
+    /// unknown, not free.
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
 }
 
 impl Usage {
@@ -167,7 +171,9 @@ impl Usage {
         self.input_tokens += turn.input_tokens;
         self.output_tokens += turn.output_tokens;
         self.cached_input_tokens += turn.cached_input_tokens;
-        self.cost_usd += turn.cost_usd.unwrap_or(0.0);
+        if let Some(cost) = turn.cost_usd {
+            self.cost_usd = Some(self.cost_usd.unwrap_or(0.0) + cost);
+        }
     }
 }
 
@@ -312,8 +318,31 @@ mod tests {
             json!({"id":"c_1","provider":"claude","title":"Claude chat","model":null,"cwd":"/w",
                    "status":"idle","processing":false,"providerSessionId":null,"createdAt":"t",
                    "updatedAt":"t","queue":[],"lastTurn":null,
-                   "usage":{"inputTokens":0,"outputTokens":0,"cachedInputTokens":0,"costUsd":0.0}})
+                   "usage":{"inputTokens":0,"outputTokens":0,"cachedInputTokens":0,"costUsd":null}})
         );
+    }
+
+    #[test]
+    fn cost_is_unknown_until_a_turn_reports_one() {
+        let turn = |cost| crate::providers::Usage {
+            input_tokens: 10,
+            output_tokens: 2,
+            cached_input_tokens: 1,
+            cost_usd: cost,
+        };
+        let mut u = Usage::default();
+        u.add(&turn(None));
+        assert_eq!((u.input_tokens, u.cost_usd), (10, None));
+        u.add(&turn(Some(0.25)));
+        u.add(&turn(None));
+        u.add(&turn(Some(0.5)));
+        assert_eq!((u.input_tokens, u.cost_usd), (40, Some(0.75)));
+        // Records written before the field was optional still load.
+        let old: Usage = serde_json::from_value(
+            json!({"inputTokens":1,"outputTokens":0,"cachedInputTokens":0,"costUsd":0.0}),
+        )
+        .unwrap();
+        assert_eq!(old.cost_usd, Some(0.0));
     }
 
     fn message(text: &str) -> Message {
