@@ -301,6 +301,19 @@ async fn refresh_writes_credential_files_merging_what_was_there() {
         // expiresAt is an hour away, so the next attempt is well in the future.
         assert!(s["nextAttemptAt"].as_str().unwrap() > s["lastSuccessAt"].as_str().unwrap());
     }
+    // The contract's schedule: a 60-minute token is refreshed 5 minutes
+    // before expiry, i.e. 55 minutes after it was fetched (codex gives no
+    // expiry: every 45 minutes).
+    let at = |m: &str, f: &str| {
+        chrono::DateTime::parse_from_rfc3339(body["managers"][m][f].as_str().unwrap()).unwrap()
+    };
+    for (m, minutes) in [("github", 55), ("claude", 55), ("codex", 45)] {
+        let gap = (at(m, "nextAttemptAt") - at(m, "lastSuccessAt")).num_seconds();
+        assert!(
+            (minutes * 60 - 30..=minutes * 60 + 5).contains(&gap),
+            "{m}: next refresh {gap} s after the last one, expected ~{minutes} min"
+        );
+    }
     assert_eq!(
         e.get_json("/status", 200).await["tokenRefresh"],
         json!({"github":"ok","claude":"ok","codex":"ok"})
