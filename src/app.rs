@@ -49,7 +49,14 @@ impl AppState {
         let bus = EventBus::open(&paths.events_file, config.events_max_bytes)
             .with_context(|| format!("opening {}", paths.events_file.display()))?;
         let upstream = Upstream::start(&config, &bus, shutdown.clone())?;
-        let hooks = HookService::new(config.clone(), bus.clone());
+        // Reads every repo's config file (repo content): off the async
+        // threads.
+        let hooks = tokio::task::spawn_blocking({
+            let (config, bus) = (config.clone(), bus.clone());
+            move || HookService::new(config, bus)
+        })
+        .await
+        .context("reading the repos' start hooks")?;
         let repos = RepoService::new(&config, bus.clone(), {
             let hooks = hooks.clone();
             Arc::new(move |repo: &str| hooks.repo_completed(repo))

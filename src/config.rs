@@ -62,6 +62,10 @@ ENVIRONMENT (plus the file given with --env-file; the process environment wins):
   REPLICAS_MAX_BODY_BYTES   request body cap in bytes. Default 10485760 (10 MiB).
   REPLICAS_EVENTS_MAX_BYTES events.jsonl retention budget in bytes. Default 67108864 (64 MiB).
   REPLICAS_MAX_DIFF_BYTES   cap of fullDiff in GET /repos?includeDiffs=true. Default 2097152 (2 MiB).
+  REPLICAS_MAX_MESSAGE_BYTES
+                            cap of one chat message's text in bytes (413 above). Default 1048576 (1 MiB).
+  REPLICAS_MAX_QUEUED_MESSAGES
+                            messages waiting in one chat's queue (429 queue_full above). Default 100.
   REPLICAS_TURN_TIMEOUT_SECS
                             a provider turn that runs longer fails. Default 3600.
   REPLICAS_SSE_KEEPALIVE_SECS
@@ -204,6 +208,10 @@ pub struct Config {
     /// Extra variable names (`NAME` or `PREFIX*`) children receive on top of
     /// the allow-list in `process`.
     pub child_env: Vec<String>,
+    /// Cap of one message's text (bytes); longer is 413.
+    pub max_message_bytes: usize,
+    /// Messages one chat may have waiting; one more is 429 `queue_full`.
+    pub max_queued_messages: usize,
 }
 
 impl Config {
@@ -432,6 +440,16 @@ impl Config {
                 .filter(|p| !p.is_empty())
                 .map(str::to_owned)
                 .collect(),
+            max_message_bytes: parse_num(
+                "REPLICAS_MAX_MESSAGE_BYTES",
+                get("REPLICAS_MAX_MESSAGE_BYTES"),
+                1024 * 1024,
+            )?,
+            max_queued_messages: parse_num(
+                "REPLICAS_MAX_QUEUED_MESSAGES",
+                get("REPLICAS_MAX_QUEUED_MESSAGES"),
+                100,
+            )?,
         })
     }
 
@@ -542,6 +560,8 @@ mod tests {
         assert_eq!(c.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.max_connections, 1024);
         assert_eq!(c.max_subscribers, 256);
+        assert_eq!(c.max_message_bytes, 1024 * 1024);
+        assert_eq!(c.max_queued_messages, 100);
         assert!(c.monolith_url.is_none());
         assert_eq!(c.provider_idle, Duration::from_secs(600));
         assert_eq!(c.max_agent_processes, 8);

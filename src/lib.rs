@@ -30,3 +30,6 @@ pub mod providers;
 pub mod repos;
 pub mod upstream;
 pub mod util;
+
+#[cfg(test)]
+pub(crate) mod testing;

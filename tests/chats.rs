@@ -1170,3 +1170,401 @@ async fn codex_app_server_chat_streams_text_and_survives_an_interrupt() {
     );
     e.shutdown().await;
 }
+/// `REPLICAS_MAX_MESSAGE_BYTES` (default 1 MiB): a text of exactly the limit
+/// is accepted, one byte more is 413 in the error shape and nothing is
+/// queued. A queued long message shows as a preview (280 characters plus
+/// the full length) in the Chat, `chat.updated` and `chat.turn.accepted`;
+/// the agent and the history get the whole text.
+#[tokio::test]
+async fn message_text_is_capped_and_queued_messages_show_as_previews() {
+    const LIMIT: usize = 1024 * 1024;
+    let e = engine().await;
+    let chat = create_chat(&e, "claude").await;
+    let mut events = chat_events(&e, &chat).await;
+    let hang = send(&e, &chat, "FAKE_HANG").await;
+    assert_eq!(hang["status"], "sent");
+
+    let over = "x".repeat(LIMIT + 1);
+    let (code, msg) = error_of(
+        e.post(&format!("/chats/{chat}/messages"))
+            .json(&json!({ "message": over }))
+            .send()
+            .await
+            .unwrap(),
+        413,
+    )
+    .await;
+    assert_eq!(code, "payload_too_large");
+    assert!(msg.contains("1048576"), "{msg}");
+
+    let at = "y".repeat(LIMIT);
+    let acc = send(&e, &chat, &at).await;
+    assert_eq!(
+        (acc["status"].as_str(), acc["position"].as_u64()),
+        (Some("queued"), Some(1))
+    );
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(
+        c["queue"].as_array().unwrap().len(),
+        1,
+        "the 413 queued nothing"
+    );
+    let q = &c["queue"][0];
+    assert_eq!(q["id"], acc["messageId"]);
+    assert_eq!(q["text"], "y".repeat(280));
+    assert_eq!(q["textLength"], LIMIT);
+    assert_eq!(q["truncated"], true);
+    let (accepted, _) = events
+        .wait_for(WAIT, |ev| {
+            ev.event.as_deref() == Some("chat.turn.accepted")
+                && payload(ev)["message"]["id"] == acc["messageId"]
+        })
+        .await;
+    assert_eq!(payload(&accepted)["message"], *q);
+    let updated = events.wait_type("chat.updated").await;
+    assert_eq!(payload(&updated)["chat"]["queue"][0], *q);
+    assert!(
+        updated.data.len() < 4096,
+        "chat.updated carries the preview only"
+    );
+
+    // The agent runs the whole text; the history keeps it.
+    e.post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
+        .await;
+    let (_, end, _) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+    assert_eq!(end, "chat.turn.completed");
+    let hist = e
+        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
+        .await;
+    let users: Vec<usize> = hist["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["kind"] == "user_message")
+        .map(|i| i["text"].as_str().unwrap().len())
+        .collect();
+    assert_eq!(users, [9, LIMIT]);
+    e.shutdown().await;
+}
+
+/// `REPLICAS_MAX_QUEUED_MESSAGES` (default 100): the 100th waiting message
+/// is queued, the 101st is 429 `queue_full` and changes nothing; once the
+/// queue is cleared the chat takes messages again.
+#[tokio::test]
+async fn a_full_queue_answers_429_queue_full() {
+    let e = engine().await;
+    let chat = create_chat(&e, "claude").await;
+    assert_eq!(send(&e, &chat, "FAKE_HANG").await["status"], "sent");
+    for n in 1..=100 {
+        let acc = send(&e, &chat, &format!("queued {n}")).await;
+        assert_eq!(acc["position"], n);
+    }
+    let (code, msg) = error_of(
+        e.post(&format!("/chats/{chat}/messages"))
+            .json(&json!({ "message": "one too many" }))
+            .send()
+            .await
+            .unwrap(),
+        429,
+    )
+    .await;
+    assert_eq!(code, "queue_full");
+    assert!(msg.contains("100"), "{msg}");
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(c["queue"].as_array().unwrap().len(), 100);
+    assert_eq!(c["queue"][99]["text"], "queued 100");
+
+    let c = e
+        .post_json(
+            &format!("/chats/{chat}/interrupt"),
+            json!({"clearQueue": true}),
+            200,
+        )
+        .await;
+    assert_eq!(c["queue"], json!([]));
+    let acc = send(&e, &chat, "after the clear").await;
+    assert!(acc["status"] == "sent" || acc["position"] == 1, "{acc}");
+    e.shutdown().await;
+}
+
+/// The argv of the last CLI process a fake recorded in `FAKE_ARGS_FILE`.
+fn last_argv(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    last["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Whether `argv` has `flag` directly followed by `value`.
+fn has_pair(argv: &[String], flag: &str, value: &str) -> bool {
+    argv.windows(2).any(|w| w[0] == flag && w[1] == value)
+}
+
+/// Per-message `model`, `thinkingLevel` and `planMode` reach both CLIs as
+/// their own flags; Codex, which reports no cost, says `costUsd: null`.
+#[tokio::test]
+async fn per_message_model_thinking_level_and_plan_mode_reach_both_clis() {
+    let (spec, guard) = spec();
+    let args = spec.home.join("args.jsonl");
+    let spec = spec.with("FAKE_ARGS_FILE", args.display().to_string());
+    let e = TestEngine::start_spec(spec, guard).await;
+    for provider in ["claude", "codex"] {
+        let chat = create_chat(&e, provider).await;
+        let mut events = chat_events(&e, &chat).await;
+        let acc = e
+            .post_json(
+                &format!("/chats/{chat}/messages"),
+                json!({"message": "options", "model": "model-x", "thinkingLevel": "high", "planMode": true}),
+                202,
+            )
+            .await;
+        let (_, end, done) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+        assert_eq!(
+            (end.as_str(), done["outcome"].as_str()),
+            ("chat.turn.completed", Some("completed")),
+            "{done}"
+        );
+        let argv = last_argv(&args);
+        let joined = argv.join(" ");
+        if provider == "claude" {
+            assert!(has_pair(&argv, "--model", "model-x"), "{joined}");
+            assert!(has_pair(&argv, "--effort", "high"), "{joined}");
+            assert!(has_pair(&argv, "--permission-mode", "plan"), "{joined}");
+        } else {
+            assert!(has_pair(&argv, "-m", "model-x"), "{joined}");
+            assert!(
+                argv.iter().any(|a| a == "model_reasoning_effort=\"high\""),
+                "{joined}"
+            );
+            assert!(
+                argv.iter().any(|a| a == "sandbox_mode=\"read-only\""),
+                "{joined}"
+            );
+            assert!(
+                !argv
+                    .iter()
+                    .any(|a| a == "--dangerously-bypass-approvals-and-sandbox"),
+                "{joined}"
+            );
+            // Codex gives no cost: unknown, not free.
+            assert_eq!(done["usage"]["costUsd"], Value::Null, "{done}");
+            let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+            assert_eq!(c["usage"]["costUsd"], Value::Null, "{c}");
+            assert!(c["usage"]["outputTokens"].as_u64().unwrap() > 0, "{c}");
+        }
+        // The next message without options runs without them.
+        let acc = send(&e, &chat, "plain").await;
+        wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+        let argv = last_argv(&args);
+        assert!(
+            !argv.iter().any(|a| a == "model-x" || a == "plan"),
+            "{provider}: {argv:?}"
+        );
+    }
+    e.shutdown().await;
+}
+
+fn image_block(media_type: &str, data: &str) -> Value {
+    json!({"type":"image","source":{"type":"base64","media_type":media_type,"data":data}})
+}
+
+/// Images end to end with Claude: a queued image message is stored as an
+/// attachment, survives a restart, reaches the CLI as the same base64 in
+/// the stream-json user message, and its attachment is removed once its
+/// turn ended. Bad image blocks are 400 at the door, naming the field.
+#[tokio::test]
+async fn a_queued_image_survives_a_restart_reaches_claude_and_is_then_removed() {
+    use base64::Engine as _;
+    let png =
+        base64::engine::general_purpose::STANDARD.encode(b"\x89PNG\r\n\x1a\nnot really a png");
+    let (spec, guard) = spec();
+    let stdin_log = spec.home.join("stdin.jsonl");
+    let spec = spec.with("FAKE_STDIN_FILE", stdin_log.display().to_string());
+    let e = TestEngine::start_spec(spec, guard).await;
+    let chat = create_chat(&e, "claude").await;
+
+    for (image, field) in [
+        (image_block("image/png", "not base64!"), "source.data"),
+        (image_block("image/svg+xml", &png), "source.media_type"),
+        (image_block("text/plain", &png), "source.media_type"),
+    ] {
+        let (code, msg) = error_of(
+            e.post(&format!("/chats/{chat}/messages"))
+                .json(&json!({"message": "look", "images": [image]}))
+                .send()
+                .await
+                .unwrap(),
+            400,
+        )
+        .await;
+        assert_eq!(code, "invalid_request");
+        assert!(msg.contains("images[0]") && msg.contains(field), "{msg}");
+    }
+
+    assert_eq!(send(&e, &chat, "FAKE_HANG").await["status"], "sent");
+    let acc = e
+        .post_json(
+            &format!("/chats/{chat}/messages"),
+            json!({"message": "what is in the picture?", "images": [image_block("image/png", &png)]}),
+            202,
+        )
+        .await;
+    assert_eq!(acc["status"], "queued");
+    let mid = acc["messageId"].as_str().unwrap().to_owned();
+    let attachment = e
+        .home()
+        .join(format!(".replicas/engine/attachments/{mid}.json"));
+    assert!(attachment.exists(), "stored while queued");
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(c["queue"][0]["images"], 1);
+
+    // A graceful restart ends the hanging turn; the queued message with its
+    // image is still there and runs on the new engine.
+    let e = restart_with(e, false, |_| {}).await;
+    assert!(attachment.exists(), "kept across the restart");
+    let mut events = chat_events(&e, &chat).await;
+    let (_, end, done) = wait_turn(&mut events, &mid).await;
+    assert_eq!(end, "chat.turn.completed", "{done}");
+    let hist = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+    let answer = hist["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|i| i["kind"] == "assistant_message")
+        .unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(answer.contains("images=1"), "{answer}");
+    // The CLI got the very same base64 and media type on stdin.
+    let sent: Vec<Value> = std::fs::read_to_string(&stdin_log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|m: &Value| m["type"] == "user")
+        .collect();
+    let blocks = sent.last().unwrap()["message"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let img = blocks
+        .iter()
+        .find(|b| b["type"] == "image")
+        .expect("an image block");
+    assert_eq!(img["source"]["data"], png.as_str());
+    assert_eq!(img["source"]["media_type"], "image/png");
+    wait_chat(&e, &chat, |c| c["status"] == "idle").await;
+    assert!(!attachment.exists(), "removed after its turn");
+    e.shutdown().await;
+}
+
+/// Images with Codex: written to files handed over with `-i`, with the
+/// decoded bytes; the attachment is gone after the turn.
+#[tokio::test]
+async fn an_image_reaches_codex_as_a_file_with_the_decoded_bytes() {
+    use base64::Engine as _;
+    let bytes = b"GIF89a-not-really-a-gif".to_vec();
+    let gif = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    let (spec, guard) = spec();
+    let copies = spec.home.join("images");
+    std::fs::create_dir_all(&copies).unwrap();
+    let spec = spec.with("FAKE_IMAGES_DIR", copies.display().to_string());
+    let e = TestEngine::start_spec(spec, guard).await;
+    let chat = create_chat(&e, "codex").await;
+    let mut events = chat_events(&e, &chat).await;
+    let acc = e
+        .post_json(
+            &format!("/chats/{chat}/messages"),
+            json!({"message": "describe", "images": [image_block("image/gif", &gif)]}),
+            202,
+        )
+        .await;
+    let mid = acc["messageId"].as_str().unwrap().to_owned();
+    let (_, end, done) = wait_turn(&mut events, &mid).await;
+    assert_eq!(
+        (end.as_str(), done["outcome"].as_str()),
+        ("chat.turn.completed", Some("completed")),
+        "{done}"
+    );
+    let got: Vec<Vec<u8>> = std::fs::read_dir(&copies)
+        .unwrap()
+        .map(|f| std::fs::read(f.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(got, [bytes]);
+    wait_chat(&e, &chat, |c| c["status"] == "idle").await;
+    assert!(!e
+        .home()
+        .join(format!(".replicas/engine/attachments/{mid}.json"))
+        .exists());
+    e.shutdown().await;
+}
+
+/// `REPLICAS_TURN_TIMEOUT_SECS`: a turn running longer ends `failed` with a
+/// `timeout` error, its whole process group (a child that ignores TERM
+/// included) is gone, and the chat takes the next message.
+#[tokio::test]
+async fn a_turn_past_the_timeout_fails_with_timeout_and_loses_its_group() {
+    let (spec, guard) = spec();
+    let e = TestEngine::start_spec(spec.with("REPLICAS_TURN_TIMEOUT_SECS", "3"), guard).await;
+    let pid_file = e.home().join("linger.pid");
+    for provider in ["claude", "codex"] {
+        let _ = std::fs::remove_file(&pid_file);
+        let chat = create_chat(&e, provider).await;
+        let mut events = chat_events(&e, &chat).await;
+        let acc = send(&e, &chat, "FAKE_LINGER FAKE_HANG").await;
+        let child = wait_pid(&pid_file).await;
+        let (_, end, done) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+        assert_eq!(end, "chat.turn.completed", "{provider}: {done}");
+        assert_eq!(done["outcome"], "failed", "{provider}: {done}");
+        assert_eq!(done["error"]["code"], "timeout", "{provider}: {done}");
+        wait_dead(child).await;
+        let c = wait_chat(&e, &chat, |c| c["status"] == "idle").await;
+        assert_eq!(c["lastTurn"]["error"]["code"], "timeout");
+        let next = send(&e, &chat, "hello again").await;
+        let (_, _, done) = wait_turn(&mut events, next["messageId"].as_str().unwrap()).await;
+        assert_eq!(done["outcome"], "completed", "{provider}: {done}");
+    }
+    e.shutdown().await;
+}
+
+/// An internal failure (here: a chat's history file replaced by a folder)
+/// answers 500 in the error shape with a generic message and the request
+/// id, and the cause is logged once with that id.
+#[tokio::test]
+async fn an_internal_error_answers_500_in_the_error_shape_and_logs_the_request_id() {
+    let e = engine().await;
+    let chat = create_chat(&e, "claude").await;
+    let acc = send(&e, &chat, "hello").await;
+    let mut events = chat_events(&e, &chat).await;
+    wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+    let hist = e
+        .home()
+        .join(format!(".replicas/engine/history/{chat}.jsonl"));
+    let _ = std::fs::remove_file(&hist);
+    std::fs::create_dir_all(&hist).unwrap();
+    let res = e
+        .get(&format!("/chats/{chat}/history"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 500);
+    let request_id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"error":{"code":"internal","message":"internal error; see the engine log"}})
+    );
+    // The engine keeps serving.
+    e.get_json(&format!("/chats/{chat}"), 200).await;
+    let logs = e.shutdown_logs().await;
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("internal error") && l.contains(&request_id)),
+        "no log line with {request_id}:\n{logs}"
+    );
+}

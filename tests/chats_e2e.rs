@@ -1,7 +1,7 @@
 //! End to end through the engine's HTTP API with the REAL `claude` and
 //! `codex` CLIs against the mock model servers (`tests/e2e/`), offline.
-//! Runs only with `REPLICAS_E2E=1` (scripts/test.sh); otherwise each test
-//! prints "skipped" and passes.
+//! Every test is `#[ignore]`d, so a plain `cargo test` reports them as
+//! ignored (not run); `scripts/test.sh` runs them with `-- --include-ignored`.
 //!
 //! For each CLI, in one chat: a plain turn (the mock's text lands in the
 //! history), a tool turn (a tool call / command item), resume (the mock sees
@@ -15,7 +15,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::e2e::{self, E2eEnv, MockServer};
+use common::e2e::{E2eEnv, MockServer};
 use common::{EngineSpec, SseEvent, SseStream, TestEngine};
 use serde_json::{json, Value};
 
@@ -242,22 +242,19 @@ async fn whole_chat(provider: &str, app_server: bool) {
 }
 
 #[tokio::test]
+#[ignore = "end-to-end: drives the real claude/codex CLIs; scripts/test.sh runs it (cargo test -- --include-ignored)"]
 async fn claude_chat_end_to_end() {
-    if e2e::enabled("claude_chat_end_to_end") {
-        whole_chat("claude", false).await;
-    }
+    whole_chat("claude", false).await;
 }
 
 #[tokio::test]
+#[ignore = "end-to-end: drives the real claude/codex CLIs; scripts/test.sh runs it (cargo test -- --include-ignored)"]
 async fn codex_chat_end_to_end() {
-    if e2e::enabled("codex_chat_end_to_end") {
-        whole_chat("codex", false).await;
-    }
+    whole_chat("codex", false).await;
 }
 
 #[tokio::test]
+#[ignore = "end-to-end: drives the real claude/codex CLIs; scripts/test.sh runs it (cargo test -- --include-ignored)"]
 async fn codex_app_server_chat_end_to_end() {
-    if e2e::enabled("codex_app_server_chat_end_to_end") {
-        whole_chat("codex", true).await;
-    }
+    whole_chat("codex", true).await;
 }

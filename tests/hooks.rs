@@ -412,3 +412,56 @@ async fn warm_runs_warm_hooks_without_a_secret_and_exit_code_tells_failures() {
     assert_eq!(out.status.code(), Some(1), "an invalid config fails warm");
     assert!(String::from_utf8_lossy(&out.stdout).contains("warm d: invalid replicas.yaml"));
 }
+
+/// Repo config files are repo content: a `replicas.yaml` symlinked to a
+/// credentials file outside the repo is not read (its token reaches neither
+/// `/hooks/status` nor the event journal), a FIFO named `replicas.json`
+/// does not hang the boot, an oversized file is refused; other repos' hooks
+/// still run.
+#[tokio::test]
+async fn hostile_config_files_fail_their_repo_without_reading_or_hanging() {
+    const TOKEN: &str = "ghp_TOPSECRET_0123456789";
+    let (spec, guard) = EngineSpec::new();
+    let ws = spec.workspaces();
+    let creds = spec.home.join("credentials");
+    std::fs::write(&creds, format!("{{\"token\": \"{TOKEN}\"}}\n")).unwrap();
+    for name in ["link", "fifo", "big"] {
+        repo_with(&ws, name, "README", "x\n");
+    }
+    std::os::unix::fs::symlink(&creds, ws.join("link/replicas.yaml")).unwrap();
+    sh(&ws.join("fifo"), "mkfifo replicas.json");
+    std::fs::write(
+        ws.join("big/replicas.yml"),
+        format!("systemPrompt: {}\n", "a".repeat(70_000)),
+    )
+    .unwrap();
+    repo_with(
+        &ws,
+        "good",
+        "replicas.json",
+        r#"{"startHook":{"commands":["true"]}}"#,
+    );
+    let e = TestEngine::start_spec(spec, guard).await;
+    assert_eq!(e.get("/health").send().await.unwrap().status(), 200);
+
+    let s = finished(&e).await;
+    for (name, file, why) in [
+        ("link", "replicas.yaml", "outside the repository"),
+        ("fifo", "replicas.json", "not a regular file"),
+        ("big", "replicas.yml", "the limit is 65536 bytes"),
+    ] {
+        let r = repo_status(&s, name);
+        assert_eq!(
+            (r["status"].as_str(), r["configFile"].as_str()),
+            (Some("failed"), Some(file)),
+            "{r}"
+        );
+        assert!(r["error"].as_str().unwrap().contains(why), "{r}");
+    }
+    assert_eq!(repo_status(&s, "good")["status"], "completed");
+    let journal = std::fs::read_to_string(e.home().join(".replicas/engine/events.jsonl")).unwrap();
+    assert!(!journal.contains(TOKEN));
+    assert!(!s.to_string().contains(TOKEN));
+    let logs = e.shutdown_logs().await;
+    assert!(!logs.contains(TOKEN));
+}

@@ -362,3 +362,49 @@ async fn repo_events_discovered_at_start_and_changed_after_hooks() {
     assert_eq!(r["startHooksCompleted"], true);
     e.shutdown().await;
 }
+
+/// A branch named like an option (`--repo=evil/x`, which git accepts through
+/// `update-ref`) reaches `gh` after `--`, as a branch: `gh` is never told to
+/// look at another repository. git reads the same repo without choking.
+#[tokio::test]
+async fn a_branch_named_like_an_option_reaches_gh_after_double_dash() {
+    let (spec, guard) = EngineSpec::new();
+    let dir = spec.workspaces().join("api");
+    std::fs::create_dir_all(&dir).unwrap();
+    sh(
+        &dir,
+        "git init -q -b main && echo a > a.txt && git add . && git commit -qm init \
+         && git remote add origin https://github.com/acme/api.git \
+         && git update-ref refs/remotes/origin/main HEAD \
+         && git update-ref 'refs/heads/--repo=evil/x' HEAD \
+         && git symbolic-ref HEAD 'refs/heads/--repo=evil/x' && echo b >> a.txt",
+    );
+    // Records its argv, one argument a line, a blank line after each call.
+    let gh = spec.home.join("gh");
+    let argv_log = spec.home.join("gh-argv.log");
+    std::fs::write(
+        &gh,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done >> {log}\necho >> {log}\n\
+             echo '{{\"url\":\"https://github.com/acme/api/pull/7\"}}'\n",
+            log = argv_log.display()
+        ),
+    )
+    .unwrap();
+    sh(&spec.home, "chmod 755 gh");
+    let e = TestEngine::start_spec(spec.with("GH_BIN", gh.display().to_string()), guard).await;
+
+    let body = e.get_json("/repos?includeDiffs=true", 200).await;
+    let r = repo(&body, "api");
+    assert_eq!(r["error"], Value::Null, "{r}");
+    assert_eq!(r["branch"], "--repo=evil/x");
+    assert_eq!(r["prUrl"], "https://github.com/acme/api/pull/7");
+    assert_eq!(r["gitDiff"]["filesChanged"], 1, "{r}");
+    let log = std::fs::read_to_string(&argv_log).unwrap();
+    let first: Vec<&str> = log.split("\n\n").next().unwrap().lines().collect();
+    assert_eq!(
+        first,
+        ["pr", "view", "--json", "url", "--", "--repo=evil/x"]
+    );
+    e.shutdown().await;
+}

@@ -260,19 +260,22 @@ async fn busy_port_is_a_clear_failure() {
     assert!(stderr.contains("cannot listen on 127.0.0.1:"), "{stderr}");
 }
 
+/// Needs `systemd-analyze` (Debian package `systemd`), so it is ignored by
+/// a plain `cargo test`; `scripts/test.sh` runs it, or says loudly that it
+/// skipped it when the tool is missing. Run on purpose, a missing tool
+/// fails it rather than passing unseen.
 #[test]
+#[ignore = "needs systemd-analyze; scripts/test.sh runs it (cargo test -- --include-ignored)"]
 fn systemd_unit_passes_systemd_analyze_verify() {
-    let Ok(which) = std::process::Command::new("sh")
+    let which = std::process::Command::new("sh")
         .arg("-c")
         .arg("command -v systemd-analyze")
         .output()
-    else {
-        return;
-    };
-    if !which.status.success() {
-        eprintln!("skipped: systemd-analyze is not installed (Debian package `systemd`)");
-        return;
-    }
+        .unwrap();
+    assert!(
+        which.status.success(),
+        "systemd-analyze is not installed (Debian package `systemd`)"
+    );
     let unit = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/replicas-engine.service"

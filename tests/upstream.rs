@@ -35,6 +35,8 @@ const CODEX: &str = "/v1/engine/codex/refresh-credentials";
 enum Behavior {
     Normal,
     Status(u16),
+    /// A status with `Retry-After: <seconds>`.
+    RetryAfter(u16, u64),
     Hang,
     Garbage,
 }
@@ -47,6 +49,8 @@ struct Recorded {
     body: Value,
     /// What the mock answered (0 = hung).
     answered: u16,
+    /// When it arrived.
+    at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -140,7 +144,7 @@ impl Mock {
             st.counter += 1;
             let answered = match b {
                 Behavior::Normal | Behavior::Garbage => 200,
-                Behavior::Status(s) => s,
+                Behavior::Status(s) | Behavior::RetryAfter(s, _) => s,
                 Behavior::Hang => 0,
             };
             st.requests.push(Recorded {
@@ -149,12 +153,19 @@ impl Mock {
                 workspace_id: header("x-workspace-id"),
                 body: serde_json::from_slice(&body).unwrap_or(Value::Null),
                 answered,
+                at: std::time::Instant::now(),
             });
             (b, st.counter)
         };
         match behavior {
             Behavior::Hang => std::future::pending().await,
             Behavior::Status(s) => (StatusCode::from_u16(s).unwrap(), "nope").into_response(),
+            Behavior::RetryAfter(s, secs) => (
+                StatusCode::from_u16(s).unwrap(),
+                [("retry-after", secs.to_string())],
+                "slow down",
+            )
+                .into_response(),
             Behavior::Garbage => (StatusCode::OK, "<html>surprise</html>").into_response(),
             Behavior::Normal => {
                 let expires = chrono::Utc::now() + chrono::Duration::hours(1);
@@ -300,6 +311,19 @@ async fn refresh_writes_credential_files_merging_what_was_there() {
         );
         // expiresAt is an hour away, so the next attempt is well in the future.
         assert!(s["nextAttemptAt"].as_str().unwrap() > s["lastSuccessAt"].as_str().unwrap());
+    }
+    // The contract's schedule: a 60-minute token is refreshed 5 minutes
+    // before expiry, i.e. 55 minutes after it was fetched (codex gives no
+    // expiry: every 45 minutes).
+    let at = |m: &str, f: &str| {
+        chrono::DateTime::parse_from_rfc3339(body["managers"][m][f].as_str().unwrap()).unwrap()
+    };
+    for (m, minutes) in [("github", 55), ("claude", 55), ("codex", 45)] {
+        let gap = (at(m, "nextAttemptAt") - at(m, "lastSuccessAt")).num_seconds();
+        assert!(
+            (minutes * 60 - 30..=minutes * 60 + 5).contains(&gap),
+            "{m}: next refresh {gap} s after the last one, expected ~{minutes} min"
+        );
     }
     assert_eq!(
         e.get_json("/status", 200).await["tokenRefresh"],
@@ -1006,4 +1030,49 @@ mod library {
         assert!(!TokenRefresh::disabled().request_refresh("claude"));
         shutdown.cancel();
     }
+}
+
+/// A webhook answered 408 is retried (backoff), one answered 429 with
+/// `Retry-After: 2` is retried no sooner than 2 s later although the backoff
+/// would be milliseconds; then it is delivered, once, in order.
+#[tokio::test]
+async fn webhooks_retry_408_and_429_honouring_retry_after() {
+    let (mock, url) = Mock::start().await;
+    for p in [GITHUB, CLAUDE, CODEX] {
+        mock.set(p, Behavior::Status(404));
+    }
+    mock.fail_next(WEBHOOK, 1, Behavior::Status(408));
+    mock.fail_next(WEBHOOK, 1, Behavior::RetryAfter(429, 2));
+    let (spec, guard) = spec_for(&url);
+    let e = TestEngine::start_spec(spec, guard).await;
+    let chat = e
+        .post_json("/chats", json!({"provider": "claude"}), 201)
+        .await;
+    eventually("chat.created delivered", Duration::from_secs(30), || {
+        mock.delivered()
+            .iter()
+            .any(|ev| ev["type"] == "chat.created")
+            .then_some(())
+    })
+    .await;
+    let tries = mock.requests(WEBHOOK);
+    let answered: Vec<u16> = tries.iter().take(3).map(|r| r.answered).collect();
+    assert_eq!(answered, [408, 429, 200]);
+    let ids: Vec<&Value> = tries
+        .iter()
+        .take(3)
+        .map(|r| &r.body["event"]["id"])
+        .collect();
+    assert!(
+        ids.iter().all(|id| *id == ids[0]),
+        "the same event each time: {ids:?}"
+    );
+    assert_eq!(tries[0].body["event"]["chatId"], chat["id"]);
+    let waited = tries[2].at.duration_since(tries[1].at);
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "Retry-After: 2 honoured, retried after {waited:?}"
+    );
+    assert_eq!(mock.delivered_ids().len(), 1, "delivered once");
+    e.shutdown().await;
 }

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use base64::Engine as _;
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -44,8 +45,8 @@ use crate::util::{new_id, now_ts};
 
 pub use history::Page;
 pub use model::{
-    ActiveTurn, Chat, ChatRecord, ChatStatus, HistoryItem, LastTurn, Message, Outcome,
-    ThinkingLevel, Usage,
+    ActiveTurn, Chat, ChatRecord, ChatStatus, HistoryItem, LastTurn, Message, MessagePreview,
+    Outcome, ThinkingLevel, Usage,
 };
 
 /// How long an interrupt or delete waits for the turn's processes to end
@@ -65,6 +66,12 @@ pub enum ChatError {
         field: &'static str,
         message: String,
     },
+    /// The message text is over `REPLICAS_MAX_MESSAGE_BYTES`.
+    #[error("message: the text is {len} bytes; the limit is {max} bytes")]
+    MessageTooLarge { len: usize, max: usize },
+    /// The chat already holds `REPLICAS_MAX_QUEUED_MESSAGES` waiting messages.
+    #[error("the chat already has {max} queued messages; wait for them to run or interrupt with clearQueue")]
+    QueueFull { max: usize },
     /// `chats.json` or an attachment could not be written; the change may
     /// not survive a restart.
     #[error("could not persist chat state: {0}")]
@@ -523,6 +530,13 @@ impl ChatService {
     /// this returns.
     #[tracing::instrument(skip_all, fields(chat.id = %id))]
     pub async fn send(&self, id: &str, req: NewMessage) -> Result<Accepted, ChatError> {
+        let max = self.inner.config.max_message_bytes;
+        if req.text.len() > max {
+            return Err(ChatError::MessageTooLarge {
+                len: req.text.len(),
+                max,
+            });
+        }
         let (text, plan_prefix) = strip_plan(&req.text);
         let images = parse_images(&req.images)?;
         if text.trim().is_empty() && images.is_empty() {
@@ -542,7 +556,20 @@ impl ChatService {
                 )
             })?),
         };
-        self.get(id)?;
+        let max_queued = self.inner.config.max_queued_messages;
+        {
+            // Checked again under the lock below; this spares writing the
+            // images of a message that cannot be queued.
+            let st = self.state();
+            match st.chats.get(id) {
+                Some(s) if !s.deleting => {
+                    if s.rec.queue.len() >= max_queued {
+                        return Err(ChatError::QueueFull { max: max_queued });
+                    }
+                }
+                _ => return Err(ChatError::NotFound(id.to_owned())),
+            }
+        }
         let msg = Message {
             id: new_id("m"),
             text: text.to_owned(),
@@ -567,6 +594,10 @@ impl ChatService {
                 return Err(ChatError::NotFound(id.to_owned()));
             };
             let idle = slot.rec.active_turn.is_none() && slot.rec.queue.is_empty() && hooks_done;
+            if !idle && slot.rec.queue.len() >= max_queued {
+                self.inner.attachments.remove(&msg.id);
+                return Err(ChatError::QueueFull { max: max_queued });
+            }
             let (status, position) = if idle {
                 slot.rec.active_turn = Some(ActiveTurn {
                     turn_id: new_id("t"),
@@ -584,7 +615,7 @@ impl ChatService {
             self.inner.bus.publish(
                 Some(id),
                 EventKind::TurnAccepted {
-                    message: serde_json::to_value(&msg).expect("message serializes"),
+                    message: serde_json::to_value(msg.preview()).expect("message serializes"),
                     status: status.to_owned(),
                     position,
                 },
@@ -795,6 +826,9 @@ fn strip_plan(text: &str) -> (&str, bool) {
     }
 }
 
+/// The image types both CLIs accept.
+pub const IMAGE_MEDIA_TYPES: [&str; 4] = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+
 /// Anthropic base64 image blocks → provider images; anything else is 400.
 fn parse_images(images: &[Value]) -> Result<Vec<Image>, ChatError> {
     images
@@ -812,13 +846,23 @@ fn parse_images(images: &[Value]) -> Result<Vec<Image>, ChatError> {
             let media_type = source
                 .get("media_type")
                 .and_then(Value::as_str)
-                .filter(|m| m.starts_with("image/"))
-                .ok_or_else(|| bad("source.media_type must be an image/* type"))?;
+                .filter(|m| IMAGE_MEDIA_TYPES.contains(m))
+                .ok_or_else(|| {
+                    bad(&format!(
+                        "source.media_type must be one of {}",
+                        IMAGE_MEDIA_TYPES.join(", ")
+                    ))
+                })?;
             let data = source
                 .get("data")
                 .and_then(Value::as_str)
                 .filter(|d| !d.is_empty())
                 .ok_or_else(|| bad("source.data must be a non-empty base64 string"))?;
+            // Checked at the door: a CLI handed bad base64 fails the turn
+            // long after the client got its 202.
+            if let Err(e) = base64::engine::general_purpose::STANDARD.decode(data) {
+                return Err(bad(&format!("source.data is not valid base64 ({e})")));
+            }
             Ok(Image {
                 media_type: media_type.to_owned(),
                 data_base64: data.to_owned(),
@@ -973,15 +1017,35 @@ mod tests {
 
     #[test]
     fn images_are_validated() {
-        let ok = serde_json::json!({"type":"image","source":{"type":"base64","media_type":"image/png","data":"aGk="}});
-        assert_eq!(parse_images(&[ok]).unwrap().len(), 1);
-        let bad = serde_json::json!({"type":"image","source":{"type":"url","url":"x"}});
-        assert!(matches!(
-            parse_images(&[bad]),
-            Err(ChatError::Invalid {
-                field: "images",
-                ..
-            })
-        ));
+        let ok: Value = serde_json::json!({"type":"image","source":{"type":"base64","media_type":"image/png","data":"aGk="}});
+        assert_eq!(parse_images(std::slice::from_ref(&ok)).unwrap().len(), 1);
+        let source = |media: &str, data: &str| serde_json::json!({"type":"image","source":{"type":"base64","media_type":media,"data":data}});
+        for (bad, says) in [
+            (
+                serde_json::json!({"type":"image","source":{"type":"url","url":"x"}}),
+                "source.type",
+            ),
+            (source("image/svg+xml", "aGk="), "source.media_type"),
+            (source("text/plain", "aGk="), "source.media_type"),
+            (source("image/png", "not base64!"), "source.data"),
+            (source("image/png", "aGk"), "source.data"),
+            (source("image/png", ""), "source.data"),
+        ] {
+            match parse_images(&[ok.clone(), bad.clone()]) {
+                Err(ChatError::Invalid {
+                    field: "images",
+                    message,
+                }) => {
+                    assert!(
+                        message.starts_with("images[1]: ") && message.contains(says),
+                        "{bad}: {message}"
+                    )
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        for media in IMAGE_MEDIA_TYPES {
+            assert!(parse_images(&[source(media, "aGk=")]).is_ok());
+        }
     }
 }

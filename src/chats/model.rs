@@ -69,6 +69,56 @@ pub struct Message {
     pub thinking_level: Option<ThinkingLevel>,
 }
 
+/// Characters of a queued message's text that the wire shows.
+pub const PREVIEW_CHARS: usize = 280;
+
+/// A message as the wire shows it in `Chat.queue` and `chat.turn.accepted`:
+/// the first [`PREVIEW_CHARS`] characters of its text and the full length.
+/// The full text is stored once (with the record) and reaches the agent and
+/// the history; repeating it in every `chat.updated` would make the journal
+/// grow with the square of the queue.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessagePreview {
+    pub id: String,
+    /// The first [`PREVIEW_CHARS`] characters of the text.
+    pub text: String,
+    /// Length of the full text in characters (Unicode scalar values).
+    pub text_length: usize,
+    /// `text` is shorter than the full text.
+    pub truncated: bool,
+    pub queued_at: String,
+    pub plan_mode: bool,
+    pub model: Option<String>,
+    pub images: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thinking_level: Option<ThinkingLevel>,
+}
+
+impl Message {
+    /// The wire view: text cut at [`PREVIEW_CHARS`] characters.
+    pub fn preview(&self) -> MessagePreview {
+        let (text, text_length) = match self.text.char_indices().nth(PREVIEW_CHARS) {
+            Some((cut, _)) => (
+                self.text[..cut].to_owned(),
+                PREVIEW_CHARS + self.text[cut..].chars().count(),
+            ),
+            None => (self.text.clone(), self.text.chars().count()),
+        };
+        MessagePreview {
+            id: self.id.clone(),
+            truncated: text_length > PREVIEW_CHARS,
+            text,
+            text_length,
+            queued_at: self.queued_at.clone(),
+            plan_mode: self.plan_mode,
+            model: self.model.clone(),
+            images: self.images,
+            thinking_level: self.thinking_level,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
@@ -108,7 +158,11 @@ pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cached_input_tokens: u64,
-    pub cost_usd: f64,
+    /// USD summed over the turns that reported a cost; `null` (unknown)
+    /// until one did: Codex never reports one, so a Codex chat's cost is
+    /// unknown, not free.
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
 }
 
 impl Usage {
@@ -117,7 +171,9 @@ impl Usage {
         self.input_tokens += turn.input_tokens;
         self.output_tokens += turn.output_tokens;
         self.cached_input_tokens += turn.cached_input_tokens;
-        self.cost_usd += turn.cost_usd.unwrap_or(0.0);
+        if let Some(cost) = turn.cost_usd {
+            self.cost_usd = Some(self.cost_usd.unwrap_or(0.0) + cost);
+        }
     }
 }
 
@@ -177,7 +233,8 @@ pub struct Chat {
     pub provider_session_id: Option<String>,
     pub created_at: String,
     pub updated_at: String,
-    pub queue: Vec<Message>,
+    /// Previews; the full texts stay in the record.
+    pub queue: Vec<MessagePreview>,
     pub last_turn: Option<LastTurn>,
     pub usage: Usage,
 }
@@ -203,7 +260,7 @@ impl ChatRecord {
             provider_session_id: self.provider_session_id.clone(),
             created_at: self.created_at.clone(),
             updated_at: self.updated_at.clone(),
-            queue: self.queue.clone(),
+            queue: self.queue.iter().map(Message::preview).collect(),
             last_turn: self.last_turn.clone(),
             usage: self.usage,
         }
@@ -261,8 +318,74 @@ mod tests {
             json!({"id":"c_1","provider":"claude","title":"Claude chat","model":null,"cwd":"/w",
                    "status":"idle","processing":false,"providerSessionId":null,"createdAt":"t",
                    "updatedAt":"t","queue":[],"lastTurn":null,
-                   "usage":{"inputTokens":0,"outputTokens":0,"cachedInputTokens":0,"costUsd":0.0}})
+                   "usage":{"inputTokens":0,"outputTokens":0,"cachedInputTokens":0,"costUsd":null}})
         );
+    }
+
+    #[test]
+    fn cost_is_unknown_until_a_turn_reports_one() {
+        let turn = |cost| crate::providers::Usage {
+            input_tokens: 10,
+            output_tokens: 2,
+            cached_input_tokens: 1,
+            cost_usd: cost,
+        };
+        let mut u = Usage::default();
+        u.add(&turn(None));
+        assert_eq!((u.input_tokens, u.cost_usd), (10, None));
+        u.add(&turn(Some(0.25)));
+        u.add(&turn(None));
+        u.add(&turn(Some(0.5)));
+        assert_eq!((u.input_tokens, u.cost_usd), (40, Some(0.75)));
+        // Records written before the field was optional still load.
+        let old: Usage = serde_json::from_value(
+            json!({"inputTokens":1,"outputTokens":0,"cachedInputTokens":0,"costUsd":0.0}),
+        )
+        .unwrap();
+        assert_eq!(old.cost_usd, Some(0.0));
+    }
+
+    fn message(text: &str) -> Message {
+        Message {
+            id: "m_1".into(),
+            text: text.into(),
+            queued_at: "t".into(),
+            plan_mode: false,
+            model: None,
+            images: 0,
+            thinking_level: None,
+        }
+    }
+
+    #[test]
+    fn queued_messages_show_as_previews() {
+        let short = message("héllo");
+        assert_eq!(
+            serde_json::to_value(short.preview()).unwrap(),
+            json!({"id":"m_1","text":"héllo","textLength":5,"truncated":false,"queuedAt":"t",
+                   "planMode":false,"model":null,"images":0})
+        );
+        // Exactly at the preview length: whole, not truncated.
+        let at = message(&"é".repeat(PREVIEW_CHARS));
+        let p = at.preview();
+        assert_eq!(
+            (p.text.chars().count(), p.text_length, p.truncated),
+            (PREVIEW_CHARS, PREVIEW_CHARS, false)
+        );
+        // Longer: cut on a character boundary, full length kept.
+        let long = message(&format!(
+            "{}🦀{}",
+            "a".repeat(PREVIEW_CHARS - 1),
+            "b".repeat(1000)
+        ));
+        let p = long.preview();
+        assert_eq!(p.text, format!("{}🦀", "a".repeat(PREVIEW_CHARS - 1)));
+        assert_eq!((p.text_length, p.truncated), (PREVIEW_CHARS + 1000, true));
+        // The record keeps the full text; the wire chat shows the preview.
+        let mut r = record();
+        r.queue.push(long.clone());
+        assert_eq!(r.view(false, true).queue, vec![p]);
+        assert_eq!(r.queue[0].text, long.text);
     }
 
     #[test]

@@ -370,7 +370,7 @@ async fn run_turn(
             plan_mode: msg.plan_mode,
             thinking_level: msg.thinking_level.map(|l| l.as_str().to_owned()),
             images,
-            system_prompt: (inner.deps.system_prompt)(&ctx.cwd),
+            system_prompt: system_prompt(&inner.deps.system_prompt, &ctx.cwd).await,
         };
         match sess.start_turn(input).await {
             Err(e) => {
@@ -537,6 +537,25 @@ async fn stream_turn(
             if let Err(e) = inner.history.flush(id) {
                 tracing::error!(chat.id = %id, error = %e, "could not append to the chat history");
             }
+        }
+    }
+}
+
+/// The repo `systemPrompt` for `cwd`, read on the blocking pool (it reads
+/// repo files) and given up after a few seconds: a turn never waits long on
+/// a file system.
+async fn system_prompt(f: &super::SystemPromptFn, cwd: &std::path::Path) -> Option<String> {
+    let (f, cwd) = (f.clone(), cwd.to_path_buf());
+    let read = tokio::task::spawn_blocking(move || f(&cwd));
+    match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+        Ok(Ok(prompt)) => prompt,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reading the repo systemPrompt failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("reading the repo systemPrompt timed out; the turn runs without it");
+            None
         }
     }
 }

@@ -28,6 +28,10 @@ impl From<ChatError> for ApiError {
         match e {
             ChatError::NotFound(_) => ApiError::not_found(e.to_string()),
             ChatError::Invalid { .. } => ApiError::bad_request(e.to_string()),
+            ChatError::MessageTooLarge { .. } => ApiError::too_large(e.to_string()),
+            ChatError::QueueFull { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())
+            }
             ChatError::Persist(_) | ChatError::History(_) => ApiError::internal(e),
         }
     }

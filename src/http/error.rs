@@ -56,6 +56,17 @@ impl ApiError {
     }
 }
 
+/// The answer to a handler that panicked (`CatchPanicLayer`): logged once
+/// here, inside the request span; the client gets the generic 500.
+pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    ApiError::internal(format_args!("handler panicked: {detail}")).into_response()
+}
+
 /// The error code the contract uses for a bare status (used for errors that
 /// did not come from our handlers: unknown routes, methods, layer failures).
 pub fn code_for(status: StatusCode) -> &'static str {
@@ -68,6 +79,7 @@ pub fn code_for(status: StatusCode) -> &'static str {
         413 => "payload_too_large",
         415 => "unsupported_media_type",
         422 => "unprocessable",
+        429 => "too_many_requests",
         503 => "unavailable",
         s if s >= 500 => "internal",
         _ => "invalid_request",

@@ -10,10 +10,13 @@
 //! 2. `Trace` — one span per request with method, matched route and request
 //!    id (never headers: they carry the secret);
 //! 3. `PropagateRequestId` — copies the id onto the response;
-//! 4. `json_error_bodies` — any error response without a JSON body gets the
+//! 4. `CatchPanic` — a panicking handler answers `500` in the error shape
+//!    and is logged (inside the request span, so with its request id); the
+//!    engine keeps serving;
+//! 5. `json_error_bodies` — any error response without a JSON body gets the
 //!    error shape;
-//! 5. `DefaultBodyLimit` — body cap for every extractor (413);
-//! 6. auth — on the protected sub-router only, as a `layer` (not a
+//! 6. `DefaultBodyLimit` — body cap for every extractor (413);
+//! 7. auth — on the protected sub-router only, as a `layer` (not a
 //!    `route_layer`) so it also wraps each route's method fallback: a wrong
 //!    method without the secret is 401, not a 405 with `Allow`.
 
@@ -34,6 +37,7 @@ use axum::http::HeaderName;
 use axum::middleware;
 use axum::Router;
 use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -80,6 +84,7 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(TraceLayer::new_for_http().make_span_with(request_span))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(CatchPanicLayer::custom(error::panic_response))
                 .layer(middleware::from_fn(error::json_error_bodies))
                 .layer(DefaultBodyLimit::max(body_limit)),
         );
@@ -215,6 +220,33 @@ mod tests {
         v["error"]["code"]
             .as_str()
             .unwrap_or_else(|| panic!("no error shape: {v}"))
+    }
+
+    /// A panicking handler: logged, answered `500` in the error shape with
+    /// a request id, and the next request is served as usual.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_internal_and_the_engine_keeps_serving() {
+        async fn boom() -> &'static str {
+            panic!("handler bug")
+        }
+        let home = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::for_home(home.path(), "s3cret");
+        let state = AppState::build(config, Default::default()).await.unwrap();
+        let app = with_routes(
+            state,
+            Router::new().route("/boom", axum::routing::get(boom)),
+        );
+        let (s, v) = call(&app, Method::GET, "/boom", None, vec![]).await;
+        assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            v,
+            json!({"error":{"code":"internal","message":"internal error; see the engine log"}})
+        );
+        // The same router still answers.
+        let (s, v) = call(&app, Method::GET, "/status", None, vec![]).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let (s, _) = call(&app, Method::GET, "/boom", None, vec![]).await;
+        assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[tokio::test]

@@ -91,12 +91,13 @@ impl Git {
         Ok(out.status.success().then_some(out.stdout))
     }
 
-    /// `git diff --raw --numstat -z [-p] <base…>`: per-file stats of the
+    /// `git diff --raw --numstat -z [-p] [--merge-base] --end-of-options <base> --`: per-file stats of the
     /// working tree against `base`, and with `patch` the unified diff, kept
     /// up to `cap` bytes (the rest is not read: git is killed on drop).
     pub async fn diff(
         &self,
-        base: &[&str],
+        merge_base: bool,
+        base: &str,
         patch: bool,
         cap: usize,
     ) -> Result<TrackedDiff, GitError> {
@@ -111,8 +112,13 @@ impl Git {
         if patch {
             args.push("-p");
         }
-        args.extend_from_slice(base);
-        args.push("--");
+        // Revisions come from refs a repo controls: `--end-of-options` keeps
+        // one named like an option from being read as one (`--` would make
+        // them paths).
+        if merge_base {
+            args.push("--merge-base");
+        }
+        args.extend(["--end-of-options", base, "--"]);
         let mut child = self
             .command(&args)
             .spawn()

@@ -319,7 +319,13 @@ impl RepoService {
             }
             let range = format!("{r}...HEAD");
             let out = git
-                .try_run(&["rev-list", "--left-right", "--count", &range])
+                .try_run(&[
+                    "rev-list",
+                    "--left-right",
+                    "--count",
+                    "--end-of-options",
+                    &range,
+                ])
                 .await?;
             let text = out
                 .map(|o| String::from_utf8_lossy(&o).into_owned())
@@ -438,11 +444,11 @@ impl RepoService {
         cap: usize,
     ) -> Result<git::TrackedDiff, GitError> {
         if let Some(r) = base_ref {
-            if let Ok(d) = git.diff(&["--merge-base", r], include_diffs, cap).await {
+            if let Ok(d) = git.diff(true, r, include_diffs, cap).await {
                 return Ok(d);
             }
         }
-        match git.diff(&["HEAD"], include_diffs, cap).await {
+        match git.diff(false, "HEAD", include_diffs, cap).await {
             Ok(d) => Ok(d),
             Err(e) => match git
                 .try_run(&["rev-parse", "-q", "--verify", "HEAD^{commit}"])
@@ -450,14 +456,14 @@ impl RepoService {
             {
                 Some(_) => Err(e),
                 None => {
-                    git.diff(&[empty_tree(git).await?.as_str()], include_diffs, cap)
+                    git.diff(false, empty_tree(git).await?.as_str(), include_diffs, cap)
                         .await
                 }
             },
         }
     }
 
-    /// `gh pr view <branch> --json url`, cached per (branch, HEAD); `None`
+    /// `gh pr view --json url -- <branch>`, cached per (branch, HEAD); `None`
     /// when there is no branch or remote, or gh is missing or fails.
     async fn pr_url(
         &self,
@@ -486,7 +492,9 @@ impl RepoService {
 
     async fn ask_gh(&self, dir: &Path, branch: &str) -> Option<String> {
         let mut cmd = crate::process::command(&self.inner.gh_bin);
-        cmd.args(["pr", "view", branch, "--json", "url"])
+        // The branch name is the repo's: after `--`, so a branch named
+        // `--repo=evil/x` is a branch, not an option.
+        cmd.args(["pr", "view", "--json", "url", "--", branch])
             .current_dir(dir)
             .env("GH_PROMPT_DISABLED", "1")
             .env("GH_NO_UPDATE_NOTIFIER", "1")

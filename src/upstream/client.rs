@@ -23,6 +23,10 @@ pub enum CallError {
     Connect(String),
     #[error("backend answered HTTP {0}")]
     Status(u16),
+    /// A retryable status (408, 429, 503…) with a `Retry-After` header: the
+    /// backend said when to come back.
+    #[error("backend answered HTTP {status} (Retry-After {} s)", retry_after.as_secs())]
+    RetryAfter { status: u16, retry_after: Duration },
     #[error("backend answered an unusable body: {0}")]
     BadBody(String),
 }
@@ -34,9 +38,37 @@ impl CallError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Timeout(_) | Self::Connect(_) | Self::BadBody(_) => true,
-            Self::Status(s) => *s == 408 || *s == 429 || *s >= 500,
+            Self::Status(s) | Self::RetryAfter { status: s, .. } => {
+                *s == 408 || *s == 429 || *s >= 500
+            }
         }
     }
+
+    /// How long the backend asked us to wait (`Retry-After`), if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RetryAfter { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+/// The longest `Retry-After` honoured; a larger one waits this long.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// A `Retry-After` value: delay-seconds or an HTTP date, capped at
+/// [`MAX_RETRY_AFTER`]; `None` when it is neither.
+pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    let wait = if let Ok(secs) = value.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+        (at.with_timezone(&chrono::Utc) - now)
+            .to_std()
+            .unwrap_or_default()
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 pub struct UpstreamClient {
@@ -104,7 +136,21 @@ impl UpstreamClient {
             .map_err(|e| self.classify(e))?;
         let status = res.status();
         if !status.is_success() {
-            return Err(CallError::Status(status.as_u16()));
+            let retry_after = res
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+            let status = status.as_u16();
+            return Err(match retry_after {
+                Some(retry_after) if CallError::Status(status).is_retryable() => {
+                    CallError::RetryAfter {
+                        status,
+                        retry_after,
+                    }
+                }
+                _ => CallError::Status(status),
+            });
         }
         let mut out = Vec::new();
         while let Some(chunk) = res.chunk().await.map_err(|e| self.classify(e))? {
@@ -135,5 +181,30 @@ impl UpstreamClient {
             }
             CallError::Connect(msg)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_or_date_capped() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Thu, 01 Jan 2026 00:00:07 GMT", now),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 31 Dec 2025 23:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("99999", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
     }
 }

@@ -422,9 +422,11 @@ pub fn parse_expiry(v: &Value) -> Option<DateTime<Utc>> {
     }
 }
 
-/// When to refresh a credential expiring at `expires`: 5 minutes before,
-/// or at 80% of the remaining lifetime if that is earlier, but never before
-/// half of it has passed (short-lived tokens) and within [10 s, 12 h].
+/// When to refresh a credential expiring at `expires` (the contract in
+/// `docs/API.md`): 5 minutes before expiry; for a short-lived token, where
+/// 5 minutes is more than a fifth of what is left (under 25 minutes), at
+/// 80% of the remaining lifetime instead, so it is not refreshed almost at
+/// once. Always within [10 s, 12 h].
 pub fn delay_until_refresh(now: DateTime<Utc>, expires: Option<DateTime<Utc>>) -> Duration {
     let Some(expires) = expires else {
         return DEFAULT_PERIOD;
@@ -432,7 +434,7 @@ pub fn delay_until_refresh(now: DateTime<Utc>, expires: Option<DateTime<Utc>>) -
     let left = (expires - now).to_std().unwrap_or_default();
     let margin = left.saturating_sub(EXPIRY_MARGIN);
     let eighty = left.mul_f64(0.8);
-    margin.min(eighty).max(left / 2).clamp(MIN_DELAY, MAX_DELAY)
+    margin.max(eighty).clamp(MIN_DELAY, MAX_DELAY)
 }
 
 #[cfg(test)]
@@ -452,9 +454,13 @@ mod tests {
     fn schedule() {
         let now = Utc::now();
         let m = |mins: i64| delay_until_refresh(now, Some(now + chrono::Duration::minutes(mins)));
-        assert_eq!(m(60), Duration::from_secs(48 * 60));
-        assert_eq!(m(10), Duration::from_secs(5 * 60));
-        assert_eq!(m(4), Duration::from_secs(2 * 60));
+        // Long-lived: 5 minutes before expiry.
+        assert_eq!(m(60), Duration::from_secs(55 * 60));
+        assert_eq!(m(6 * 60), Duration::from_secs((6 * 60 - 5) * 60));
+        // At 25 minutes both rules agree; below, 80% of what is left.
+        assert_eq!(m(25), Duration::from_secs(20 * 60));
+        assert_eq!(m(10), Duration::from_secs(8 * 60));
+        assert_eq!(m(4), Duration::from_secs(192));
         assert_eq!(m(-5), MIN_DELAY);
         assert_eq!(m(100_000), MAX_DELAY);
         assert_eq!(delay_until_refresh(now, None), DEFAULT_PERIOD);

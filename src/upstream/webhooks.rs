@@ -271,7 +271,10 @@ async fn send(
                 Err(e) if e.is_retryable() => {
                     crate::metrics::webhook_failed();
                     failures += 1;
-                    let delay = super::backoff(retry_base, failures);
+                    // The backend's own `Retry-After` wins over our backoff.
+                    let delay = e
+                        .retry_after()
+                        .unwrap_or_else(|| super::backoff(retry_base, failures));
                     // Loud on the first failure and then sparsely: a backend
                     // down for days must not flood the journal.
                     if failures.is_power_of_two() {

@@ -4,12 +4,14 @@
 //!
 //! Everything lives under one home directory (a temp dir, or the engine's
 //! temp home in HTTP-level tests) so nothing touches the real `~/.claude`
-//! or `~/.codex`. Switch: `REPLICAS_E2E=1` (set by `scripts/test.sh`, which
-//! also installs the pinned CLIs and exports `REPLICAS_E2E_CLAUDE_BIN` /
-//! `REPLICAS_E2E_CODEX_BIN`).
+//! or `~/.codex`. The tests are `#[ignore]`d; `scripts/test.sh` runs them
+//! with `-- --include-ignored` after installing the pinned CLIs and
+//! exporting `REPLICAS_E2E_CLAUDE_BIN` / `REPLICAS_E2E_CODEX_BIN`.
 //!
 //! ```ignore
-//! if !e2e::enabled("my_test") { return; }
+//! #[tokio::test]
+//! #[ignore = "end-to-end: …"]
+//! async fn my_test() {
 //! let e = e2e::E2eEnv::start().await;          // or start_in(engine_home)
 //! let spec = spec.with("CLAUDE_BIN", e.claude_bin.display().to_string());
 //! for (k, v) in e.env() { spec = spec.with(&k, v); }
@@ -21,15 +23,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-/// Whether end-to-end tests run; prints why a test is skipped otherwise.
-pub fn enabled(test: &str) -> bool {
-    let on = std::env::var("REPLICAS_E2E").is_ok_and(|v| v == "1");
-    if !on {
-        eprintln!("{test}: skipped (set REPLICAS_E2E=1, or run scripts/test.sh)");
-    }
-    on
-}
 
 /// The installed CLI: `$REPLICAS_E2E_<NAME>_BIN`, else the caches
 /// `scripts/test.sh` and the dev machines use.

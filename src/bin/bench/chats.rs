@@ -126,12 +126,41 @@ pub async fn run() -> anyhow::Result<()> {
         let run = collect_turn(&mut sse, 0).await?;
         started.push(run.started_at.duration_since(t0));
     }
-    let (p50, p99, max) = percentiles(&mut started);
+    let (p50, _, max) = percentiles(&mut started);
     println!(
-        "chats: POST message → chat.turn.started ({STARTED_SAMPLES} turns): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "chats: POST message → chat.turn.started, idle chat, one at a time ({STARTED_SAMPLES} turns): p50 {:.2} ms, max {:.2} ms",
         ms(p50),
-        ms(p99),
         ms(max)
+    );
+
+    // 2b. The stand-in CLI alone: spawn → its first line → exit, without
+    // the engine, so the figures above and below can be split into what the
+    // engine costs and what the python stand-in's own start-up costs.
+    let mut first_line = Vec::new();
+    let mut exited = Vec::new();
+    for _ in 0..STARTED_SAMPLES {
+        use tokio::io::AsyncBufReadExt;
+        let t0 = Instant::now();
+        let mut child = tokio::process::Command::new(&fake)
+            .args(["exec", "--json", "LINES=0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        lines.next_line().await?;
+        first_line.push(t0.elapsed());
+        while lines.next_line().await?.is_some() {}
+        child.wait().await?;
+        exited.push(t0.elapsed());
+    }
+    let (f50, _, fmax) = percentiles(&mut first_line);
+    let (e50, _, emax) = percentiles(&mut exited);
+    println!(
+        "chats: the stand-in CLI alone (python fake codex, {STARTED_SAMPLES} runs): spawn → first line p50 {:.2} ms, max {:.2} ms; spawn → exit p50 {:.2} ms, max {:.2} ms",
+        ms(f50),
+        ms(fmax),
+        ms(e50),
+        ms(emax)
     );
 
     // 3. One chat vs 20 at once, paced lines.
@@ -142,7 +171,7 @@ pub async fn run() -> anyhow::Result<()> {
         let (l50, l99, lmax) = percentiles(&mut lat);
         let (s50, _, smax) = percentiles(&mut start);
         println!(
-            "chats: {n:>2} chat(s) × {PACED_LINES} paced lines: line→SSE p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; POST→started p50 {:.2} ms, max {:.2} ms",
+            "chats: {n:>2} fresh chat(s) at once × {PACED_LINES} paced lines: line→SSE p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; POST→started ({n} samples) p50 {:.2} ms, max {:.2} ms",
             ms(l50),
             ms(l99),
             ms(lmax),

@@ -118,6 +118,11 @@ impl Engine {
         Ok(res.text().await?)
     }
 
+    /// The engine's pid (for `taskset`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
     fn stat_field(&self, file: &str, pick: impl Fn(&str) -> Option<f64>) -> f64 {
         let Some(pid) = self.child.as_ref().and_then(|c| c.id()) else {
             return 0.0;

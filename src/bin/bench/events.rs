@@ -131,7 +131,7 @@ async fn startup_and_rss() -> anyhow::Result<()> {
         }
         let (p50, _, max) = percentiles(&mut times);
         println!(
-            "startup to first /health 200 with {n} events: median {:.1} ms (max {:.1} ms over 5 runs); idle RSS {:.1} MB",
+            "startup to first /health 200 with {n} events, warm page cache (binary and journal read by the previous run): median {:.1} ms (max {:.1} ms over 5 runs); idle RSS {:.1} MB",
             ms(p50),
             ms(max),
             rss / 1024.0
@@ -189,12 +189,14 @@ async fn request_throughput() -> anyhow::Result<()> {
     for path in ["/health", "/status"] {
         let conns = 64;
         let dur = Duration::from_secs(5);
-        let mut all = hammer(&engine.addr, path, conns, dur).await?;
+        let (mut all, failed) = hammer(&engine.addr, path, conns, dur).await?;
         let count = all.len();
         let (p50, p99, max) = percentiles(&mut all);
         println!(
-            "GET {path} with {conns} connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+            "GET {path} with {conns} connections: {:.0} req/s ok, {failed} failed of {} ({:.2}% errors), p50 {:.2} ms, p99 {:.2} ms ({count} samples), max {:.1} ms",
             count as f64 / dur.as_secs_f64(),
+            count + failed,
+            100.0 * failed as f64 / (count + failed).max(1) as f64,
             ms(p50),
             ms(p99),
             ms(max)
@@ -204,14 +206,15 @@ async fn request_throughput() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `conns` connections GET `path` in a loop for `dur`; the latencies of the
-/// successful requests.
+/// `conns` connections GET `path` in a loop for `dur`: the latencies of the
+/// successful requests, and how many failed (an error status, a connection
+/// error, a body cut short) — counted apart, never dropped.
 async fn hammer(
     addr: &str,
     path: &str,
     conns: usize,
     dur: Duration,
-) -> anyhow::Result<Vec<Duration>> {
+) -> anyhow::Result<(Vec<Duration>, usize)> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(conns)
         .build()?;
@@ -222,7 +225,7 @@ async fn hammer(
             let client = client.clone();
             let url = url.clone();
             tokio::spawn(async move {
-                let mut lat = Vec::new();
+                let (mut lat, mut failed) = (Vec::new(), 0usize);
                 while Instant::now() < deadline {
                     let t = Instant::now();
                     let res = client
@@ -230,23 +233,29 @@ async fn hammer(
                         .header("x-replicas-engine-secret", SECRET)
                         .send()
                         .await;
-                    if let Ok(res) = res {
-                        let ok = res.status().is_success();
-                        let _ = res.bytes().await;
-                        if ok {
-                            lat.push(t.elapsed());
+                    match res {
+                        Ok(res) => {
+                            let ok = res.status().is_success();
+                            if ok && res.bytes().await.is_ok() {
+                                lat.push(t.elapsed());
+                            } else {
+                                failed += 1;
+                            }
                         }
+                        Err(_) => failed += 1,
                     }
                 }
-                lat
+                (lat, failed)
             })
         })
         .collect();
-    let mut all = Vec::new();
+    let (mut all, mut failed) = (Vec::new(), 0usize);
     for t in tasks {
-        all.extend(t.await?);
+        let (lat, f) = t.await?;
+        all.extend(lat);
+        failed += f;
     }
-    Ok(all)
+    Ok((all, failed))
 }
 
 /// What recording the HTTP metrics costs `/health`: the engine with
@@ -266,7 +275,7 @@ async fn metrics_overhead() -> anyhow::Result<()> {
             hammer(&engine.addr, "/health", 64, Duration::from_millis(500)).await?;
             let cpu = engine.cpu_secs();
             let dur = Duration::from_secs(4);
-            let n = hammer(&engine.addr, "/health", 64, dur).await?.len() as f64;
+            let n = hammer(&engine.addr, "/health", 64, dur).await?.0.len() as f64;
             let cpu = engine.cpu_secs() - cpu;
             figures[i].0.push(n / dur.as_secs_f64());
             figures[i].1.push(cpu * 1e6 / n);

@@ -737,3 +737,53 @@ mod tests {
         }
     }
 }
+
+/// Property tests: whatever the CLI prints, the parser neither panics nor
+/// invents a turn end from non-JSON; a non-JSON line is a clear error.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::testing::{arb_event, arb_json};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Arbitrary bytes (as the line reader decodes them): no panic; if
+        /// they are not JSON, `try_parse_line` says so with a position.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let line = String::from_utf8_lossy(&bytes);
+            let mut p = ClaudeParser::new();
+            match try_parse_line(&mut p, &line) {
+                Ok(_) => prop_assert!(serde_json::from_str::<Value>(&line).is_ok()),
+                Err(e) => prop_assert!(e.line() >= 1 && !e.to_string().is_empty()),
+            }
+            let _ = parse_line(&mut p, &line);
+        }
+
+        /// Arbitrary JSON values and CLI-shaped objects, many through one
+        /// parser (its state carries across lines): no panic, at most one
+        /// `Finished` per line.
+        #[test]
+        fn arbitrary_json_lines_never_panic(
+            lines in proptest::collection::vec(prop_oneof![arb_json(), arb_event()], 1..12)
+        ) {
+            let mut p = ClaudeParser::new();
+            for v in lines {
+                let line = v.to_string();
+                let events = try_parse_line(&mut p, &line).expect("valid JSON parses");
+                let ends = events.iter().filter(|e| matches!(e, ProviderEvent::Finished(_))).count();
+                prop_assert!(ends <= 1);
+            }
+        }
+
+        /// The `stream_event` fast path with arbitrary payloads.
+        #[test]
+        fn arbitrary_stream_events_never_panic(event in arb_json(), session in arb_json()) {
+            let line = serde_json::json!({"type": "stream_event", "event": event, "session_id": session}).to_string();
+            let mut p = ClaudeParser::new();
+            prop_assert!(try_parse_line(&mut p, &line).is_ok());
+        }
+    }
+}

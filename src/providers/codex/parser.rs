@@ -575,3 +575,56 @@ mod tests {
         }
     }
 }
+
+/// Property tests: whatever the CLI prints, the parser neither panics nor
+/// reads anything into a line that is not JSON.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::testing::{arb_event, arb_json};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Arbitrary bytes (as the line reader decodes them): no panic, and
+        /// a line that is not JSON yields no events (the caller logs it).
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let line = String::from_utf8_lossy(&bytes);
+            let mut p = CodexParser::new();
+            p.begin_turn();
+            let events = parse_line(&mut p, &line);
+            if serde_json::from_str::<Value>(&line).is_err() {
+                prop_assert!(events.is_empty());
+            }
+        }
+
+        /// Arbitrary JSON values and CLI-shaped objects through one parser
+        /// (usage and items carry state across lines): no panic, at most
+        /// one `Finished` per line.
+        #[test]
+        fn arbitrary_json_lines_never_panic(
+            lines in proptest::collection::vec(prop_oneof![arb_json(), arb_event()], 1..12)
+        ) {
+            let mut p = CodexParser::new();
+            p.begin_turn();
+            for v in lines {
+                let events = parse_line(&mut p, &v.to_string());
+                let ends = events.iter().filter(|e| matches!(e, ProviderEvent::Finished(_))).count();
+                prop_assert!(ends <= 1);
+            }
+        }
+
+        /// Item events with arbitrary items.
+        #[test]
+        fn arbitrary_items_never_panic(
+            kind in proptest::sample::select(&["item.started", "item.updated", "item.completed"][..]),
+            item in arb_json(),
+        ) {
+            let mut p = CodexParser::new();
+            p.begin_turn();
+            let _ = parse_line(&mut p, &serde_json::json!({"type": kind, "item": item}).to_string());
+        }
+    }
+}
