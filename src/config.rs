@@ -72,9 +72,9 @@ ENVIRONMENT (plus the file given with --env-file; the process environment wins):
                             keepalive comment interval on /events. Default 15.
   REPLICAS_PROVIDER_IDLE_SECS
                             an agent process kept between turns is stopped after this long idle (the next message resumes its session). Default 600.
-  REPLICAS_CODEX_TRANSPORT  exec (default): one `codex exec --json` per turn; app-server: one long-lived
-                            `codex app-server` per chat (streamed text, interrupt keeps the process), falling
-                            back to exec once if it fails its handshake.
+  REPLICAS_CODEX_TRANSPORT  app-server (default): one long-lived `codex app-server` per chat (streamed
+                            text, interrupt keeps the process), falling back to exec once if it is missing or
+                            fails its handshake (an older CLI); exec: one `codex exec --json` per turn.
   REPLICAS_MAX_AGENT_PROCESSES
                             live agent CLI processes at most; the least recently used idle one is stopped first (running turns never are). Default 8.
   REPLICAS_HEADER_READ_TIMEOUT_MS
@@ -364,8 +364,8 @@ impl Config {
                 8,
             )?,
             codex_app_server: match get("REPLICAS_CODEX_TRANSPORT") {
-                None | Some("exec") => false,
-                Some("app-server") => true,
+                Some("exec") => false,
+                None | Some("app-server") => true,
                 Some(v) => {
                     return Err(invalid(
                         "REPLICAS_CODEX_TRANSPORT",
@@ -581,13 +581,13 @@ mod tests {
         .unwrap();
         assert_eq!(c.provider_idle, Duration::from_secs(1));
         assert_eq!(c.max_agent_processes, 1);
-        assert!(!c.codex_app_server);
+        assert!(c.codex_app_server, "app-server is the default");
         let c = Config::from_vars(&vars(&[
             ("REPLICAS_ENGINE_SECRET", "s"),
-            ("REPLICAS_CODEX_TRANSPORT", "app-server"),
+            ("REPLICAS_CODEX_TRANSPORT", "exec"),
         ]))
         .unwrap();
-        assert!(c.codex_app_server);
+        assert!(!c.codex_app_server);
         assert!(err(&[
             ("REPLICAS_ENGINE_SECRET", "s"),
             ("REPLICAS_CODEX_TRANSPORT", "rpc")

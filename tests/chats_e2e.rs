@@ -97,9 +97,10 @@ async fn whole_chat(provider: &str, app_server: bool) {
     let mut spec = spec
         .with("CLAUDE_BIN", env.claude_bin.display().to_string())
         .with("CODEX_BIN", env.codex_bin.display().to_string());
-    if app_server {
-        spec = spec.with("REPLICAS_CODEX_TRANSPORT", "app-server");
-    }
+    spec = spec.with(
+        "REPLICAS_CODEX_TRANSPORT",
+        if app_server { "app-server" } else { "exec" },
+    );
     for (k, v) in env.env() {
         spec = spec.with(&k, v);
     }

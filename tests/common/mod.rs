@@ -68,6 +68,9 @@ impl EngineSpec {
         // The fake CLIs read FAKE_* knobs (FAKE_ARGS_FILE, FAKE_PID_FILE);
         // children see only the allow-list plus what is named here.
         env.insert("REPLICAS_CHILD_ENV".into(), "FAKE_*".into());
+        // Most chat tests drive `fake-codex exec` and its failure knobs; the
+        // app-server tests (the production default) ask for it by name.
+        env.insert("REPLICAS_CODEX_TRANSPORT".into(), "exec".into());
         (
             Self {
                 home,
