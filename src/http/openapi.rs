@@ -184,9 +184,16 @@ pub struct Chat {
 
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+/// A message as clients see it: a preview (`docs/API.md`, Chats); the full
+/// text reaches the agent and the history.
 pub struct Message {
     pub id: String,
+    /// The first 280 characters of the text.
     pub text: String,
+    /// Length of the full text in characters.
+    pub text_length: usize,
+    /// `text` is shorter than the full text.
+    pub truncated: bool,
     pub queued_at: String,
     pub plan_mode: bool,
     pub model: Option<String>,
@@ -217,7 +224,8 @@ pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cached_input_tokens: u64,
-    pub cost_usd: f64,
+    /// `null` while unknown (Codex reports no cost).
+    pub cost_usd: Option<f64>,
 }
 
 #[derive(Serialize, ToSchema)]
