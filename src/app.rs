@@ -33,6 +33,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub repos: RepoService,
     pub hooks: HookService,
+    /// `/health`: ready once the readiness file was seen.
+    pub readiness: Arc<crate::readiness::Readiness>,
 }
 
 impl AppState {
@@ -55,8 +57,9 @@ impl AppState {
             config.clone(),
             bus.clone(),
             chat_deps(&config, &hooks, &repos, &upstream),
-        );
+        )?;
         let state = Self {
+            readiness: Arc::new(crate::readiness::Readiness::new(config.ready_file.clone())),
             repos,
             hooks,
             config,

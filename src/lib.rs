@@ -10,6 +10,7 @@
 //! - [`hooks`]: start hooks (once per workspace, in the background), `/hooks/status`, `warm`.
 //! - [`process`]: every subprocess: own process group, parent-death signal, TERM→KILL of the group.
 //! - [`providers`]: the agent CLIs (claude, codex) run headless per chat: command building, line parsers, turn supervision.
+//! - [`readiness`]: `/health`'s answer, remembered once the readiness file exists.
 //! - [`util`]: timestamps, ids, atomic file writes.
 //! - [`plans`]: plan files from `~/.claude/plans` and `~/.replicas/plans`, with path-escape checks.
 //! - [`upstream`]: the backend client, durable ordered webhooks, credential refresh managers.
@@ -23,6 +24,7 @@ pub mod http;
 pub mod plans;
 pub mod process;
 pub mod providers;
+pub mod readiness;
 pub mod repos;
 pub mod upstream;
 pub mod util;

@@ -2,15 +2,14 @@
 //! and applies the layers in one place.
 //!
 //! Layer order, outermost first:
-//! 1. `SetRequestId` — every request gets an `X-Request-Id` (kept if the
-//!    client sent one);
-//! 2. `Trace` — one span per request with method, matched route and request
-//!    id (never headers: they carry the secret);
-//! 3. `PropagateRequestId` — copies the id onto the response;
-//! 4. `json_error_bodies` — any error response without a JSON body gets the
-//!    error shape;
-//! 5. `DefaultBodyLimit` — body cap for every extractor (413);
-//! 6. auth — on the protected sub-router only.
+//! 1. `DefaultBodyLimit` — body cap for every extractor (413);
+//! 2. [`request::RequestLayer`] (route layer, and around the 404 fallback)
+//!    — `X-Request-Id` (kept if the client sent one, echoed), a DEBUG span
+//!    with method, matched route and request id (never headers: they carry
+//!    the secret), the one log line of an internal error, and the error
+//!    shape for error responses without a JSON body. One hand-written layer
+//!    because it runs on every request;
+//! 3. auth — on the protected sub-router only.
 
 pub mod auth;
 pub mod chats;
@@ -19,23 +18,19 @@ pub mod events;
 pub mod hooks;
 pub mod plans;
 pub mod repos;
+pub mod request;
 pub mod system;
 pub mod token_refresh;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::HeaderName;
+use axum::extract::DefaultBodyLimit;
+use axum::handler::HandlerWithoutStateExt;
 use axum::middleware;
 use axum::Router;
-use tower::ServiceBuilder;
-use tower_http::request_id::{
-    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
-use tower_http::trace::TraceLayer;
+use tower::Layer;
 
 use crate::app::AppState;
 use error::ApiError;
-
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+use request::RequestLayer;
 
 pub fn router(state: AppState) -> Router {
     with_routes(state, Router::new())
@@ -57,22 +52,16 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
             state.clone(),
             auth::require_secret,
         ));
-    // Outermost on the routes: runs before auth so rejections carry the route.
-    let protected = protected.route_layer(middleware::from_fn(record_route));
 
     let body_limit = state.config.max_body_bytes;
     Router::new()
-        .merge(system::public_router().route_layer(middleware::from_fn(record_route)))
+        .merge(system::public_router())
         .merge(protected)
-        .fallback(not_found)
-        .layer(
-            ServiceBuilder::new()
-                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-                .layer(TraceLayer::new_for_http().make_span_with(request_span))
-                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-                .layer(middleware::from_fn(error::json_error_bodies))
-                .layer(DefaultBodyLimit::max(body_limit)),
-        )
+        // Outermost on the routes: runs before auth, so a 401 has its
+        // request id and the error log its route.
+        .route_layer(RequestLayer)
+        .fallback_service(RequestLayer.layer(not_found.into_service()))
+        .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
@@ -80,32 +69,6 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
 /// nothing about which routes exist.
 async fn not_found() -> ApiError {
     ApiError::not_found("no such route")
-}
-
-fn request_span(req: &Request) -> tracing::Span {
-    let request_id = req
-        .extensions()
-        .get::<RequestId>()
-        .and_then(|id| id.header_value().to_str().ok())
-        .unwrap_or("-")
-        .to_owned();
-    // The route is only known once the router matched; `record_route`
-    // fills it in (unknown paths stay empty, so scanners do not flood the
-    // log with their guesses).
-    tracing::info_span!(
-        "request",
-        method = %req.method(),
-        route = tracing::field::Empty,
-        request_id
-    )
-}
-
-/// Put the matched route template (`/chats/{chat_id}`) on the request span.
-async fn record_route(req: Request, next: middleware::Next) -> axum::response::Response {
-    if let Some(path) = req.extensions().get::<MatchedPath>() {
-        tracing::Span::current().record("route", path.as_str());
-    }
-    next.run(req).await
 }
 
 #[cfg(test)]
