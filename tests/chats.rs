@@ -1116,3 +1116,96 @@ async fn a_corrupt_database_stops_the_engine_with_exit_code_2() {
     );
     assert_eq!(std::fs::read(&db).unwrap(), garbage);
 }
+
+/// `GET /chats` pages newest first with an opaque cursor; chats created or
+/// deleted between pages neither repeat nor hide the others; filters and
+/// bad parameters.
+#[tokio::test]
+async fn chat_list_pages_with_a_cursor_and_filters() {
+    let e = engine().await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(create_chat(&e, if i % 3 == 0 { "codex" } else { "claude" }).await);
+        // Distinct createdAt (millisecond precision) so the order is known.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    // Without limit: everything, newest first, and no next page.
+    let all = e.get_json("/chats", 200).await;
+    let listed: Vec<&str> = all["chats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    let newest_first: Vec<&str> = ids.iter().rev().map(String::as_str).collect();
+    assert_eq!(listed, newest_first);
+    assert_eq!(all["nextCursor"], Value::Null);
+
+    // Walk in pages of 3 while chats come and go.
+    let mut seen: Vec<String> = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    let deleted = ids[1].clone();
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/chats?limit=3&cursor={c}"),
+            None => "/chats?limit=3".to_owned(),
+        };
+        let page = e.get_json(&path, 200).await;
+        let chats = page["chats"].as_array().unwrap();
+        assert!(chats.len() <= 3);
+        seen.extend(chats.iter().map(|c| c["id"].as_str().unwrap().to_owned()));
+        pages += 1;
+        if pages == 1 {
+            create_chat(&e, "claude").await;
+            e.delete(&format!("/chats/{deleted}"))
+                .send()
+                .await
+                .unwrap()
+                .error_for_status()
+                .unwrap();
+        }
+        match page["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+        assert!(pages < 10, "cursor never ended");
+    }
+    let expected: Vec<String> = ids
+        .iter()
+        .rev()
+        .filter(|id| **id != deleted)
+        .cloned()
+        .collect();
+    assert_eq!(seen, expected, "each surviving chat exactly once, in order");
+
+    // Filters.
+    let codex = e.get_json("/chats?provider=codex", 200).await;
+    assert!(codex["chats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["provider"] == "codex"));
+    assert_eq!(codex["chats"].as_array().unwrap().len(), 3);
+    let idle = e.get_json("/chats?status=idle&limit=1000", 200).await;
+    assert_eq!(idle["chats"].as_array().unwrap().len(), 7);
+    assert_eq!(idle["nextCursor"], Value::Null);
+    let running = e.get_json("/chats?status=running", 200).await;
+    assert_eq!(running["chats"], json!([]));
+
+    // Bad input: 400 in the error shape.
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "limit=abc",
+        "limit=-1",
+        "cursor=nope",
+        "cursor=",
+        "status=sleeping",
+        "provider=gpt",
+    ] {
+        let v = e.get_json(&format!("/chats?{bad}"), 400).await;
+        assert_eq!(v["error"]["code"], "invalid_request", "{bad}: {v}");
+    }
+    e.shutdown().await;
+}

@@ -28,7 +28,7 @@ pub mod model;
 mod runner;
 pub mod store;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -145,6 +145,49 @@ pub struct Accepted {
     pub chat_id: String,
 }
 
+/// `GET /chats` filters and paging, already decoded (the cursor is checked
+/// here).
+#[derive(Debug, Default)]
+pub struct ListQuery {
+    /// At most this many chats; `None`: all.
+    pub limit: Option<usize>,
+    /// `nextCursor` of the previous page.
+    pub cursor: Option<String>,
+    pub status: Option<ChatStatus>,
+    pub provider: Option<ProviderKind>,
+}
+
+/// Upper bound of `GET /chats?limit`.
+pub const MAX_LIST_LIMIT: usize = 1000;
+
+#[derive(Debug)]
+pub struct ChatPage {
+    pub chats: Vec<Chat>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The cursor is the `(createdAt, id)` of the last chat returned, base64url
+/// so clients treat it as opaque.
+fn encode_cursor(created_at: &str, id: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{created_at}\n{id}"))
+}
+
+fn decode_cursor(cursor: &str) -> Result<(String, String), ChatError> {
+    use base64::Engine;
+    let bad = || invalid("cursor", "not a cursor from a previous page's nextCursor");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (created_at, id) = text.split_once('\n').ok_or_else(bad)?;
+    if id.is_empty() || chrono::DateTime::parse_from_rfc3339(created_at).is_err() {
+        return Err(bad());
+    }
+    Ok((created_at.to_owned(), id.to_owned()))
+}
+
 /// The `/status` summary.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -184,6 +227,9 @@ struct State {
     /// `/status` counts, kept up to date by [`State::touch`] instead of a
     /// walk over every chat.
     counts: ChatCounts,
+    /// Every chat by `(createdAt, id)`: `GET /chats` pages walk it newest
+    /// first from a cursor instead of sorting the registry per call.
+    order: BTreeSet<(String, String)>,
 }
 
 impl State {
@@ -277,6 +323,7 @@ impl ChatService {
                 version: 0,
                 dirty: HashSet::new(),
                 counts: ChatCounts::default(),
+                order: BTreeSet::new(),
             }),
             persisted: tokio::sync::Mutex::new(0),
             db,
@@ -293,6 +340,7 @@ impl ChatService {
                 recovered |= changed;
                 let rt = svc.new_runtime();
                 let id = rec.id.clone();
+                st.order.insert((rec.created_at.clone(), id.clone()));
                 st.chats.insert(
                     id.clone(),
                     Slot {
@@ -536,6 +584,7 @@ impl ChatService {
                 counted: Counted::default(),
             };
             let chat = self.view(&slot);
+            st.order.insert((slot.rec.created_at.clone(), id.clone()));
             st.chats.insert(id.clone(), slot);
             st.touch(&id);
             self.inner.bus.publish(
@@ -554,15 +603,50 @@ impl ChatService {
 
     /// Every chat, newest first.
     pub fn list(&self) -> Vec<Chat> {
-        let st = self.state();
-        let mut chats: Vec<Chat> = st
+        self.page(&ListQuery::default())
+            .expect("an unlimited page without cursor is valid")
             .chats
-            .values()
-            .filter(|s| !s.deleting)
-            .map(|s| self.view(s))
-            .collect();
-        chats.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
-        chats
+    }
+
+    /// A page of chats, newest first (`createdAt`, then id), after
+    /// `q.cursor`. Keyset paging: a chat created meanwhile sorts before any
+    /// cursor (it is newer) and a deleted one leaves no gap, so a walk
+    /// returns no chat twice and skips none that lived throughout.
+    pub fn page(&self, q: &ListQuery) -> Result<ChatPage, ChatError> {
+        let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
+        let limit = q.limit.unwrap_or(usize::MAX);
+        let st = self.state();
+        let hooks_done = self.hooks_done();
+        let mut chats = Vec::new();
+        let mut next = None;
+        let range = match &after {
+            Some(key) => st.order.range(..key.clone()),
+            None => st.order.range::<(String, String), _>(..),
+        };
+        for key in range.rev() {
+            let Some(slot) = st.chats.get(&key.1).filter(|s| !s.deleting) else {
+                continue;
+            };
+            if q.provider.is_some_and(|p| p != slot.rec.provider) {
+                continue;
+            }
+            let chat = slot.rec.view(slot.interrupting.is_some(), hooks_done);
+            if q.status.is_some_and(|s| s != chat.status) {
+                continue;
+            }
+            if chats.len() == limit {
+                // One more exists: the page is full and not the last.
+                next = chats
+                    .last()
+                    .map(|c: &Chat| encode_cursor(&c.created_at, &c.id));
+                break;
+            }
+            chats.push(chat);
+        }
+        Ok(ChatPage {
+            chats,
+            next_cursor: next,
+        })
     }
 
     pub fn get(&self, id: &str) -> Result<Chat, ChatError> {
@@ -759,6 +843,8 @@ impl ChatService {
         {
             let mut st = self.state();
             if let Some(slot) = st.chats.remove(id) {
+                st.order
+                    .remove(&(slot.rec.created_at.clone(), id.to_owned()));
                 if let Some(turn) = &slot.rec.active_turn {
                     self.inner.attachments.remove(&turn.message.id);
                 }
