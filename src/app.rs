@@ -83,6 +83,7 @@ impl AppState {
             let repos = state.repos.clone();
             async move { repos.refresh().await }
         });
+        state.repos.watch(state.shutdown.clone());
         state
             .hooks
             .start(state.repos.clone(), state.shutdown.clone());
