@@ -84,6 +84,15 @@ impl AppState {
             async move { repos.refresh().await }
         });
         state.repos.watch(state.shutdown.clone());
+        // Give memory back once SSE subscribers leave (fan-out buffers).
+        tokio::spawn({
+            let bus = state.bus.clone();
+            crate::util::trim_heap_after_load(
+                std::time::Duration::from_secs(2),
+                move || bus.subscriber_count(),
+                state.shutdown.clone(),
+            )
+        });
         state
             .hooks
             .start(state.repos.clone(), state.shutdown.clone());

@@ -108,7 +108,9 @@ pub async fn run() -> anyhow::Result<()> {
     report("GET /health", &health);
     // 2,000 chats, so /status shows whether it walks them.
     let started = Instant::now();
+    let mut took = Vec::with_capacity(2000);
     for _ in 0..2000 {
+        let t = Instant::now();
         let res = engine
             .client
             .post(format!("{}/chats", engine.base))
@@ -116,10 +118,16 @@ pub async fn run() -> anyhow::Result<()> {
             .send()
             .await?;
         anyhow::ensure!(res.status() == 201, "POST /chats: {}", res.status());
+        took.push(t.elapsed());
     }
+    let (first, _, _) = crate::percentiles(&mut took[..100].to_vec());
+    let (last, _, _) = crate::percentiles(&mut took[1900..].to_vec());
     println!(
-        "http: created 2,000 chats in {:.1} s",
-        started.elapsed().as_secs_f64()
+        "http: created 2,000 chats in {:.1} s; POST /chats median {:.2} ms at 0-100 chats, {:.2} ms at 1,900-2,000 ({:.2}x, target <= 1.2x)",
+        started.elapsed().as_secs_f64(),
+        crate::ms(first),
+        crate::ms(last),
+        last.as_secs_f64() / first.as_secs_f64(),
     );
     let status = load(&engine.addr, "/status", true).await?;
     report("GET /status (2,000 chats)", &status);
