@@ -24,7 +24,6 @@ pub mod token_refresh;
 
 use axum::extract::DefaultBodyLimit;
 use axum::handler::HandlerWithoutStateExt;
-use axum::middleware;
 use axum::Router;
 use tower::Layer;
 
@@ -48,10 +47,7 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
         .merge(repos::router())
         .merge(hooks::router())
         .merge(extra)
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_secret,
-        ));
+        .route_layer(auth::RequireSecretLayer::new(&state));
 
     let body_limit = state.config.max_body_bytes;
     Router::new()
