@@ -33,6 +33,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub repos: RepoService,
     pub hooks: HookService,
+    /// `/health`: ready once the readiness file was seen.
+    pub readiness: Arc<crate::readiness::Readiness>,
 }
 
 impl AppState {
@@ -65,8 +67,9 @@ impl AppState {
             config.clone(),
             bus.clone(),
             chat_deps(&config, &hooks, &repos, &upstream),
-        );
+        )?;
         let state = Self {
+            readiness: Arc::new(crate::readiness::Readiness::new(config.ready_file.clone())),
             repos,
             hooks,
             config,
@@ -89,6 +92,16 @@ impl AppState {
         tokio::spawn({
             let repos = state.repos.clone();
             async move { repos.refresh().await }
+        });
+        state.repos.watch(state.shutdown.clone());
+        // Give memory back once SSE subscribers leave (fan-out buffers).
+        tokio::spawn({
+            let bus = state.bus.clone();
+            crate::util::trim_heap_after_load(
+                std::time::Duration::from_secs(2),
+                move || bus.subscriber_count(),
+                state.shutdown.clone(),
+            )
         });
         state
             .hooks

@@ -102,7 +102,8 @@ ENVIRONMENT (plus the file given with --env-file; the process environment wins):
 
 FILES (under $WORKSPACE_HOME):
   .replicas/engine/events.jsonl   event journal (SSE replay source)
-  .replicas/engine/chats.json     chat registry and queues
+  .replicas/engine/chats.db       chats, queues, running turns (SQLite, WAL;
+                                  a chats.json of an older engine is imported)
   .replicas/engine-state.json     start-hook completion
   .replicas/startHooks.log        start-hook output
   .replicas/engine/webhook-outbox.jsonl, webhook-cursor.json
@@ -119,7 +120,11 @@ pub struct Paths {
     /// `~/.replicas/engine`
     pub engine_dir: PathBuf,
     pub events_file: PathBuf,
+    /// `~/.replicas/engine/chats.json`: the registry of older engines,
+    /// imported into [`Paths::chats_db`] at the first start.
     pub chats_file: PathBuf,
+    /// `~/.replicas/engine/chats.db`: chats, queues, running turns (SQLite).
+    pub chats_db: PathBuf,
     pub engine_state_file: PathBuf,
     pub start_hooks_log: PathBuf,
     pub claude_plans_dir: PathBuf,
@@ -144,6 +149,7 @@ impl Paths {
         Self {
             events_file: engine_dir.join("events.jsonl"),
             chats_file: engine_dir.join("chats.json"),
+            chats_db: engine_dir.join("chats.db"),
             engine_state_file: replicas_dir.join("engine-state.json"),
             start_hooks_log: replicas_dir.join("startHooks.log"),
             claude_plans_dir: home.join(".claude").join("plans"),

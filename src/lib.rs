@@ -12,6 +12,7 @@
 //! - [`providers`]: the agent CLIs (claude, codex exec/app-server) run headless per chat: one folder per CLI, one turn driver, the agent-process bound.
 //! - [`doctor`]: `replicas-engine doctor`: checks a machine can run the engine.
 //! - [`metrics`]: Prometheus series: recorded counters/histograms and gauges sampled at scrape time.
+//! - [`readiness`]: `/health`'s answer, remembered once the readiness file exists.
 //! - [`util`]: timestamps, ids, atomic file writes, private (0600/0700) state files.
 //! - [`plans`]: plan files from `~/.claude/plans` and `~/.replicas/plans`, with path-escape checks.
 //! - [`upstream`]: the backend client, durable ordered webhooks, credential refresh managers.
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod plans;
 pub mod process;
 pub mod providers;
+pub mod readiness;
 pub mod repos;
 pub mod upstream;
 pub mod util;

@@ -109,6 +109,11 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(code) => code,
+        Err(e) if e.is::<replicas_engine::chats::store::DbError>() => {
+            // One line naming the file; starting empty would bury its chats.
+            eprintln!("replicas-engine: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "replicas-engine failed");
             eprintln!("replicas-engine: {e:#}");

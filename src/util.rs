@@ -72,6 +72,41 @@ pub fn open_private_append(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
+/// Hand freed heap back to the kernel (glibc keeps it in its arenas
+/// otherwise: after 1,000 SSE subscribers left, RSS stayed at the peak).
+/// A no-op elsewhere.
+#[allow(unsafe_code)]
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own arenas; it takes no
+    // pointers and is safe to call from any thread at any time.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
+/// Call [`trim_heap`] after a burst of work has ended: every
+/// `every`, when `busy` (e.g. the number of SSE subscribers) went down
+/// since the last look. Costs nothing while the load is steady.
+pub async fn trim_heap_after_load(
+    every: std::time::Duration,
+    busy: impl Fn() -> usize,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut last = busy();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let now = busy();
+        if now < last {
+            tokio::task::spawn_blocking(trim_heap);
+        }
+        last = now;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -819,12 +819,12 @@ async fn restart_right_after_kill9_shows_the_turn_interrupted_by_engine_restart(
     let mut events = chat_events(&e, &chat).await;
     send(&e, &chat, "FAKE_HANG").await;
     events.wait_type("chat.turn.started").await;
-    // pgid is recorded right after the spawn; wait until it is on disk.
-    let chats_file = e.home().join(".replicas/engine/chats.json");
+    // pgid is recorded right after the spawn; wait until it is committed.
+    let db = e.home().join(".replicas/engine/chats.db");
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !std::fs::read_to_string(&chats_file)
-        .unwrap()
-        .contains("\"pgid\"")
+    while !running_turn_rows(&db)
+        .iter()
+        .any(|t| t.contains("\"pgid\""))
     {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -981,10 +981,25 @@ async fn history_pages_from_the_end_and_survives_restart() {
     e.shutdown().await;
 }
 
+/// The running-turn rows of `chats.db`, read as another process would.
+fn running_turn_rows(db: &Path) -> Vec<String> {
+    let Ok(conn) =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return Vec::new();
+    };
+    let Ok(mut stmt) = conn.prepare("SELECT turn FROM turns") else {
+        return Vec::new();
+    };
+    stmt.query_map([], |r| r.get::<_, String>(0))
+        .map(|rows| rows.flatten().collect())
+        .unwrap_or_default()
+}
+
 #[tokio::test]
-async fn a_corrupt_chats_file_is_set_aside_and_the_engine_starts_empty() {
+async fn a_corrupt_legacy_chats_file_is_set_aside_and_the_engine_keeps_its_chats() {
     let e = engine().await;
-    create_chat(&e, "claude").await;
+    let kept = create_chat(&e, "claude").await;
     let engine_dir = e.home().join(".replicas/engine");
     let e = restart_with(e, false, |_| {
         std::fs::write(
@@ -994,7 +1009,13 @@ async fn a_corrupt_chats_file_is_set_aside_and_the_engine_starts_empty() {
         .unwrap();
     })
     .await;
-    assert_eq!(e.get_json("/chats", 200).await["chats"], json!([]));
+    let ids: Vec<Value> = e.get_json("/chats", 200).await["chats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!(kept)]);
     let aside: Vec<String> = std::fs::read_dir(&engine_dir)
         .unwrap()
         .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
@@ -1567,4 +1588,180 @@ async fn an_internal_error_answers_500_in_the_error_shape_and_logs_the_request_i
             .any(|l| l.contains("internal error") && l.contains(&request_id)),
         "no log line with {request_id}:\n{logs}"
     );
+}
+
+/// An engine from before the database: its `chats.json` (with a queued
+/// message) is imported at the first start, renamed, and the message runs.
+#[tokio::test]
+async fn chats_json_of_an_older_engine_is_imported_at_first_start() {
+    let (spec, guard) = spec();
+    let engine_dir = spec.home.join(".replicas/engine");
+    std::fs::create_dir_all(&engine_dir).unwrap();
+    let cwd = spec.workspaces();
+    let legacy = json!({"version": 1, "chats": [
+        {"id": "c_old", "provider": "claude", "title": "Old chat", "model": null,
+         "cwd": cwd, "providerSessionId": null,
+         "createdAt": "2026-01-01T00:00:00.000Z", "updatedAt": "2026-01-01T00:00:00.000Z",
+         "queue": [{"id": "m_old", "text": "left in the queue", "queuedAt": "2026-01-01T00:00:00.000Z",
+                    "planMode": false, "model": null, "images": 0}],
+         "lastTurn": null,
+         "usage": {"inputTokens": 5, "outputTokens": 6, "cachedInputTokens": 0, "costUsd": 0.5}}
+    ]});
+    std::fs::write(engine_dir.join("chats.json"), legacy.to_string()).unwrap();
+    let e = TestEngine::start_spec(spec, guard).await;
+    assert!(!engine_dir.join("chats.json").exists());
+    assert!(engine_dir.join("chats.json.migrated").exists());
+    let c = wait_chat(&e, "c_old", |c| c["lastTurn"]["outcome"] == "completed").await;
+    assert_eq!(c["title"], "Old chat");
+    assert_eq!(
+        c["usage"]["inputTokens"].as_u64().map(|n| n >= 5),
+        Some(true)
+    );
+    let hist = e.get_json("/chats/c_old/history?limit=1000", 200).await;
+    assert!(hist["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["kind"] == "user_message" && i["text"] == "left in the queue"));
+    // A restart does not import again (the file is gone) and keeps the chat.
+    let e = e.restart().await;
+    assert_eq!(e.get_json("/chats/c_old", 200).await["title"], "Old chat");
+    e.shutdown().await;
+}
+
+/// `kill -9` right after a 202: the acknowledged message is there after
+/// the restart.
+#[tokio::test]
+async fn an_acknowledged_message_survives_kill9() {
+    let e = engine().await;
+    let chat = create_chat(&e, "claude").await;
+    let mut events = chat_events(&e, &chat).await;
+    send(&e, &chat, "FAKE_HANG").await;
+    events.wait_type("chat.turn.started").await;
+    let acc = send(&e, &chat, "must survive").await;
+    assert_eq!(acc["status"], "queued");
+    let e = e.crash_and_restart().await;
+    let mut events = chat_events(&e, &chat).await;
+    let (_, _, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+    assert_eq!(p["outcome"], "completed");
+    e.shutdown().await;
+}
+
+/// A database that is not one: the engine refuses to start, with one line
+/// naming the file and exit code 2, and leaves the file as it was.
+#[tokio::test]
+async fn a_corrupt_database_stops_the_engine_with_exit_code_2() {
+    let (spec, _guard) = spec();
+    let db = spec.home.join(".replicas/engine/chats.db");
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let garbage = vec![0x5a_u8; 16 * 1024];
+    std::fs::write(&db, &garbage).unwrap();
+    let out = spec
+        .command(&[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("replicas-engine: ") && last.contains(&db.display().to_string()),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&db).unwrap(), garbage);
+}
+
+/// `GET /chats` pages newest first with an opaque cursor; chats created or
+/// deleted between pages neither repeat nor hide the others; filters and
+/// bad parameters.
+#[tokio::test]
+async fn chat_list_pages_with_a_cursor_and_filters() {
+    let e = engine().await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(create_chat(&e, if i % 3 == 0 { "codex" } else { "claude" }).await);
+        // Distinct createdAt (millisecond precision) so the order is known.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    // Without limit: everything, newest first, and no next page.
+    let all = e.get_json("/chats", 200).await;
+    let listed: Vec<&str> = all["chats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    let newest_first: Vec<&str> = ids.iter().rev().map(String::as_str).collect();
+    assert_eq!(listed, newest_first);
+    assert_eq!(all["nextCursor"], Value::Null);
+
+    // Walk in pages of 3 while chats come and go.
+    let mut seen: Vec<String> = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    let deleted = ids[1].clone();
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/chats?limit=3&cursor={c}"),
+            None => "/chats?limit=3".to_owned(),
+        };
+        let page = e.get_json(&path, 200).await;
+        let chats = page["chats"].as_array().unwrap();
+        assert!(chats.len() <= 3);
+        seen.extend(chats.iter().map(|c| c["id"].as_str().unwrap().to_owned()));
+        pages += 1;
+        if pages == 1 {
+            create_chat(&e, "claude").await;
+            e.delete(&format!("/chats/{deleted}"))
+                .send()
+                .await
+                .unwrap()
+                .error_for_status()
+                .unwrap();
+        }
+        match page["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+        assert!(pages < 10, "cursor never ended");
+    }
+    let expected: Vec<String> = ids
+        .iter()
+        .rev()
+        .filter(|id| **id != deleted)
+        .cloned()
+        .collect();
+    assert_eq!(seen, expected, "each surviving chat exactly once, in order");
+
+    // Filters.
+    let codex = e.get_json("/chats?provider=codex", 200).await;
+    assert!(codex["chats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["provider"] == "codex"));
+    assert_eq!(codex["chats"].as_array().unwrap().len(), 3);
+    let idle = e.get_json("/chats?status=idle&limit=1000", 200).await;
+    assert_eq!(idle["chats"].as_array().unwrap().len(), 7);
+    assert_eq!(idle["nextCursor"], Value::Null);
+    let running = e.get_json("/chats?status=running", 200).await;
+    assert_eq!(running["chats"], json!([]));
+
+    // Bad input: 400 in the error shape.
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "limit=abc",
+        "limit=-1",
+        "cursor=nope",
+        "cursor=",
+        "status=sleeping",
+        "provider=gpt",
+    ] {
+        let v = e.get_json(&format!("/chats?{bad}"), 400).await;
+        assert_eq!(v["error"]["code"], "invalid_request", "{bad}: {v}");
+    }
+    e.shutdown().await;
 }

@@ -408,3 +408,46 @@ async fn a_branch_named_like_an_option_reaches_gh_after_double_dash() {
     );
     e.shutdown().await;
 }
+
+/// A repo cloned while the engine runs is discovered without any request
+/// or turn; `/status` counts it; an in-place edit of a tracked file (which
+/// moves no directory mtime) shows in the next `GET /repos` even though the
+/// answer before it was reused.
+#[tokio::test]
+async fn a_repo_cloned_while_running_is_discovered_and_edits_show_at_once() {
+    let (spec, guard) = EngineSpec::new();
+    let ws = spec.workspaces();
+    api_repo(&ws);
+    let e = TestEngine::start_spec(spec, guard).await;
+    let mut events = e.events("types=repo.discovered").await;
+    let first = e.get_json("/repos", 200).await;
+    assert_eq!(first["repos"].as_array().unwrap().len(), 1);
+    sh(&ws, "git clone -q api web");
+    // (`api`'s discovery at start may come first.)
+    loop {
+        let ev = events.wait_type("repo.discovered").await.json();
+        if ev["payload"]["repo"]["name"] == "web" {
+            break;
+        }
+    }
+    assert_eq!(e.get_json("/status", 200).await["repos"]["count"], 2);
+
+    // Cached twice over, then an in-place append to a tracked file.
+    let clean = e.get_json("/repos", 200).await;
+    assert_eq!(repo(&clean, "web")["isDirty"], false);
+    assert_eq!(e.get_json("/repos", 200).await, clean);
+    sh(&ws.join("web"), "echo more >> a.txt");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = e.get_json("/repos", 200).await;
+        if repo(&now, "web")["isDirty"] == true {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "edit never showed: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    e.shutdown().await;
+}

@@ -8,21 +8,33 @@ use serde_json::Value;
 
 #[tokio::test]
 async fn health_is_public_and_follows_the_readiness_file() {
-    let e = TestEngine::start().await;
+    let (spec, guard) = EngineSpec::new();
+    std::fs::remove_file(spec.home.join("ready")).unwrap();
+    let e = TestEngine::start_spec(spec, guard).await;
     let plain = reqwest::Client::new();
     let res = plain.get(e.url("/health")).send().await.unwrap();
-    assert_eq!(res.status(), 200);
+    assert_eq!(res.status(), 503);
     assert!(res.headers().contains_key("x-request-id"));
+    assert_eq!(res.json::<Value>().await.unwrap()["status"], "initializing");
+
+    // Seen within the recheck interval (250 ms) of appearing.
+    std::fs::write(e.home().join("ready"), "done").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let res = loop {
+        let res = plain.get(e.url("/health")).send().await.unwrap();
+        if res.status() == 200 || std::time::Instant::now() > deadline {
+            break res;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["status"], "ok");
     assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
 
+    // Readiness flips once: remembered even if the file goes away.
     std::fs::remove_file(e.home().join("ready")).unwrap();
-    let res = plain.get(e.url("/health")).send().await.unwrap();
-    assert_eq!(res.status(), 503);
-    assert_eq!(res.json::<Value>().await.unwrap()["status"], "initializing");
-
-    std::fs::write(e.home().join("ready"), "done").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(
         plain.get(e.url("/health")).send().await.unwrap().status(),
         200
@@ -338,7 +350,11 @@ async fn summary_changes_publish_engine_status_changed() {
 #[tokio::test]
 async fn request_log_names_the_route_and_never_the_secret() {
     let (spec, guard) = EngineSpec::new();
-    let e = TestEngine::start_spec(spec.with("RUST_LOG", "info,tower_http=debug"), guard).await;
+    let e = TestEngine::start_spec(
+        spec.with("RUST_LOG", "info,replicas_engine::http=debug"),
+        guard,
+    )
+    .await;
     let res = e
         .get("/status")
         .header("X-Request-Id", "rid-42")

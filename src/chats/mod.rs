@@ -2,9 +2,10 @@
 //! an agent CLI through [`crate::providers`].
 //!
 //! [`ChatService`] is a cheap-to-clone handle. Its state is one map of chat
-//! records under one lock; every change bumps a version and is written to
-//! `chats.json` (atomically) before the caller is answered, so nothing a
-//! client got a 2xx for is lost by a `kill -9`. Events describing a change
+//! records under one lock; every change marks its chat dirty and bumps a
+//! version, and the changed chats are committed to `chats.db` ([`store`])
+//! before the caller is answered, so nothing a client got a 2xx for is lost
+//! by a `kill -9`. Events describing a change
 //! are published while the lock is held, so their order is the order of the
 //! changes. History lives in per-chat JSONL files ([`history`]).
 //!
@@ -27,7 +28,7 @@ pub mod model;
 mod runner;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -151,6 +152,49 @@ pub struct Accepted {
     pub chat_id: String,
 }
 
+/// `GET /chats` filters and paging, already decoded (the cursor is checked
+/// here).
+#[derive(Debug, Default)]
+pub struct ListQuery {
+    /// At most this many chats; `None`: all.
+    pub limit: Option<usize>,
+    /// `nextCursor` of the previous page.
+    pub cursor: Option<String>,
+    pub status: Option<ChatStatus>,
+    pub provider: Option<ProviderKind>,
+}
+
+/// Upper bound of `GET /chats?limit`.
+pub const MAX_LIST_LIMIT: usize = 1000;
+
+#[derive(Debug)]
+pub struct ChatPage {
+    pub chats: Vec<Chat>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The cursor is the `(createdAt, id)` of the last chat returned, base64url
+/// so clients treat it as opaque.
+fn encode_cursor(created_at: &str, id: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{created_at}\n{id}"))
+}
+
+fn decode_cursor(cursor: &str) -> Result<(String, String), ChatError> {
+    use base64::Engine;
+    let bad = || invalid("cursor", "not a cursor from a previous page's nextCursor");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (created_at, id) = text.split_once('\n').ok_or_else(bad)?;
+    if id.is_empty() || chrono::DateTime::parse_from_rfc3339(created_at).is_err() {
+        return Err(bad());
+    }
+    Ok((created_at.to_owned(), id.to_owned()))
+}
+
 /// The `/status` summary.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -170,10 +214,11 @@ struct Inner {
     bus: EventBus,
     deps: ChatDeps,
     state: Mutex<State>,
-    /// Highest state version written to `chats.json`. Held while writing, so
-    /// writes are ordered and a caller whose change is already on disk
+    /// Highest state version committed to `chats.db`. Held while writing,
+    /// so writes are ordered and a caller whose change is already committed
     /// (group commit) skips its own write.
     persisted: tokio::sync::Mutex<u64>,
+    db: store::ChatDb,
     history: history::HistoryStore,
     attachments: store::Attachments,
     /// Cancelled by [`ChatService::shutdown`]; every runner watches a child.
@@ -186,6 +231,60 @@ struct Inner {
 struct State {
     chats: HashMap<String, Slot>,
     version: u64,
+    /// Chats changed since the last write (present: put; gone: delete).
+    dirty: HashSet<String>,
+    /// `/status` counts, kept up to date by [`State::touch`] instead of a
+    /// walk over every chat.
+    counts: ChatCounts,
+    /// Every chat by `(createdAt, id)`: `GET /chats` pages walk it newest
+    /// first from a cursor instead of sorting the registry per call.
+    order: BTreeSet<(String, String)>,
+}
+
+impl State {
+    /// Record that chat `id` changed: it is written by the next persist and
+    /// its share of the counts is brought up to date.
+    fn touch(&mut self, id: &str) {
+        self.version += 1;
+        if !self.dirty.contains(id) {
+            self.dirty.insert(id.to_owned());
+        }
+        self.recount(id);
+    }
+
+    /// Bring chat `id`'s share of [`State::counts`] up to date.
+    fn recount(&mut self, id: &str) {
+        let Some(slot) = self.chats.get_mut(id) else {
+            return;
+        };
+        let now = Counted::of(slot);
+        let was = std::mem::replace(&mut slot.counted, now);
+        let c = &mut self.counts;
+        c.total = c.total + usize::from(now.live) - usize::from(was.live);
+        c.running = c.running + usize::from(now.running) - usize::from(was.running);
+        c.queued_messages = c.queued_messages + now.queued - was.queued;
+    }
+}
+
+/// One chat's share of [`ChatCounts`].
+#[derive(Clone, Copy, Default)]
+struct Counted {
+    live: bool,
+    running: bool,
+    queued: usize,
+}
+
+impl Counted {
+    fn of(slot: &Slot) -> Self {
+        if slot.deleting {
+            return Self::default();
+        }
+        Self {
+            live: true,
+            running: slot.rec.active_turn.is_some(),
+            queued: slot.rec.queue.len(),
+        }
+    }
 }
 
 struct Slot {
@@ -196,6 +295,8 @@ struct Slot {
     interrupting: Option<&'static str>,
     /// Delete in progress: the chat takes no more messages.
     deleting: bool,
+    /// What this chat adds to [`State::counts`].
+    counted: Counted,
 }
 
 /// Live, unpersisted parts of a chat, shared with its runner.
@@ -213,10 +314,13 @@ struct Runtime {
 }
 
 impl ChatService {
-    /// Load `chats.json` (setting a corrupt one aside), recover what a dead
-    /// engine left running, and start one runner per chat.
-    pub fn new(config: Arc<Config>, bus: EventBus, deps: ChatDeps) -> Self {
+    /// Open `chats.db` (importing a `chats.json` left by an older engine),
+    /// recover what a dead engine left running, and start one runner per
+    /// chat. A database that cannot be used is an error: the engine must not
+    /// start empty over it.
+    pub fn new(config: Arc<Config>, bus: EventBus, deps: ChatDeps) -> Result<Self, store::DbError> {
         let engine_dir = &config.paths.engine_dir;
+        let (db, opened) = store::ChatDb::open(&config.paths.chats_db, &config.paths.chats_file)?;
         let inner = Arc::new(Inner {
             history: history::HistoryStore::new(engine_dir.join("history")),
             attachments: store::Attachments::new(engine_dir.join("attachments")),
@@ -226,8 +330,12 @@ impl ChatService {
             state: Mutex::new(State {
                 chats: HashMap::new(),
                 version: 0,
+                dirty: HashSet::new(),
+                counts: ChatCounts::default(),
+                order: BTreeSet::new(),
             }),
             persisted: tokio::sync::Mutex::new(0),
+            db,
             shutdown: CancellationToken::new(),
             runners: TaskTracker::new(),
             agent_processes: crate::providers::ProcessPool::new(
@@ -236,25 +344,31 @@ impl ChatService {
             ),
         });
         let svc = Self { inner };
-        let records = svc.load();
+        let records = svc.loaded(opened);
         let recovered = {
             let mut st = svc.state();
             let mut recovered = false;
             for mut rec in records {
-                recovered |= svc.recover(&mut rec);
+                let changed = svc.recover(&mut rec);
+                recovered |= changed;
                 let rt = svc.new_runtime();
+                let id = rec.id.clone();
+                st.order.insert((rec.created_at.clone(), id.clone()));
                 st.chats.insert(
-                    rec.id.clone(),
+                    id.clone(),
                     Slot {
                         rec,
                         rt,
                         interrupting: None,
                         deleting: false,
+                        counted: Counted::default(),
                     },
                 );
-            }
-            if recovered {
-                st.version += 1;
+                if changed {
+                    st.touch(&id);
+                } else {
+                    st.recount(&id);
+                }
             }
             recovered
         };
@@ -270,38 +384,37 @@ impl ChatService {
         for (id, rt) in ids {
             svc.spawn_runner(id, rt);
         }
-        svc
+        Ok(svc)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn load(&self) -> Vec<ChatRecord> {
+    /// Log what opening the database found; a `chats.json` that could not
+    /// be imported is reported as a `state_corrupt` error event.
+    fn loaded(&self, opened: store::Opened) -> Vec<ChatRecord> {
         let path = &self.inner.config.paths.chats_file;
-        match store::load(path) {
-            store::Loaded::Missing => Vec::new(),
-            store::Loaded::Chats(chats) => {
-                tracing::info!(chats = chats.len(), "chats loaded");
-                chats
-            }
-            store::Loaded::Corrupt { error, moved_to } => {
-                let moved = moved_to.as_ref().map(|p| p.display().to_string());
-                tracing::error!(path = %path.display(), error, moved_to = moved.as_deref(), "chats file is corrupt; starting with no chats");
-                self.inner.bus.publish(
-                    None,
-                    EventKind::Error {
-                        code: "state_corrupt".into(),
-                        message: match &moved {
-                            Some(to) => format!("chats.json could not be read ({error}); it was moved to {to} and the engine started with no chats"),
-                            None => format!("chats.json could not be read ({error}); the engine started with no chats"),
-                        },
-                        source: "chats".into(),
-                    },
-                );
-                Vec::new()
-            }
+        if let Some(n) = opened.migrated {
+            tracing::info!(chats = n, from = %path.display(), "chats imported into the chat database");
         }
+        if let Some((error, moved_to)) = opened.legacy_corrupt {
+            let moved = moved_to.as_ref().map(|p| p.display().to_string());
+            tracing::error!(path = %path.display(), error, moved_to = moved.as_deref(), "chats file is corrupt; its chats were not imported");
+            self.inner.bus.publish(
+                None,
+                EventKind::Error {
+                    code: "state_corrupt".into(),
+                    message: match &moved {
+                        Some(to) => format!("chats.json could not be read ({error}); it was moved to {to} and its chats were not imported"),
+                        None => format!("chats.json could not be read ({error}); its chats were not imported"),
+                    },
+                    source: "chats".into(),
+                },
+            );
+        }
+        tracing::info!(chats = opened.chats.len(), "chats loaded");
+        opened.chats
     }
 
     /// A turn the previous engine left behind: if its process was spawned,
@@ -374,25 +487,24 @@ impl ChatService {
             .publish(Some(&slot.rec.id), EventKind::ChatUpdated { chat });
     }
 
-    /// Write the registry if the current version is not on disk yet.
+    /// Commit the chats changed since the last write, if the current
+    /// version is not committed yet.
     async fn persist(&self) -> Result<(), ChatError> {
         let wanted = self.state().version;
         let mut persisted = self.inner.persisted.lock().await;
         if *persisted >= wanted {
             return Ok(());
         }
-        let (version, bytes) = self.snapshot();
-        let path = self.inner.config.paths.chats_file.clone();
-        let res = tokio::task::spawn_blocking(move || store::save(&path, &bytes))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        match res {
+        let (version, changes) = self.take_changes();
+        let ids: Vec<String> = changes.iter().map(|c| c.chat_id().to_owned()).collect();
+        match self.inner.db.write(changes).await {
             Ok(()) => {
                 *persisted = version;
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, "could not write chats.json");
+                // Still to be written: the next persist tries again.
+                self.state().dirty.extend(ids);
                 Err(ChatError::Persist(e))
             }
         }
@@ -411,22 +523,29 @@ impl ChatService {
 
     /// Startup path (not async): write the recovered state.
     fn persist_now_blocking(&self) {
-        let (version, bytes) = self.snapshot();
-        match store::save(&self.inner.config.paths.chats_file, &bytes) {
-            Ok(()) => {
-                if let Ok(mut p) = self.inner.persisted.try_lock() {
-                    *p = version;
-                }
+        let (version, changes) = self.take_changes();
+        if self.inner.db.write_blocking(changes).is_ok() {
+            if let Ok(mut p) = self.inner.persisted.try_lock() {
+                *p = version;
             }
-            Err(e) => tracing::error!(error = %e, "could not write chats.json"),
         }
     }
 
-    fn snapshot(&self) -> (u64, Vec<u8>) {
-        let st = self.state();
-        let mut recs: Vec<&ChatRecord> = st.chats.values().map(|s| &s.rec).collect();
-        recs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
-        (st.version, store::encode(&recs))
+    /// The changed chats as they are now (copies; the lock is held only
+    /// for the copy), and the version they make up. A failed write puts
+    /// nothing back: the chats stay changed in memory and the next change
+    /// of each writes all its rows again (the writer's view is unchanged).
+    fn take_changes(&self) -> (u64, Vec<store::Change>) {
+        let mut st = self.state();
+        let dirty = std::mem::take(&mut st.dirty);
+        let changes = dirty
+            .into_iter()
+            .map(|id| match st.chats.get(&id) {
+                Some(slot) => store::Change::Put(Box::new(slot.rec.clone())),
+                None => store::Change::Delete(id),
+            })
+            .collect();
+        (st.version, changes)
     }
 
     // ----- public API -------------------------------------------------------
@@ -475,10 +594,12 @@ impl ChatService {
                 rt: rt.clone(),
                 interrupting: None,
                 deleting: false,
+                counted: Counted::default(),
             };
             let chat = self.view(&slot);
+            st.order.insert((slot.rec.created_at.clone(), id.clone()));
             st.chats.insert(id.clone(), slot);
-            st.version += 1;
+            st.touch(&id);
             self.inner.bus.publish(
                 Some(&id),
                 EventKind::ChatCreated {
@@ -495,15 +616,50 @@ impl ChatService {
 
     /// Every chat, newest first.
     pub fn list(&self) -> Vec<Chat> {
-        let st = self.state();
-        let mut chats: Vec<Chat> = st
+        self.page(&ListQuery::default())
+            .expect("an unlimited page without cursor is valid")
             .chats
-            .values()
-            .filter(|s| !s.deleting)
-            .map(|s| self.view(s))
-            .collect();
-        chats.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
-        chats
+    }
+
+    /// A page of chats, newest first (`createdAt`, then id), after
+    /// `q.cursor`. Keyset paging: a chat created meanwhile sorts before any
+    /// cursor (it is newer) and a deleted one leaves no gap, so a walk
+    /// returns no chat twice and skips none that lived throughout.
+    pub fn page(&self, q: &ListQuery) -> Result<ChatPage, ChatError> {
+        let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
+        let limit = q.limit.unwrap_or(usize::MAX);
+        let st = self.state();
+        let hooks_done = self.hooks_done();
+        let mut chats = Vec::new();
+        let mut next = None;
+        let range = match &after {
+            Some(key) => st.order.range(..key.clone()),
+            None => st.order.range::<(String, String), _>(..),
+        };
+        for key in range.rev() {
+            let Some(slot) = st.chats.get(&key.1).filter(|s| !s.deleting) else {
+                continue;
+            };
+            if q.provider.is_some_and(|p| p != slot.rec.provider) {
+                continue;
+            }
+            let chat = slot.rec.view(slot.interrupting.is_some(), hooks_done);
+            if q.status.is_some_and(|s| s != chat.status) {
+                continue;
+            }
+            if chats.len() == limit {
+                // One more exists: the page is full and not the last.
+                next = chats
+                    .last()
+                    .map(|c: &Chat| encode_cursor(&c.created_at, &c.id));
+                break;
+            }
+            chats.push(chat);
+        }
+        Ok(ChatPage {
+            chats,
+            next_cursor: next,
+        })
     }
 
     pub fn get(&self, id: &str) -> Result<Chat, ChatError> {
@@ -514,15 +670,9 @@ impl ChatService {
         }
     }
 
+    /// The `/status` counts (maintained on every change, not counted here).
     pub fn counts(&self) -> ChatCounts {
-        let st = self.state();
-        let mut c = ChatCounts::default();
-        for s in st.chats.values().filter(|s| !s.deleting) {
-            c.total += 1;
-            c.running += usize::from(s.rec.active_turn.is_some());
-            c.queued_messages += s.rec.queue.len();
-        }
-        c
+        self.state().counts
     }
 
     /// Accept a message: start it now when the chat is idle and start hooks
@@ -622,7 +772,7 @@ impl ChatService {
             );
             self.publish_updated(slot);
             let rt = slot.rt.clone();
-            st.version += 1;
+            st.touch(id);
             let accepted = Accepted {
                 status,
                 message_id: msg.id.clone(),
@@ -669,7 +819,7 @@ impl ChatService {
             }
             let rt = slot.rt.clone();
             if changed {
-                st.version += 1;
+                st.touch(id);
             }
             (rt, running, dropped, done)
         };
@@ -715,7 +865,9 @@ impl ChatService {
             for m in std::mem::take(&mut slot.rec.queue) {
                 self.inner.attachments.remove(&m.id);
             }
-            slot.rt.clone()
+            let rt = slot.rt.clone();
+            st.recount(id);
+            rt
         };
         rt.stop.cancel();
         rt.interrupt.notify_one();
@@ -728,11 +880,13 @@ impl ChatService {
         {
             let mut st = self.state();
             if let Some(slot) = st.chats.remove(id) {
+                st.order
+                    .remove(&(slot.rec.created_at.clone(), id.to_owned()));
                 if let Some(turn) = &slot.rec.active_turn {
                     self.inner.attachments.remove(&turn.message.id);
                 }
             }
-            st.version += 1;
+            st.touch(id);
             self.inner.bus.publish(Some(id), EventKind::ChatDeleted {});
         }
         self.inner.history.remove(id);
@@ -974,7 +1128,7 @@ mod tests {
             },
             on_auth_failure: Arc::new(|_| {}),
         };
-        let svc = ChatService::new(config, bus, deps);
+        let svc = ChatService::new(config, bus, deps).unwrap();
         let chat = svc
             .create(NewChat {
                 provider: "claude".into(),

@@ -114,7 +114,7 @@ impl ChatService {
         slot.rec.active_turn = Some(turn.clone());
         slot.rec.updated_at = now_ts();
         self.publish_updated(slot);
-        st.version += 1;
+        st.touch(id);
         Next::Start { turn, taken: true }
     }
 
@@ -159,7 +159,7 @@ impl ChatService {
         {
             t.pgid = Some(pgid);
             t.start_time = start_time;
-            st.version += 1;
+            st.touch(id);
         }
     }
 
@@ -176,7 +176,7 @@ impl ChatService {
         if !slot.deleting {
             self.publish_updated(slot);
         }
-        st.version += 1;
+        st.touch(id);
         true
     }
 
@@ -295,7 +295,7 @@ impl ChatService {
         if !slot.deleting {
             self.publish_updated(slot);
         }
-        st.version += 1;
+        st.touch(id);
     }
 }
 

@@ -12,7 +12,10 @@ use serde_json::{json, Value};
 
 use super::error::{ApiError, AppJson, AppQuery};
 use crate::app::AppState;
-use crate::chats::{Accepted, Chat, ChatError, NewChat, NewMessage};
+use crate::chats::{
+    Accepted, Chat, ChatError, ChatStatus, ListQuery, NewChat, NewMessage, MAX_LIST_LIMIT,
+};
+use crate::providers::ProviderKind;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -64,8 +67,65 @@ async fn create_chat(
     Ok((StatusCode::CREATED, Json(chat)))
 }
 
-async fn list_chats(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "chats": state.chats.list() }))
+#[derive(Deserialize)]
+struct ListChats {
+    limit: Option<String>,
+    cursor: Option<String>,
+    status: Option<String>,
+    provider: Option<String>,
+}
+
+async fn list_chats(
+    State(state): State<AppState>,
+    AppQuery(q): AppQuery<ListChats>,
+) -> Result<Json<ChatList>, ApiError> {
+    let limit = match q.limit.as_deref() {
+        None => None,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Some(n),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "limit: must be an integer from 1 to {MAX_LIST_LIMIT}"
+                )))
+            }
+        },
+    };
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(
+            serde_json::from_value::<ChatStatus>(Value::String(s.to_owned())).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "status: unknown status {s:?}; expected idle, running, interrupting or waiting_for_hooks"
+                ))
+            })?,
+        ),
+    };
+    let provider = match q.provider.as_deref() {
+        None => None,
+        Some(p) => Some(ProviderKind::parse(p).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "provider: unknown provider {p:?}; expected \"claude\" or \"codex\""
+            ))
+        })?),
+    };
+    let page = state.chats.page(&ListQuery {
+        limit,
+        cursor: q.cursor,
+        status,
+        provider,
+    })?;
+    Ok(Json(ChatList {
+        chats: page.chats,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// Serialized straight from the chats (no intermediate `Value`).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ChatList {
+    chats: Vec<Chat>,
+    next_cursor: Option<String>,
 }
 
 async fn get_chat(

@@ -1,7 +1,7 @@
 //! The one place domain errors become HTTP: `{"error":{"code","message"}}`
 //! with the contract's status codes. Internal errors answer a generic
-//! message and are logged once here, inside the request span (which carries
-//! the request id).
+//! message; their cause rides on the response ([`InternalCause`]) and is
+//! logged once, with the request id, by [`super::request`].
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -17,7 +17,14 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// The real cause of an internal error (never sent to the client).
+    pub cause: Option<String>,
 }
+
+/// Response extension: the cause of a 500, for the request middleware to
+/// log (with method, route and request id) and remove.
+#[derive(Clone, Debug)]
+pub struct InternalCause(pub String);
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
@@ -25,6 +32,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            cause: None,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -45,14 +53,16 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
-    /// Log the real cause once; the client gets a generic message.
+    /// The client gets a generic message; the real cause is logged once by
+    /// the request middleware.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %cause, "internal error");
-        Self::new(
+        let mut e = Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "internal error; see the engine log",
-        )
+        );
+        e.cause = Some(cause.to_string());
+        e
     }
 }
 
@@ -89,7 +99,11 @@ pub fn code_for(status: StatusCode) -> &'static str {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut res = (self.status, Json(body)).into_response();
+        if let Some(cause) = self.cause {
+            res.extensions_mut().insert(InternalCause(cause));
+        }
+        res
     }
 }
 
@@ -148,45 +162,10 @@ where
     }
 }
 
-/// Safety net for responses produced outside our handlers (unknown method,
-/// a layer's own rejection): any error status without a JSON body gets the
-/// error shape, keeping the original text as the message.
-pub async fn json_error_bodies(req: Request, next: axum::middleware::Next) -> Response {
-    let res = next.run(req).await;
-    let status = res.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return res;
-    }
-    let is_json = res
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if is_json {
-        return res;
-    }
-    let (parts, body) = res.into_parts();
-    let text = axum::body::to_bytes(body, 64 * 1024)
-        .await
-        .unwrap_or_default();
-    let mut message = String::from_utf8_lossy(&text).trim().to_owned();
-    if message.is_empty() {
-        message = status.canonical_reason().unwrap_or("error").to_owned();
-    }
-    let mut res = ApiError::new(status, code_for(status), message).into_response();
-    // Keep headers such as `Allow` on a 405.
-    for (k, v) in parts.headers.iter() {
-        if k != axum::http::header::CONTENT_TYPE && k != axum::http::header::CONTENT_LENGTH {
-            res.headers_mut().insert(k.clone(), v.clone());
-        }
-    }
-    res
-}
-
 /// axum's method router puts `Allow` on whatever its method fallback
 /// answered, including the 401 of auth (which runs inside it): only a 405,
 /// which an authenticated client got, may list the methods.
-pub async fn drop_stray_allow(mut res: Response) -> Response {
+pub fn drop_stray_allow(mut res: Response) -> Response {
     if res.status() != StatusCode::METHOD_NOT_ALLOWED {
         res.headers_mut().remove(axum::http::header::ALLOW);
     }

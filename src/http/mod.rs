@@ -2,23 +2,25 @@
 //! and applies the layers in one place.
 //!
 //! Layer order, outermost first:
-//! 0. `record_metrics` (unless `REPLICAS_HTTP_METRICS=0`) — counts every
-//!    answered request and its latency by method, matched route template
-//!    and status; outermost so 401s, 404s and 413s are counted too;
-//! 1. `SetRequestId` — every request gets an `X-Request-Id` (kept if the
-//!    client sent one);
-//! 2. `Trace` — one span per request with method, matched route and request
-//!    id (never headers: they carry the secret);
-//! 3. `PropagateRequestId` — copies the id onto the response;
-//! 4. `CatchPanic` — a panicking handler answers `500` in the error shape
-//!    and is logged (inside the request span, so with its request id); the
-//!    engine keeps serving;
-//! 5. `json_error_bodies` — any error response without a JSON body gets the
-//!    error shape;
-//! 6. `DefaultBodyLimit` — body cap for every extractor (413);
-//! 7. auth — on the protected sub-router only, as a `layer` (not a
-//!    `route_layer`) so it also wraps each route's method fallback: a wrong
-//!    method without the secret is 401, not a 405 with `Allow`.
+//! 1. `DefaultBodyLimit` — body cap for every extractor (413);
+//! 2. [`request::RequestLayer`] (route layer, and around the 404 fallback)
+//!    — `X-Request-Id` (kept if the client sent one, echoed), a DEBUG span
+//!    with method, matched route and request id (never headers: they carry
+//!    the secret), the one log line of an internal error, the error shape
+//!    for error responses without a JSON body, and the per-request metrics
+//!    (`replicas_http_*`, unless `REPLICAS_HTTP_METRICS=0`) by method,
+//!    route template and status, so 401s, 404s and 413s count too. One
+//!    hand-written layer because it runs on every request;
+//! 3. `CatchPanic` — a panicking handler answers `500` in the error shape
+//!    (logged with its request id by the layer above); the engine keeps
+//!    serving;
+//! 4. auth — on the protected sub-router only, as a `layer` so it also wraps
+//!    each route's method fallback: a wrong method without the secret is
+//!    401, not a 405.
+//!
+//! Around all of it, [`error::drop_stray_allow`]: axum's method router adds
+//! `Allow` to whatever its fallback answered, the 401 included; only a 405
+//! keeps it.
 
 pub mod auth;
 pub mod chats;
@@ -29,24 +31,19 @@ pub mod metrics;
 pub mod openapi;
 pub mod plans;
 pub mod repos;
+pub mod request;
 pub mod system;
 pub mod token_refresh;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::HeaderName;
-use axum::middleware;
+use axum::extract::DefaultBodyLimit;
+use axum::handler::HandlerWithoutStateExt;
 use axum::Router;
-use tower::ServiceBuilder;
+use tower::Layer;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{
-    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
-use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
 use error::ApiError;
-
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+use request::RequestLayer;
 
 pub fn router(state: AppState) -> Router {
     with_routes(state, Router::new())
@@ -66,91 +63,33 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
         .merge(metrics::router())
         .merge(openapi::router())
         .merge(extra)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_secret,
-        ));
-    // Outermost on the routes: runs before auth so rejections carry the route.
-    let protected = protected.route_layer(middleware::from_fn(record_route));
+        .layer(auth::RequireSecretLayer::new(&state));
 
     let body_limit = state.config.max_body_bytes;
-    let http_metrics = state.config.http_metrics;
-    let app = Router::new()
-        .merge(system::public_router().route_layer(middleware::from_fn(record_route)))
-        .merge(protected)
-        .fallback(not_found)
-        .layer(
-            ServiceBuilder::new()
-                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-                .layer(TraceLayer::new_for_http().make_span_with(request_span))
-                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-                .layer(CatchPanicLayer::custom(error::panic_response))
-                .layer(middleware::from_fn(error::json_error_bodies))
-                .layer(DefaultBodyLimit::max(body_limit)),
-        );
-    // Outermost on the routes (added last); `Router::layer` wraps each
-    // route after matching, so the template is known.
-    let app = if http_metrics {
-        app.layer(middleware::from_fn(record_metrics))
-    } else {
-        app
+    let request = RequestLayer {
+        metrics: state.config.http_metrics,
     };
-    let app = app.with_state(state);
+    let app = Router::new()
+        .merge(system::public_router())
+        .merge(protected)
+        .route_layer(CatchPanicLayer::custom(error::panic_response))
+        // Outermost on the routes: runs before auth, so a 401 has its
+        // request id, is counted, and the error log has its route.
+        .route_layer(request)
+        .fallback_service(request.layer(not_found.into_service()))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state);
     // `Router::layer` wraps each route *inside* its method router, which
     // adds `Allow` afterwards; this wraps the whole router.
     Router::new()
         .fallback_service(app)
-        .layer(middleware::map_response(error::drop_stray_allow))
-}
-
-/// Count the request in `replicas_http_requests_total` and time it in
-/// `replicas_http_request_duration_seconds` (to the response head; an SSE
-/// stream counts when it opens). The fallback has no template and counts
-/// as `unmatched`, never as its raw path.
-async fn record_metrics(req: Request, next: middleware::Next) -> axum::response::Response {
-    let started = std::time::Instant::now();
-    let method = req.method().clone();
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let res = next.run(req).await;
-    crate::metrics::http_request(
-        method.as_str(),
-        route.as_ref().map(MatchedPath::as_str),
-        res.status().as_u16(),
-        started.elapsed(),
-    );
-    res
+        .layer(tower::util::MapResponseLayer::new(error::drop_stray_allow))
 }
 
 /// Unknown routes: 404 in the error shape. Reached before auth, and says
 /// nothing about which routes exist.
 async fn not_found() -> ApiError {
     ApiError::not_found("no such route")
-}
-
-fn request_span(req: &Request) -> tracing::Span {
-    let request_id = req
-        .extensions()
-        .get::<RequestId>()
-        .and_then(|id| id.header_value().to_str().ok())
-        .unwrap_or("-")
-        .to_owned();
-    // The route is only known once the router matched; `record_route`
-    // fills it in (unknown paths stay empty, so scanners do not flood the
-    // log with their guesses).
-    tracing::info_span!(
-        "request",
-        method = %req.method(),
-        route = tracing::field::Empty,
-        request_id
-    )
-}
-
-/// Put the matched route template (`/chats/{chat_id}`) on the request span.
-async fn record_route(req: Request, next: middleware::Next) -> axum::response::Response {
-    if let Some(path) = req.extensions().get::<MatchedPath>() {
-        tracing::Span::current().record("route", path.as_str());
-    }
-    next.run(req).await
 }
 
 #[cfg(test)]

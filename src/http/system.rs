@@ -1,10 +1,12 @@
 //! `GET /health` (public) and `GET /status`.
 
 use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::app::AppState;
 
@@ -17,21 +19,21 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/status", get(get_status))
 }
 
-/// 200 once the readiness file exists, 503 before; checked on every call so
-/// the answer flips as soon as cloud-init finishes.
-async fn get_health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let ready = tokio::fs::try_exists(&state.config.ready_file)
-        .await
-        .unwrap_or(false);
-    let (code, status) = if ready {
+/// 200 once the readiness file exists, 503 before. Remembered once seen,
+/// so a ready engine answers without touching the filesystem.
+async fn get_health(State(state): State<AppState>) -> Response {
+    let (code, status) = if state.readiness.is_ready() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "initializing")
     };
-    (
-        code,
-        Json(json!({"status": status, "timestamp": crate::util::now_ts()})),
-    )
+    // Written by hand: this route is polled hard and a `Value` map per call
+    // is most of its cost.
+    let body = format!(
+        r#"{{"status":"{status}","timestamp":"{}"}}"#,
+        crate::util::now_ts()
+    );
+    (code, [(CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn get_status(State(state): State<AppState>) -> Json<Value> {

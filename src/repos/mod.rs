@@ -12,6 +12,7 @@
 pub mod config;
 pub mod git;
 pub mod untracked;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -126,6 +127,11 @@ struct Inner {
     /// serialises refreshes so events come out in a consistent order.
     last: tokio::sync::Mutex<Option<HashMap<String, Fingerprint>>>,
     limit: tokio::sync::Semaphore,
+    /// The repo list and per-repo change generations ([`watch`]).
+    tracker: Arc<watch::Tracker>,
+    /// Each repo's last answer (without full diffs) and the generation it
+    /// was read at; reused while the generation is unchanged.
+    results: Mutex<HashMap<String, (u64, Repo)>>,
 }
 
 impl RepoService {
@@ -143,23 +149,39 @@ impl RepoService {
                 ab_cache: Mutex::new(HashMap::new()),
                 last: tokio::sync::Mutex::new(None),
                 limit: tokio::sync::Semaphore::new(PARALLEL_REPOS),
+                tracker: watch::Tracker::new(config.workspaces_dir.clone()),
+                results: Mutex::new(HashMap::new()),
             }),
         }
     }
 
-    /// How many repositories are under the workspace root (a directory scan,
-    /// no git).
+    /// Keep the repo list current and watch worktrees for changes (see
+    /// [`watch`]); a repo that appears is announced through [`refresh`].
+    ///
+    /// [`refresh`]: Self::refresh
+    pub fn watch(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let tracker = self.inner.tracker.clone();
+        tracker.start_watching();
+        let svc = self.clone();
+        tokio::spawn(tracker.run(shutdown, move || {
+            let svc = svc.clone();
+            tokio::spawn(async move { svc.refresh().await });
+        }));
+    }
+
+    /// How many repositories are under the workspace root (from memory
+    /// once [`watch`](Self::watch) runs).
     pub fn count(&self) -> usize {
-        config::repo_dirs(&self.inner.workspaces_dir).len()
+        self.inner.tracker.dirs().len()
     }
 
     /// Every repo, examined in parallel, in name order.
     #[tracing::instrument(skip_all, fields(include_diffs))]
     pub async fn list(&self, include_diffs: bool) -> Vec<Repo> {
-        let dirs = config::repo_dirs(&self.inner.workspaces_dir);
+        let dirs = self.inner.tracker.dirs();
         let reads = dirs
-            .into_iter()
-            .map(|(name, dir)| self.examine(name, dir, include_diffs));
+            .iter()
+            .map(|(name, dir)| self.examine(name.clone(), dir.clone(), include_diffs));
         futures_util::future::join_all(reads).await
     }
 
@@ -199,6 +221,29 @@ impl RepoService {
     }
 
     async fn examine(&self, name: String, dir: PathBuf, include_diffs: bool) -> Repo {
+        // Unchanged since the last look (watched, no event): reuse it.
+        let generation = self.inner.tracker.generation(&name);
+        if let (Some(g), false) = (generation, include_diffs) {
+            let hit = self.inner.results.lock().ok().and_then(|r| {
+                r.get(&name)
+                    .filter(|(at, _)| *at == g)
+                    .map(|(_, repo)| repo.clone())
+            });
+            if let Some(mut repo) = hit {
+                repo.start_hooks_completed = (self.inner.hooks_completed)(&name);
+                return repo;
+            }
+        }
+        let repo = self.examine_afresh(name, dir, include_diffs).await;
+        if let (Some(g), false, None) = (generation, include_diffs, &repo.error) {
+            if let Ok(mut r) = self.inner.results.lock() {
+                r.insert(repo.name.clone(), (g, repo.clone()));
+            }
+        }
+        repo
+    }
+
+    async fn examine_afresh(&self, name: String, dir: PathBuf, include_diffs: bool) -> Repo {
         // A closed semaphore cannot happen (never closed); run unlimited then.
         let _permit = self.inner.limit.acquire().await.ok();
         let git = Git {

@@ -42,6 +42,15 @@ impl Engine {
     /// `env` adds to or overrides the defaults (ready file `/dev/null`, so
     /// `/health` is 200; `RUST_LOG=warn,replicas_engine=info`).
     pub async fn start(home: &Path, env: &[(&str, &OsStr)]) -> anyhow::Result<Self> {
+        Self::start_on(home, env, None).await
+    }
+
+    /// [`start`](Self::start) pinned to `cpu` with `taskset` (when given).
+    pub async fn start_on(
+        home: &Path,
+        env: &[(&str, &OsStr)],
+        cpu: Option<&str>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(home.join("workspaces"))?;
         // Built before the spawn so start-up timings do not include it.
         let mut headers = reqwest::header::HeaderMap::new();
@@ -51,7 +60,15 @@ impl Engine {
             .build()?;
         let bin = engine_bin()?;
         let spawned_at = Instant::now();
-        let mut child = tokio::process::Command::new(bin)
+        let mut cmd = match cpu {
+            Some(cpu) => {
+                let mut c = tokio::process::Command::new("taskset");
+                c.arg("-c").arg(cpu).arg(bin);
+                c
+            }
+            None => tokio::process::Command::new(bin),
+        };
+        let mut child = cmd
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("REPLICAS_ENGINE_SECRET", SECRET)

@@ -7,20 +7,37 @@
 mod chats;
 mod engine;
 mod events;
+mod http;
 mod providers;
 mod repos;
 mod upstream;
 
 use std::time::Duration;
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // The load generator runs its own single-threaded runtime.
+    if args.first().map(String::as_str) == Some("__load") {
+        return http::load_main(&args[1..]);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Vec<String>) -> anyhow::Result<()> {
+    if args.first().map(String::as_str) == Some("__bare-axum") {
+        return http::bare_axum().await;
+    }
     if args.first().map(String::as_str) == Some("__engine-host") {
         return events::engine_host().await;
     }
     let all = args.is_empty() || args.iter().any(|a| a == "all");
     let want = |area: &str| all || args.iter().any(|a| a == area);
+    if want("http") {
+        http::run().await?;
+    }
     if want("chats") {
         chats::run().await?;
     }

@@ -1,0 +1,243 @@
+//! Request throughput of the engine's cheapest routes against a bare
+//! one-route axum server (same axum version) started by this bench in the
+//! same run, reported as ratios. Server and load generator run in separate
+//! processes pinned to separate cores (`taskset`: server on cpu0, load on
+//! cpu1) when there are at least two; the load generator is this binary
+//! (`__load`), a single-threaded keep-alive HTTP/1.1 client with 64
+//! connections, so no external tool is needed.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::engine::{Engine, SECRET};
+
+const CONNECTIONS: usize = 64;
+const SECONDS: u64 = 5;
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn pinned(cpu: &str, program: &std::path::Path) -> tokio::process::Command {
+    if cpus() >= 2 {
+        let mut c = tokio::process::Command::new("taskset");
+        c.arg("-c").arg(cpu).arg(program);
+        c
+    } else {
+        tokio::process::Command::new(program)
+    }
+}
+
+/// One load run's result.
+struct Load {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Run the load generator (pinned to cpu1) against `addr` `path`.
+async fn load(addr: &str, path: &str, secret: bool) -> anyhow::Result<Load> {
+    let me = std::env::current_exe()?;
+    let out = pinned("1", &me)
+        .args([
+            "__load",
+            addr,
+            path,
+            &SECONDS.to_string(),
+            &CONNECTIONS.to_string(),
+            if secret { SECRET } else { "" },
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let nums: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    anyhow::ensure!(nums.len() == 3, "load generator said {text:?}");
+    Ok(Load {
+        rps: nums[0],
+        p50: Duration::from_secs_f64(nums[1] / 1e6),
+        p99: Duration::from_secs_f64(nums[2] / 1e6),
+    })
+}
+
+pub async fn run() -> anyhow::Result<()> {
+    let me = std::env::current_exe()?;
+    println!(
+        "http: {} cores; server on cpu0, load on cpu1 ({CONNECTIONS} keep-alive connections, {SECONDS} s per route)",
+        cpus()
+    );
+    // The reference: bare axum, one route, pinned like the engine.
+    let mut bare = pinned("0", &me)
+        .arg("__bare-axum")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(bare.stdout.take().context("bare stdout")?)
+        .read_line(&mut line)
+        .await?;
+    let bare_addr = line.trim().to_owned();
+    let reference = load(&bare_addr, "/", false).await?;
+    let _ = bare.kill().await;
+    println!(
+        "http: bare axum GET /: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+        reference.rps,
+        crate::ms(reference.p50),
+        crate::ms(reference.p99)
+    );
+
+    let home = tempfile::tempdir()?;
+    let engine = Engine::start_on(home.path(), &[], Some("0")).await?;
+    let report = |name: &str, l: &Load| {
+        println!(
+            "http: engine {name}: {:.0} req/s ({:.2}x bare, target >= 0.70x), p50 {:.2} ms, p99 {:.2} ms ({:.2}x bare, target <= 1.5x)",
+            l.rps,
+            l.rps / reference.rps,
+            crate::ms(l.p50),
+            crate::ms(l.p99),
+            l.p99.as_secs_f64() / reference.p99.as_secs_f64(),
+        );
+    };
+    let health = load(&engine.addr, "/health", false).await?;
+    report("GET /health", &health);
+    // 2,000 chats, so /status shows whether it walks them.
+    let started = Instant::now();
+    let mut took = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        let t = Instant::now();
+        let res = engine
+            .client
+            .post(format!("{}/chats", engine.base))
+            .json(&serde_json::json!({"provider": "claude"}))
+            .send()
+            .await?;
+        anyhow::ensure!(res.status() == 201, "POST /chats: {}", res.status());
+        took.push(t.elapsed());
+    }
+    let (first, _, _) = crate::percentiles(&mut took[..100].to_vec());
+    let (last, _, _) = crate::percentiles(&mut took[1900..].to_vec());
+    println!(
+        "http: created 2,000 chats in {:.1} s; POST /chats median {:.2} ms at 0-100 chats, {:.2} ms at 1,900-2,000 ({:.2}x, target <= 1.2x)",
+        started.elapsed().as_secs_f64(),
+        crate::ms(first),
+        crate::ms(last),
+        last.as_secs_f64() / first.as_secs_f64(),
+    );
+    let status = load(&engine.addr, "/status", true).await?;
+    report("GET /status (2,000 chats)", &status);
+    let page = load(&engine.addr, "/chats?limit=50", true).await?;
+    report("GET /chats?limit=50 (2,000 chats)", &page);
+    engine.stop().await;
+    Ok(())
+}
+
+/// `__bare-axum`: the reference server, one route answering a short body.
+pub async fn bare_axum() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// `__load ADDR PATH SECONDS CONNECTIONS SECRET`: keep-alive GETs on
+/// CONNECTIONS connections for SECONDS, single-threaded; prints
+/// `req_per_s p50_us p99_us`.
+pub fn load_main(args: &[String]) -> anyhow::Result<()> {
+    let [addr, path, secs, conns, secret] = args else {
+        anyhow::bail!("usage: __load ADDR PATH SECONDS CONNECTIONS SECRET");
+    };
+    let secs: u64 = secs.parse()?;
+    let conns: usize = conns.parse()?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    if !secret.is_empty() {
+        req.push_str(&format!("X-Replicas-Engine-Secret: {secret}\r\n"));
+    }
+    req.push_str("\r\n");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let req = std::sync::Arc::new(req.into_bytes());
+        // Warm-up second not counted.
+        let warm = Instant::now() + Duration::from_secs(1);
+        let end = warm + Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        for _ in 0..conns {
+            let (addr, req) = (addr.clone(), req.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+                stream.set_nodelay(true)?;
+                let mut buf = Vec::with_capacity(64 * 1024);
+                loop {
+                    let t = Instant::now();
+                    if t >= end {
+                        break;
+                    }
+                    stream.write_all(&req).await?;
+                    read_response(&mut stream, &mut buf).await?;
+                    if t >= warm {
+                        lat.push(t.elapsed());
+                    }
+                }
+                anyhow::Ok(lat)
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        let n = all.len();
+        let (p50, p99, _) = crate::percentiles(&mut all);
+        println!(
+            "{:.0} {:.0} {:.0}",
+            n as f64 / secs as f64,
+            p50.as_secs_f64() * 1e6,
+            p99.as_secs_f64() * 1e6
+        );
+        anyhow::Ok(())
+    })
+}
+
+/// Read one response (headers + Content-Length body) off a keep-alive
+/// stream; `buf` keeps any bytes beyond it.
+async fn read_response(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..end])?;
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .context("response without content-length")?;
+            let total = end + 4 + len;
+            while buf.len() < total {
+                read_more(stream, buf).await?;
+            }
+            buf.drain(..total);
+            return Ok(());
+        }
+        read_more(stream, buf).await?;
+    }
+}
+
+async fn read_more(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    let mut chunk = [0u8; 16 * 1024];
+    let n = stream.read(&mut chunk).await?;
+    anyhow::ensure!(n > 0, "connection closed");
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
