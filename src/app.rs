@@ -27,6 +27,8 @@ pub struct AppState {
     pub upstream: Upstream,
     pub chats: ChatService,
     pub started_at: DateTime<Utc>,
+    /// `started_at` as the contract writes timestamps, made once.
+    pub started_at_ts: Arc<str>,
     pub started: Instant,
     /// Cancelled when the engine begins shutting down; long-lived work (SSE
     /// streams, turn runners, hooks) watches it.
@@ -68,6 +70,7 @@ impl AppState {
             bus.clone(),
             chat_deps(&config, &hooks, &repos, &upstream),
         )?;
+        let started_at = Utc::now();
         let state = Self {
             readiness: Arc::new(crate::readiness::Readiness::new(config.ready_file.clone())),
             repos,
@@ -76,7 +79,8 @@ impl AppState {
             bus,
             upstream,
             chats,
-            started_at: Utc::now(),
+            started_at,
+            started_at_ts: crate::util::ts(started_at).into(),
             started: Instant::now(),
             shutdown,
         };
@@ -112,22 +116,34 @@ impl AppState {
 
     /// The `/status` body; also the payload of `engine.status.changed`.
     pub fn status(&self) -> Value {
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "startedAt": crate::util::ts(self.started_at),
-            "uptimeMs": self.started.elapsed().as_millis() as u64,
-            "workspaceId": self.config.workspace_id,
-            "workspaceRoot": self.config.workspaces_dir,
-            "chats": self.chats.counts(),
-            "repos": {"count": self.repos.count()},
-            "hooks": {"status": self.hooks.status().status},
-            "events": {
-                "lastEventId": self.bus.last_id().to_string(),
-                "subscribers": self.bus.subscriber_count(),
+        serde_json::to_value(self.status_view()).unwrap_or(Value::Null)
+    }
+
+    /// `/status` as a typed view that borrows what it can: serialized
+    /// straight to the response, with no `Value` tree per call (the route
+    /// is polled hard). Every figure is a maintained counter, not a scan.
+    pub fn status_view(&self) -> EngineStatus<'_> {
+        let agents = self.chats.agent_processes();
+        EngineStatus {
+            version: env!("CARGO_PKG_VERSION"),
+            started_at: &self.started_at_ts,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            workspace_id: self.config.workspace_id.as_deref(),
+            workspace_root: &self.config.workspaces_dir,
+            chats: self.chats.counts(),
+            repos: RepoCount {
+                count: self.repos.count(),
             },
-            "tokenRefresh": self.upstream.token_refresh().summary(),
-            "providers": {
-                "codexTransport": if self.config.codex_app_server {
+            hooks: HooksState {
+                status: self.hooks.state(),
+            },
+            events: EventsState {
+                last_event_id: self.bus.last_id().to_string(),
+                subscribers: self.bus.subscriber_count(),
+            },
+            token_refresh: self.upstream.token_refresh().summary(),
+            providers: ProvidersState {
+                codex_transport: if self.config.codex_app_server {
                     match crate::providers::codex_transport() {
                         "unknown" => "pending",
                         t => t,
@@ -135,13 +151,61 @@ impl AppState {
                 } else {
                     "exec"
                 },
-                "agentProcesses": {
-                    "live": self.chats.agent_processes().live(),
-                    "idle": self.chats.agent_processes().idle(),
+                agent_processes: AgentProcesses {
+                    live: agents.live(),
+                    idle: agents.idle(),
                 },
             },
-        })
+        }
     }
+}
+
+/// The `/status` body (`docs/API.md`); also the payload of
+/// `engine.status.changed`.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineStatus<'a> {
+    pub version: &'static str,
+    pub started_at: &'a str,
+    pub uptime_ms: u64,
+    pub workspace_id: Option<&'a str>,
+    pub workspace_root: &'a std::path::Path,
+    pub chats: crate::chats::ChatCounts,
+    pub repos: RepoCount,
+    pub hooks: HooksState,
+    pub events: EventsState,
+    pub token_refresh: crate::upstream::refresh::Summary,
+    pub providers: ProvidersState,
+}
+
+#[derive(serde::Serialize)]
+pub struct RepoCount {
+    pub count: usize,
+}
+
+#[derive(serde::Serialize)]
+pub struct HooksState {
+    pub status: String,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsState {
+    pub last_event_id: String,
+    pub subscribers: usize,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvidersState {
+    pub codex_transport: &'static str,
+    pub agent_processes: AgentProcesses,
+}
+
+#[derive(serde::Serialize)]
+pub struct AgentProcesses {
+    pub live: usize,
+    pub idle: usize,
 }
 
 /// Serve until `state.shutdown` is cancelled: stop accepting, end SSE

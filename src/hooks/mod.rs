@@ -115,6 +115,11 @@ impl HookService {
         self.inner.status.borrow().clone()
     }
 
+    /// Just the overall state (`/status`, metrics): no copy of the repos.
+    pub fn state(&self) -> String {
+        self.inner.status.borrow().status.clone()
+    }
+
     /// True once start hooks finished with any outcome, or at once when
     /// there are none or an earlier engine run completed them.
     pub fn hooks_done(&self) -> watch::Receiver<bool> {

@@ -24,7 +24,7 @@ async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
         webhook_oldest_pending: webhooks.map(|w| w.oldest_pending_age()).unwrap_or_default(),
         turns_running: chats.running,
         chat_queue_messages: chats.queued_messages,
-        hooks_status: state.hooks.status().status,
+        hooks_status: state.hooks.state(),
     };
     // Reads a few small /proc files: off the async threads.
     let body = tokio::task::spawn_blocking(move || metrics::render(&sample))

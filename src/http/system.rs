@@ -5,8 +5,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::Value;
+use axum::Router;
 
 use crate::app::AppState;
 
@@ -36,6 +35,10 @@ async fn get_health(State(state): State<AppState>) -> Response {
     (code, [(CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn get_status(State(state): State<AppState>) -> Json<Value> {
-    Json(state.status())
+/// Serialized straight from the borrowed view (no `Value` tree per call).
+async fn get_status(State(state): State<AppState>) -> Response {
+    match serde_json::to_vec(&state.status_view()) {
+        Ok(body) => ([(CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => super::error::ApiError::internal(e).into_response(),
+    }
 }

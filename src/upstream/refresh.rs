@@ -83,6 +83,17 @@ pub enum Health {
     Disabled,
 }
 
+/// `/status`'s `tokenRefresh`: each manager's health, as a JSON object
+/// (`{"github":"ok",…}`) in the managers' order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary(pub Vec<(&'static str, Health)>);
+
+impl Serialize for Summary {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
 /// One manager's entry in `GET /token-refresh/health`.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -208,13 +219,13 @@ impl TokenRefresh {
     }
 
     /// `{"github":"ok",…}` for `/status`.
-    pub fn summary(&self) -> Value {
-        let map: serde_json::Map<String, Value> = self
-            .slots
-            .iter()
-            .map(|s| (s.manager.name().to_owned(), json!(lock(&s.status).status)))
-            .collect();
-        Value::Object(map)
+    pub fn summary(&self) -> Summary {
+        Summary(
+            self.slots
+                .iter()
+                .map(|s| (s.manager.name(), lock(&s.status).status))
+                .collect(),
+        )
     }
 }
 
