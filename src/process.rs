@@ -391,9 +391,16 @@ impl Group {
     }
 
     /// Whether the leader is still running (reaps it if it exited).
+    ///
+    /// A leader that cannot be reaped yet is not necessarily running: when
+    /// a multi-threaded process (node, python) is killed, its main thread
+    /// turns zombie at once but `waitpid` waits for the last thread to
+    /// finish exiting, while its pipes are still open. Such a leader is
+    /// dying, as [`group_alive`] already says; reusing it would hand a turn
+    /// to a process that then ends by the signal.
     pub fn is_running(&mut self) -> bool {
         match self.child.try_wait() {
-            Ok(None) => true,
+            Ok(None) => self.child.id().is_some_and(pid_alive),
             Ok(Some(_)) | Err(_) => {
                 self.exited = true;
                 false
@@ -559,6 +566,35 @@ mod tests {
         );
         let _ = signal_group(pgid, Signal::SIGKILL);
         settle_group(pgid).await;
+    }
+
+    #[tokio::test]
+    async fn a_leader_whose_main_thread_is_gone_is_not_running() {
+        // What a killed multi-threaded CLI looks like for a moment: the main
+        // thread is a zombie, another thread still exists, `waitpid` cannot
+        // reap it yet. Here the main thread leaves on its own (deterministic).
+        let mut cmd = command("python3");
+        cmd.arg("-c").arg(
+            "import ctypes, threading, time\n\
+             threading.Thread(target=lambda: time.sleep(30), daemon=True).start()\n\
+             ctypes.CDLL(None).pthread_exit(None)",
+        );
+        let mut g = Group::spawn(&mut cmd).unwrap();
+        let pgid = g.pgid();
+        for _ in 0..500 {
+            if !pid_alive(pgid) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!pid_alive(pgid), "the main thread did not exit");
+        assert!(
+            g.child_mut().try_wait().unwrap().is_none(),
+            "not reapable yet"
+        );
+        assert!(!g.is_running());
+        g.stop(Duration::from_millis(200)).await;
+        assert!(!group_alive(pgid));
     }
 
     #[tokio::test]
