@@ -68,7 +68,7 @@ fn now_nanos() -> u128 {
 }
 
 /// A temp home whose journal already holds `n` events.
-fn home_with_events(n: usize) -> anyhow::Result<tempfile::TempDir> {
+pub(crate) fn home_with_events(n: usize) -> anyhow::Result<tempfile::TempDir> {
     let home = tempfile::tempdir()?;
     std::fs::create_dir_all(home.path().join("workspaces"))?;
     if n > 0 {
@@ -88,7 +88,7 @@ fn home_with_events(n: usize) -> anyhow::Result<tempfile::TempDir> {
 }
 
 /// Start the engine on `home` and time spawn → first 200 from `/health`.
-async fn start_timed(home: &Path) -> anyhow::Result<(Engine, Duration)> {
+pub(crate) async fn start_timed(home: &Path) -> anyhow::Result<(Engine, Duration)> {
     let engine = Engine::start(
         home,
         &[("REPLICAS_EVENTS_MAX_BYTES", OsStr::new("1099511627776"))],
