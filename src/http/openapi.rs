@@ -25,7 +25,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use super::chats::{ChatList, CreateChat, Interrupt, SendMessage};
 use crate::app::AppState;
 use crate::chats::model::{ChatStatus, LastTurn, Outcome, ThinkingLevel, Usage};
-use crate::chats::{Chat, MessagePreview as Message};
+use crate::chats::{Chat, ChatCounts, MessagePreview as Message};
 use crate::events::ErrorBody;
 use crate::hooks::runner::CommandState;
 use crate::hooks::{CommandStatus as HookCommand, HooksStatus, RepoHooks};
@@ -146,16 +146,10 @@ pub struct Status {
     pub events: serde_json::Value,
     /// Manager name → `ok|failing|disabled`.
     pub token_refresh: std::collections::BTreeMap<String, ManagerHealth>,
-}
-
-/// The `chats` field of [`Status`] (from `ChatService::counts`, placed in a
-/// `json!` body).
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ChatCounts {
-    pub total: usize,
-    pub running: usize,
-    pub queued_messages: usize,
+    /// `{"codexTransport": "exec|app-server|pending", "agentProcesses":
+    /// {"live": n, "idle": n}}`
+    #[schema(value_type = Object)]
+    pub providers: serde_json::Value,
 }
 
 /// Built with `json!` in `http::token_refresh`.
@@ -821,6 +815,70 @@ mod tests {
         bare.last_turn = None;
         let v = serde_json::to_value(bare.view(false, true)).unwrap();
         assert_matches_schema(&doc, "Chat", &v);
+    }
+
+    /// The bodies the real handlers answer (on an empty engine) against
+    /// the document, including the ones built with `json!`.
+    #[tokio::test]
+    async fn handler_bodies_match_schemas() {
+        let home = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::for_home(home.path(), "s3cret");
+        let state = AppState::build(config, Default::default()).await.unwrap();
+        let app = super::super::router(state);
+        let doc = doc();
+        let call = |method: &str, uri: &str, body: &str| {
+            let req = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("x-replicas-engine-secret", "s3cret")
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_owned()))
+                .unwrap();
+            let app = app.clone();
+            async move {
+                let res = app.oneshot(req).await.unwrap();
+                let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                serde_json::from_slice::<Value>(&bytes).unwrap()
+            }
+        };
+        let status = call("GET", "/status", "").await;
+        assert_matches_schema(&doc, "Status", &status);
+        assert_matches_schema(&doc, "ChatCounts", &status["chats"]);
+        let refresh = call("GET", "/token-refresh/health", "").await;
+        assert_matches_schema(&doc, "TokenRefreshHealth", &refresh);
+        for m in refresh["managers"].as_object().unwrap().values() {
+            assert_matches_schema(&doc, "ManagerStatus", m);
+        }
+        assert_matches_schema(&doc, "HooksStatus", &call("GET", "/hooks/status", "").await);
+        assert_matches_schema(&doc, "RepoList", &call("GET", "/repos", "").await);
+        assert_matches_schema(&doc, "PlanList", &call("GET", "/plans", "").await);
+        let chat = call("POST", "/chats", r#"{"provider":"claude"}"#).await;
+        assert_matches_schema(&doc, "Chat", &chat);
+        assert_matches_schema(&doc, "ChatList", &call("GET", "/chats?limit=1", "").await);
+        let id = chat["id"].as_str().unwrap();
+        let history = call("GET", &format!("/chats/{id}/history"), "").await;
+        assert_matches_schema(&doc, "HistoryPage", &history);
+        let deleted = call("DELETE", &format!("/chats/{id}"), "").await;
+        assert_matches_schema(&doc, "Deleted", &deleted);
+        let missing = call("GET", &format!("/chats/{id}"), "").await;
+        assert_matches_schema(&doc, "ErrorResponse", &missing);
+        assert_matches_schema(&doc, "ErrorBody", &missing["error"]);
+
+        // `hooks.progress` (built with `json!`) is a HookCommand with its
+        // place: it carries every HookCommand property.
+        let schemas = &doc["components"]["schemas"];
+        for key in schemas["HookCommand"]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+        {
+            assert!(
+                schemas["HookProgress"]["properties"].get(key).is_some(),
+                "HookProgress lacks {key}"
+            );
+        }
     }
 
     /// Every event type the engine publishes is a variant of the document's
