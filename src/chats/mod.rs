@@ -196,7 +196,7 @@ fn decode_cursor(cursor: &str) -> Result<(String, String), ChatError> {
 }
 
 /// The `/status` summary.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ChatCounts {
     pub total: usize,

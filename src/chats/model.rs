@@ -4,6 +4,7 @@
 //! progress), never stored, so the two cannot disagree.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 pub use crate::providers::{ItemKind, ProviderKind, ToolInfo};
 
@@ -15,7 +16,7 @@ pub fn default_title(provider: ProviderKind) -> &'static str {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ChatStatus {
     Idle,
@@ -24,7 +25,7 @@ pub enum ChatStatus {
     WaitingForHooks,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ThinkingLevel {
     Low,
@@ -77,8 +78,9 @@ pub const PREVIEW_CHARS: usize = 280;
 /// The full text is stored once (with the record) and reaches the agent and
 /// the history; repeating it in every `chat.updated` would make the journal
 /// grow with the square of the queue.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Message)]
 pub struct MessagePreview {
     pub id: String,
     /// The first [`PREVIEW_CHARS`] characters of the text.
@@ -90,8 +92,10 @@ pub struct MessagePreview {
     pub queued_at: String,
     pub plan_mode: bool,
     pub model: Option<String>,
+    /// How many images the message carries.
     pub images: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
     pub thinking_level: Option<ThinkingLevel>,
 }
 
@@ -119,7 +123,7 @@ impl Message {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Completed,
@@ -140,19 +144,24 @@ impl Outcome {
 /// How the previous turn ended. `reason` says why an interrupted turn was
 /// interrupted (`user`, `engine_restart`, `engine_shutdown`, `deleted`);
 /// `error` is the failure of a failed turn.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LastTurn {
     pub turn_id: String,
     pub outcome: Outcome,
     pub finished_at: String,
+    /// When interrupted: `user`, `deleted`, `engine_restart`,
+    /// `engine_shutdown`, `provider`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[schema(required = false)]
     pub reason: Option<String>,
+    /// When failed.
     #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[schema(required = false)]
     pub error: Option<crate::events::ErrorBody>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     pub input_tokens: u64,
@@ -220,13 +229,16 @@ pub struct ChatRecord {
 }
 
 /// The wire Chat.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Chat {
     pub id: String,
+    /// `claude` or `codex` (a `providers` type, described as a string).
+    #[schema(value_type = String)]
     pub provider: ProviderKind,
     pub title: String,
     pub model: Option<String>,
+    #[schema(value_type = String)]
     pub cwd: std::path::PathBuf,
     pub status: ChatStatus,
     pub processing: bool,

@@ -126,8 +126,13 @@ pub enum TurnDelta {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `{"code","message"}`: a failed turn's error and the body of every HTTP
+/// error (`{"error": ErrorBody}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
+    /// `invalid_request`, `unauthorized`, `not_found`, `method_not_allowed`,
+    /// `conflict`, `payload_too_large`, `unprocessable`, `internal`,
+    /// `unavailable`, … (for a failed turn: `timeout`, `auth_expired`, …)
     pub code: String,
     pub message: String,
 }

@@ -28,7 +28,7 @@ use crate::repos::RepoService;
 use runner::{CommandState, Step};
 
 /// The contract's HooksStatus.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HooksStatus {
     /// `no_hooks|pending|running|completed|failed`
@@ -39,7 +39,7 @@ pub struct HooksStatus {
     pub repos: Vec<RepoHooks>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RepoHooks {
     pub repo: String,
@@ -47,12 +47,14 @@ pub struct RepoHooks {
     /// `pending|running|completed|failed`
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
     pub error: Option<String>,
     pub commands: Vec<CommandStatus>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = HookCommand)]
 pub struct CommandStatus {
     pub command: String,
     pub status: CommandState,

@@ -27,7 +27,7 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// server stops, and the KILL must be sent before that.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandState {
     Pending,

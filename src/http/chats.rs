@@ -121,10 +121,12 @@ async fn list_chats(
 }
 
 /// Serialized straight from the chats (no intermediate `Value`).
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct ChatList {
+pub(crate) struct ChatList {
+    /// Newest first.
     chats: Vec<Chat>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
     next_cursor: Option<String>,
 }
 

@@ -1,12 +1,14 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 document of this API, generated
-//! with `utoipa` from the handlers' request types and from schema structs
-//! that mirror the JSON `docs/API.md` documents (several payloads are built
-//! as `serde_json::Value` by their services; their shapes are typed here).
+//! with `utoipa` from the handlers' own types: the request bodies and the
+//! domain types the handlers serialize (`Chat`, `Repo`, `HooksStatus`, …
+//! derive `ToSchema` where they are defined). Bodies and payloads a service
+//! builds as `serde_json::Value` are typed by the few schema structs below.
 //!
 //! The operations are declared on stub functions below (the real handlers
 //! live in one file per resource); `tests::router_and_document_agree`
 //! fails when the router and this document disagree on a route or method,
-//! and `tests::document_is_valid_openapi` checks the document's structure.
+//! `tests::document_is_valid_openapi` checks the document's structure, and
+//! `tests::real_chat_matches_schema` a real serialized chat against it.
 
 #![allow(dead_code)] // the schema structs are never built, only described
 
@@ -20,8 +22,17 @@ use serde::Serialize;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::chats::{CreateChat, Interrupt, SendMessage};
+use super::chats::{ChatList, CreateChat, Interrupt, SendMessage};
 use crate::app::AppState;
+use crate::chats::model::{ChatStatus, LastTurn, Outcome, ThinkingLevel, Usage};
+use crate::chats::{Chat, ChatCounts, MessagePreview as Message};
+use crate::events::ErrorBody;
+use crate::hooks::runner::CommandState;
+use crate::hooks::{CommandStatus as HookCommand, HooksStatus, RepoHooks};
+use crate::plans::{Plan, PlanMeta as PlanInfo, PlanSource};
+use crate::repos::git::FileChange as DiffFile;
+use crate::repos::{GitDiff, Repo};
+use crate::upstream::refresh::{Health as ManagerHealth, ManagerStatus};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/openapi.json", get(get_openapi))
@@ -59,10 +70,11 @@ pub fn document() -> utoipa::openapi::OpenApi {
     ),
     components(schemas(
         ErrorResponse, ErrorBody, Health, Status, ChatCounts, TokenRefreshHealth, ManagerStatus,
-        CreateChat, SendMessage, Interrupt, Chat, Message, LastTurn, Usage, ChatList, Deleted,
-        Accepted, HistoryItem, ToolCall, HistoryPage, PlanInfo, PlanList, Plan, Repo, GitDiff,
-        DiffFile, RepoList, HooksStatus, RepoHooks, HookCommand, EngineEvent, EventKind,
-        TurnDelta, StreamReset, WebhookBody, Coalesced,
+        ManagerHealth, CreateChat, SendMessage, Interrupt, Chat, ChatStatus, Message,
+        ThinkingLevel, LastTurn, Outcome, Usage, ChatList, Deleted, Accepted, HistoryItem,
+        ToolCall, HistoryPage, PlanInfo, PlanSource, PlanList, Plan, Repo, GitDiff, DiffFile,
+        RepoList, HooksStatus, RepoHooks, HookCommand, CommandState, HookProgress, EngineEvent,
+        EventKind, TurnDelta, StreamReset, WebhookBody, Coalesced,
     )),
     modifiers(&SecretHeader),
     security(("secret" = [])),
@@ -90,22 +102,22 @@ impl Modify for SecretHeader {
 }
 
 // ------------------------------------------------------------------ schemas
+//
+// Most schemas derive from the real domain types (`crate::chats::Chat`,
+// `crate::repos::Repo`, `crate::hooks::HooksStatus`, …), so the document
+// follows them. The structs below are the rest: bodies a service builds as
+// `serde_json::Value` (with `json!`), and types from `src/providers` that do
+// not derive `ToSchema` yet. Each says which; `tests::real_chat_matches_schema`
+// and friends check the derived ones against real values.
 
-/// Every error: `{"error":{"code","message"}}`.
+/// Every error: `{"error":{"code","message"}}`. Built with `json!` in
+/// `http::error`.
 #[derive(Serialize, ToSchema)]
 pub struct ErrorResponse {
     pub error: ErrorBody,
 }
 
-#[derive(Serialize, ToSchema)]
-pub struct ErrorBody {
-    /// `invalid_request`, `unauthorized`, `not_found`, `method_not_allowed`,
-    /// `conflict`, `payload_too_large`, `unprocessable`, `internal`,
-    /// `unavailable`, …
-    pub code: String,
-    pub message: String,
-}
-
+/// Written by hand in `http::system::get_health` (a hot path).
 #[derive(Serialize, ToSchema)]
 pub struct Health {
     /// `ok` (200) or `initializing` (503).
@@ -113,6 +125,7 @@ pub struct Health {
     pub timestamp: String,
 }
 
+/// Built with `json!` in `AppState::status`.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
@@ -132,17 +145,14 @@ pub struct Status {
     #[schema(value_type = Object)]
     pub events: serde_json::Value,
     /// Manager name → `ok|failing|disabled`.
-    pub token_refresh: std::collections::BTreeMap<String, String>,
+    pub token_refresh: std::collections::BTreeMap<String, ManagerHealth>,
+    /// `{"codexTransport": "exec|app-server|pending", "agentProcesses":
+    /// {"live": n, "idle": n}}`
+    #[schema(value_type = Object)]
+    pub providers: serde_json::Value,
 }
 
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ChatCounts {
-    pub total: usize,
-    pub running: usize,
-    pub queued_messages: usize,
-}
-
+/// Built with `json!` in `http::token_refresh`.
 #[derive(Serialize, ToSchema)]
 pub struct TokenRefreshHealth {
     pub healthy: bool,
@@ -150,94 +160,13 @@ pub struct TokenRefreshHealth {
     pub managers: std::collections::BTreeMap<String, ManagerStatus>,
 }
 
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ManagerStatus {
-    /// `ok`, `failing` or `disabled`.
-    pub status: String,
-    pub last_success_at: Option<String>,
-    pub last_attempt_at: Option<String>,
-    pub next_attempt_at: Option<String>,
-    pub consecutive_failures: u32,
-    pub last_error: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Chat {
-    pub id: String,
-    /// `claude` or `codex`.
-    pub provider: String,
-    pub title: String,
-    pub model: Option<String>,
-    pub cwd: String,
-    /// `idle`, `running`, `interrupting` or `waiting_for_hooks`.
-    pub status: String,
-    pub processing: bool,
-    pub provider_session_id: Option<String>,
-    pub created_at: String,
-    pub updated_at: String,
-    pub queue: Vec<Message>,
-    pub last_turn: Option<LastTurn>,
-    pub usage: Usage,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-/// A message as clients see it: a preview (`docs/API.md`, Chats); the full
-/// text reaches the agent and the history.
-pub struct Message {
-    pub id: String,
-    /// The first 280 characters of the text.
-    pub text: String,
-    /// Length of the full text in characters.
-    pub text_length: usize,
-    /// `text` is shorter than the full text.
-    pub truncated: bool,
-    pub queued_at: String,
-    pub plan_mode: bool,
-    pub model: Option<String>,
-    /// How many images the message carries.
-    pub images: usize,
-    #[schema(required = false)]
-    pub thinking_level: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct LastTurn {
-    pub turn_id: String,
-    /// `completed`, `failed` or `interrupted`.
-    pub outcome: String,
-    pub finished_at: String,
-    /// When interrupted: `user`, `deleted`, `engine_restart`, `engine_shutdown`, `provider`.
-    #[schema(required = false)]
-    pub reason: Option<String>,
-    /// When failed.
-    #[schema(required = false)]
-    pub error: Option<ErrorBody>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Usage {
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cached_input_tokens: u64,
-    /// `null` while unknown (Codex reports no cost).
-    pub cost_usd: Option<f64>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct ChatList {
-    pub chats: Vec<Chat>,
-}
-
+/// `{"success": true}`, built with `json!`.
 #[derive(Serialize, ToSchema)]
 pub struct Deleted {
     pub success: bool,
 }
 
+/// Built with `json!` in `ChatService::send`.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Accepted {
@@ -249,7 +178,9 @@ pub struct Accepted {
     pub chat_id: String,
 }
 
-/// One normalized history item (replace by `id` when sent again).
+/// One normalized history item (replace by `id` when sent again). Mirrors
+/// `crate::chats::HistoryItem`, whose `kind` and `tool` are `src/providers`
+/// types without `ToSchema`.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryItem {
@@ -259,13 +190,15 @@ pub struct HistoryItem {
     /// `user_message`, `assistant_message`, `reasoning`, `tool_call`,
     /// `tool_result`, `command`, `file_change`, `todo_list`, `error`, `system`.
     pub kind: String,
-    pub text: Option<String>,
+    /// Empty when the item has no text.
+    pub text: String,
     pub tool: Option<ToolCall>,
     /// The provider's line, only with `?raw=true`.
     #[schema(required = false, value_type = Object)]
     pub raw: Option<serde_json::Value>,
 }
 
+/// Mirrors `crate::providers::ToolInfo` (no `ToSchema` in `src/providers`).
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ToolCall {
@@ -278,6 +211,7 @@ pub struct ToolCall {
     pub exit_code: Option<i32>,
 }
 
+/// Built with `json!` in `http::chats::get_history`.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryPage {
@@ -286,113 +220,35 @@ pub struct HistoryPage {
     pub has_more: bool,
 }
 
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PlanInfo {
-    pub filename: String,
-    /// `claude` or `replicas`.
-    pub source: String,
-    pub size_bytes: u64,
-    pub modified_at: String,
-}
-
+/// `{"plans": [...]}`, built with `json!`.
 #[derive(Serialize, ToSchema)]
 pub struct PlanList {
     pub plans: Vec<PlanInfo>,
 }
 
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Plan {
-    pub filename: String,
-    pub source: String,
-    pub content: String,
-    pub modified_at: String,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Repo {
-    pub name: String,
-    pub path: String,
-    pub branch: Option<String>,
-    pub default_branch: String,
-    pub head_sha: Option<String>,
-    pub remote_url: Option<String>,
-    pub is_dirty: bool,
-    pub ahead: u32,
-    pub behind: u32,
-    pub pr_url: Option<String>,
-    pub start_hooks_completed: bool,
-    pub git_diff: GitDiff,
-    /// Present when the repo could not be read.
-    #[schema(required = false)]
-    pub error: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct GitDiff {
-    pub files_changed: u32,
-    pub added: u64,
-    pub removed: u64,
-    pub files: Vec<DiffFile>,
-    /// Only with `includeDiffs=true`.
-    #[schema(required = false)]
-    pub full_diff: Option<String>,
-    #[schema(required = false)]
-    pub truncated: Option<bool>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct DiffFile {
-    pub path: String,
-    /// `modified`, `added`, `deleted`, `renamed` or `untracked`.
-    pub status: String,
-    pub additions: u64,
-    pub deletions: u64,
-}
-
+/// `{"repos": [...]}`, built with `json!`.
 #[derive(Serialize, ToSchema)]
 pub struct RepoList {
     pub repos: Vec<Repo>,
 }
 
+/// The `hooks.progress` payload, built with `json!` in
+/// `HookService::set_command`: a [`HookCommand`] with its place.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct HooksStatus {
-    /// `no_hooks`, `pending`, `running`, `completed` or `failed`.
-    pub status: String,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub log_path: String,
-    pub repos: Vec<RepoHooks>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct RepoHooks {
+pub struct HookProgress {
     pub repo: String,
-    pub commands: Vec<HookCommand>,
-}
-
-/// One hook command's state; also the `hooks.progress` payload (with `repo`
-/// and `index`).
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct HookCommand {
-    #[schema(required = false)]
-    pub repo: Option<String>,
-    #[schema(required = false)]
-    pub index: Option<usize>,
+    /// Index of the command in the repo's `commands`.
+    pub index: usize,
     pub command: String,
-    /// `pending`, `running`, `completed`, `failed` or `timed_out`.
-    pub status: String,
+    pub status: CommandState,
     pub exit_code: Option<i32>,
     pub timed_out: bool,
     pub duration_ms: Option<u64>,
 }
 
-/// One event: a journal line, an SSE `data:`, a webhook's `event`.
+/// One event: a journal line, an SSE `data:`, a webhook's `event`. Mirrors
+/// `crate::events::EngineEvent`, whose payloads are `serde_json::Value`.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EngineEvent {
@@ -406,7 +262,8 @@ pub struct EngineEvent {
     pub kind: EventKind,
 }
 
-/// `type` and its `payload`.
+/// `type` and its `payload`. Mirrors `crate::events::EventKind` with the
+/// `Value` payloads typed.
 #[derive(Serialize, ToSchema)]
 #[serde(tag = "type", content = "payload")]
 pub enum EventKind {
@@ -462,7 +319,7 @@ pub enum EventKind {
     #[serde(rename = "hooks.started")]
     HooksStarted { status: HooksStatus },
     #[serde(rename = "hooks.progress")]
-    HooksProgress(HookCommand),
+    HooksProgress(HookProgress),
     #[serde(rename = "hooks.completed")]
     HooksCompleted { status: HooksStatus },
     #[serde(rename = "hooks.failed")]
@@ -481,6 +338,7 @@ pub enum EventKind {
 }
 
 /// `chat.turn.delta`: a whole history item, or a streamed text fragment.
+/// Mirrors `crate::events::TurnDelta`, whose item is raw JSON text.
 #[derive(Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum TurnDelta {
@@ -499,13 +357,15 @@ pub enum TurnDelta {
     },
 }
 
+/// Built with `json!` in `http::events::reset_frame`.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamReset {
     pub oldest_available_id: String,
 }
 
-/// The body of `POST {MONOLITH_URL}/v1/engine/webhook` (engine → backend).
+/// The body of `POST {MONOLITH_URL}/v1/engine/webhook` (engine → backend),
+/// written as text in `upstream::webhooks`.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookBody {
@@ -587,8 +447,15 @@ fn events() {}
 fn create_chat() {}
 
 #[utoipa::path(get, path = "/chats", tag = "chats",
+    params(
+        ("limit" = Option<usize>, Query, description = "1..=1000; without it every chat"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+        ("status" = Option<ChatStatus>, Query, description = "Only chats in this status"),
+        ("provider" = Option<String>, Query, description = "`claude` or `codex`"),
+    ),
     responses(
         (status = 200, description = "Newest first", body = ChatList),
+        (status = 400, description = "Bad limit, cursor, status or provider", body = ErrorResponse),
         (status = 401, description = "Missing or wrong secret", body = ErrorResponse),
     ))]
 fn list_chats() {}
@@ -860,6 +727,158 @@ mod tests {
             doc["paths"]["/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
                 .is_object()
         );
+    }
+
+    /// `value`'s keys are properties of schema `name`, and every property
+    /// the schema requires is there: a field added to, renamed in or
+    /// removed from the real type without the document following fails.
+    fn assert_matches_schema(doc: &Value, name: &str, value: &Value) {
+        let schema = &doc["components"]["schemas"][name];
+        let props = schema["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no schema {name}"));
+        let keys = value.as_object().unwrap();
+        for key in keys.keys() {
+            assert!(
+                props.contains_key(key),
+                "{name}.{key} is sent but not documented"
+            );
+        }
+        for req in schema["required"].as_array().into_iter().flatten() {
+            let req = req.as_str().unwrap();
+            assert!(
+                keys.contains_key(req),
+                "{name}.{req} is required but not sent"
+            );
+        }
+    }
+
+    /// A real wire `Chat` (with a queued message and a failed last turn,
+    /// so every optional part is filled) against the document.
+    #[test]
+    fn real_chat_matches_schema() {
+        use crate::chats::model::{ChatRecord, LastTurn, Message, Outcome, ThinkingLevel, Usage};
+        use crate::providers::ProviderKind;
+        let record = ChatRecord {
+            id: "c_1".into(),
+            provider: ProviderKind::Codex,
+            title: "t".into(),
+            model: Some("m".into()),
+            cwd: "/w".into(),
+            provider_session_id: Some("s".into()),
+            created_at: "t".into(),
+            updated_at: "t".into(),
+            queue: vec![Message {
+                id: "m_1".into(),
+                text: "x".repeat(300),
+                queued_at: "t".into(),
+                plan_mode: true,
+                model: None,
+                images: 1,
+                thinking_level: Some(ThinkingLevel::High),
+            }],
+            last_turn: Some(LastTurn {
+                turn_id: "t_1".into(),
+                outcome: Outcome::Failed,
+                finished_at: "t".into(),
+                reason: Some("user".into()),
+                error: Some(crate::events::ErrorBody {
+                    code: "timeout".into(),
+                    message: "m".into(),
+                }),
+            }),
+            usage: Usage {
+                cost_usd: Some(0.5),
+                ..Usage::default()
+            },
+            active_turn: None,
+            codex_thread_usage: None,
+        };
+        let doc = doc();
+        for chat in [record.view(false, true), record.view(true, false)] {
+            let v = serde_json::to_value(&chat).unwrap();
+            assert_matches_schema(&doc, "Chat", &v);
+            assert_matches_schema(&doc, "Message", &v["queue"][0]);
+            assert_matches_schema(&doc, "LastTurn", &v["lastTurn"]);
+            assert_matches_schema(&doc, "ErrorBody", &v["lastTurn"]["error"]);
+            assert_matches_schema(&doc, "Usage", &v["usage"]);
+            // Enum values come from the real enums too.
+            let status = &doc["components"]["schemas"]["ChatStatus"]["enum"];
+            assert!(
+                status.as_array().unwrap().contains(&v["status"]),
+                "{status}"
+            );
+        }
+        // A fresh chat: the optional parts are null or absent.
+        let mut bare = record.clone();
+        bare.queue.clear();
+        bare.last_turn = None;
+        let v = serde_json::to_value(bare.view(false, true)).unwrap();
+        assert_matches_schema(&doc, "Chat", &v);
+    }
+
+    /// The bodies the real handlers answer (on an empty engine) against
+    /// the document, including the ones built with `json!`.
+    #[tokio::test]
+    async fn handler_bodies_match_schemas() {
+        let home = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::for_home(home.path(), "s3cret");
+        let state = AppState::build(config, Default::default()).await.unwrap();
+        let app = super::super::router(state);
+        let doc = doc();
+        let call = |method: &str, uri: &str, body: &str| {
+            let req = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("x-replicas-engine-secret", "s3cret")
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_owned()))
+                .unwrap();
+            let app = app.clone();
+            async move {
+                let res = app.oneshot(req).await.unwrap();
+                let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                serde_json::from_slice::<Value>(&bytes).unwrap()
+            }
+        };
+        let status = call("GET", "/status", "").await;
+        assert_matches_schema(&doc, "Status", &status);
+        assert_matches_schema(&doc, "ChatCounts", &status["chats"]);
+        let refresh = call("GET", "/token-refresh/health", "").await;
+        assert_matches_schema(&doc, "TokenRefreshHealth", &refresh);
+        for m in refresh["managers"].as_object().unwrap().values() {
+            assert_matches_schema(&doc, "ManagerStatus", m);
+        }
+        assert_matches_schema(&doc, "HooksStatus", &call("GET", "/hooks/status", "").await);
+        assert_matches_schema(&doc, "RepoList", &call("GET", "/repos", "").await);
+        assert_matches_schema(&doc, "PlanList", &call("GET", "/plans", "").await);
+        let chat = call("POST", "/chats", r#"{"provider":"claude"}"#).await;
+        assert_matches_schema(&doc, "Chat", &chat);
+        assert_matches_schema(&doc, "ChatList", &call("GET", "/chats?limit=1", "").await);
+        let id = chat["id"].as_str().unwrap();
+        let history = call("GET", &format!("/chats/{id}/history"), "").await;
+        assert_matches_schema(&doc, "HistoryPage", &history);
+        let deleted = call("DELETE", &format!("/chats/{id}"), "").await;
+        assert_matches_schema(&doc, "Deleted", &deleted);
+        let missing = call("GET", &format!("/chats/{id}"), "").await;
+        assert_matches_schema(&doc, "ErrorResponse", &missing);
+        assert_matches_schema(&doc, "ErrorBody", &missing["error"]);
+
+        // `hooks.progress` (built with `json!`) is a HookCommand with its
+        // place: it carries every HookCommand property.
+        let schemas = &doc["components"]["schemas"];
+        for key in schemas["HookCommand"]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+        {
+            assert!(
+                schemas["HookProgress"]["properties"].get(key).is_some(),
+                "HookProgress lacks {key}"
+            );
+        }
     }
 
     /// Every event type the engine publishes is a variant of the document's

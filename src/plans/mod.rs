@@ -25,7 +25,7 @@ use crate::config::Paths;
 /// Largest plan served (5 MiB); plans are prose, anything bigger is a mistake.
 pub const MAX_PLAN_BYTES: u64 = 5 * 1024 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PlanSource {
     Claude,
@@ -33,8 +33,9 @@ pub enum PlanSource {
 }
 
 /// One entry of `GET /plans`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = PlanInfo)]
 pub struct PlanMeta {
     pub filename: String,
     pub source: PlanSource,
@@ -45,7 +46,7 @@ pub struct PlanMeta {
 }
 
 /// `GET /plans/:filename`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
     pub filename: String,

@@ -193,9 +193,12 @@ impl Git {
 }
 
 /// One changed file as the contract reports it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = DiffFile)]
 pub struct FileChange {
     pub path: String,
+    /// `modified`, `added`, `deleted`, `renamed` or `untracked`.
+    #[schema(value_type = String)]
     pub status: &'static str,
     pub additions: u64,
     pub deletions: u64,

@@ -35,7 +35,7 @@ const GH_TIMEOUT: Duration = Duration::from_secs(10);
 const PARALLEL_REPOS: usize = 8;
 
 /// The contract's Repo object.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Repo {
     pub name: String,
@@ -54,20 +54,25 @@ pub struct Repo {
     pub pr_url: Option<String>,
     pub start_hooks_completed: bool,
     pub git_diff: GitDiff,
+    /// Present when the repo could not be read.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GitDiff {
     pub files_changed: usize,
     pub added: u64,
     pub removed: u64,
     pub files: Vec<FileChange>,
+    /// Only with `includeDiffs=true`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
     pub full_diff: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
     pub truncated: Option<bool>,
 }
 

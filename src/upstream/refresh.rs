@@ -75,8 +75,9 @@ impl Manager {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(as = ManagerHealth)]
 pub enum Health {
     Ok,
     Failing,
@@ -95,7 +96,7 @@ impl Serialize for Summary {
 }
 
 /// One manager's entry in `GET /token-refresh/health`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ManagerStatus {
     pub status: Health,
