@@ -118,6 +118,7 @@ pub async fn run() -> anyhow::Result<()> {
     };
     let health = load(&engine.addr, "/health", false).await?;
     report("GET /health", &health);
+    metrics_cost().await?;
     // 2,000 chats for /status (does it walk them?), then up to 10,000 for
     // the cost of one more chat.
     let started = Instant::now();
@@ -267,5 +268,33 @@ async fn read_more(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> any
     let n = stream.read(&mut chunk).await?;
     anyhow::ensure!(n > 0, "connection closed");
     buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+/// What the per-request metrics cost `/health` (issue 12: at most 5 %):
+/// fresh engines with `REPLICAS_HTTP_METRICS=1` and `=0`, pinned like the
+/// rest, alternated twice (the machine's load drifts); the ratio of the
+/// better run of each.
+async fn metrics_cost() -> anyhow::Result<()> {
+    let (mut with, mut without) = (0f64, 0f64);
+    for _ in 0..2 {
+        for on in ["1", "0"] {
+            let home = tempfile::tempdir()?;
+            let engine = Engine::start_on(
+                home.path(),
+                &[("REPLICAS_HTTP_METRICS", std::ffi::OsStr::new(on))],
+                Some("0"),
+            )
+            .await?;
+            let l = load(&engine.addr, "/health", false).await?;
+            engine.stop().await;
+            let best = if on == "1" { &mut with } else { &mut without };
+            *best = best.max(l.rps);
+        }
+    }
+    println!(
+        "http: GET /health with per-request metrics {with:.0} req/s, without {without:.0} req/s: {:.3}x (target >= 0.95x)",
+        with / without
+    );
     Ok(())
 }
