@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use replicas_engine::process;
 use replicas_engine::providers::{
-    Image, ItemKind, NormalizedItem, Outcome, ProcessPool, ProviderError, ProviderEvent,
-    ProviderKind, ProviderSession, RunningTurn, SessionConfig, TurnInput, TurnResult,
+    Image, ItemKind, Outcome, ProcessPool, ProviderError, ProviderEvent, ProviderKind,
+    ProviderSession, RunningTurn, SessionConfig, TurnInput, TurnResult,
 };
 
 const KINDS: [ProviderKind; 2] = [ProviderKind::Claude, ProviderKind::Codex];
@@ -142,15 +142,7 @@ async fn first_item(turn: &mut RunningTurn) -> Vec<ProviderEvent> {
     }
 }
 
-fn items(events: &[ProviderEvent]) -> Vec<&NormalizedItem> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            ProviderEvent::Item(i) => Some(i),
-            _ => None,
-        })
-        .collect()
-}
+use replicas_engine::providers::items;
 
 fn answer(events: &[ProviderEvent]) -> String {
     items(events)

@@ -18,8 +18,8 @@ use std::time::Duration;
 use common::e2e::E2eEnv;
 use replicas_engine::process;
 use replicas_engine::providers::{
-    ItemKind, NormalizedItem, Outcome, ProviderEvent, ProviderKind, ProviderSession, RunningTurn,
-    SessionConfig, TurnInput, TurnResult,
+    ItemKind, Outcome, ProviderEvent, ProviderKind, ProviderSession, RunningTurn, SessionConfig,
+    TurnInput, TurnResult,
 };
 
 fn config(e: &E2eEnv, kind: ProviderKind) -> SessionConfig {
@@ -57,15 +57,7 @@ async fn drain(turn: &mut RunningTurn) -> (Vec<ProviderEvent>, TurnResult) {
     (events, result)
 }
 
-fn items(events: &[ProviderEvent]) -> Vec<&NormalizedItem> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            ProviderEvent::Item(i) => Some(i),
-            _ => None,
-        })
-        .collect()
-}
+use replicas_engine::providers::items;
 
 fn answer(events: &[ProviderEvent]) -> String {
     items(events)

@@ -179,6 +179,17 @@ pub enum ProviderEvent {
     Finished(TurnResult),
 }
 
+/// The normalized items among a turn's events, in order.
+pub fn items(events: &[ProviderEvent]) -> Vec<&NormalizedItem> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ProviderEvent::Item(i) => Some(i),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The kind of a history item (wire names in snake_case).
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
 #[serde(rename_all = "snake_case")]

@@ -466,15 +466,7 @@ mod tests {
         text.lines().flat_map(|l| parse_line(&mut p, l)).collect()
     }
 
-    fn items(events: &[ProviderEvent]) -> Vec<&NormalizedItem> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                ProviderEvent::Item(i) => Some(i),
-                _ => None,
-            })
-            .collect()
-    }
+    use crate::providers::items;
 
     fn finished(events: &[ProviderEvent]) -> Vec<&TurnResult> {
         events

@@ -364,15 +364,7 @@ mod tests {
         run(&mut CodexParser::new(), name)
     }
 
-    fn items(events: &[ProviderEvent]) -> Vec<&NormalizedItem> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                ProviderEvent::Item(i) => Some(i),
-                _ => None,
-            })
-            .collect()
-    }
+    use crate::providers::items;
 
     fn finished(events: &[ProviderEvent]) -> &TurnResult {
         match events.last() {
