@@ -1637,7 +1637,11 @@ async fn an_acknowledged_message_survives_kill9() {
     let chat = create_chat(&e, "claude").await;
     let mut events = chat_events(&e, &chat).await;
     send(&e, &chat, "FAKE_HANG").await;
-    events.wait_type("chat.turn.started").await;
+    // A delta means the process was spawned and its group recorded, so the
+    // next write (the 202's) carries it and the restart ends that turn
+    // instead of requeueing it: a turn whose group was not yet recorded
+    // when the engine died is run again by design, and this one hangs.
+    events.wait_type("chat.turn.delta").await;
     let acc = send(&e, &chat, "must survive").await;
     assert_eq!(acc["status"], "queued");
     let e = e.crash_and_restart().await;
