@@ -3,8 +3,9 @@
 //!
 //! - [`chats`]: the chat registry, message queues and turns (per-chat runner), history files, restart recovery.
 //! - [`config`]: environment → validated [`config::Config`]; every path from one home ([`config::Paths`]).
-//! - [`app`]: [`app::AppState`] (service handles), `build()`, and `run(state, listener)` over a bounded accept loop (header timeout, connection cap).
-//! - [`http`]: the only module that knows HTTP: router, layers, auth, error shape, one file per resource.
+//! - [`app`]: [`app::AppState`] (service handles) and `build()`; knows no HTTP.
+//! - [`http`]: router, layers, auth, error shape, one file per resource; builds the router from an `AppState`.
+//! - [`server`]: `run(state, listener)` wires `app` and `http` over a bounded accept loop (header timeout, connection cap); `server → http → app`, never back.
 //! - [`events`]: the typed `EngineEvent`, the gapless bus, the bounded JSONL journal.
 //! - [`repos`]: repos under the workspace root: git status, diffs, PR URL, repo events; the replicas config.
 //! - [`hooks`]: start hooks (once per workspace, in the background), `/hooks/status`, `warm`.
@@ -30,6 +31,7 @@ pub mod process;
 pub mod providers;
 pub mod readiness;
 pub mod repos;
+pub mod server;
 pub mod upstream;
 pub mod util;
 

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use replicas_engine::app::{self, AppState};
+use replicas_engine::app::AppState;
 use replicas_engine::config::{self, Config, ENV_HELP};
 use replicas_engine::process;
+use replicas_engine::server;
 use tokio_util::sync::CancellationToken;
 
 /// How long shutdown may take before the engine exits anyway.
@@ -167,7 +168,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     );
 
     tokio::spawn(signals.watch(shutdown.clone()));
-    let server = tokio::spawn(app::run(state.clone(), listener));
+    let server = tokio::spawn(server::run(state.clone(), listener));
     shutdown.cancelled().await;
     tracing::info!("shutting down");
     match tokio::time::timeout(SHUTDOWN_DEADLINE, server).await {

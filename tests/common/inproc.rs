@@ -1,11 +1,12 @@
-//! The engine in the test process: the same `AppState::build` + `app::run`
+//! The engine in the test process: the same `AppState::build` + `server::run`
 //! the binary uses, on a real listener bound to 127.0.0.1:0 before serving.
 //! For tests that need to publish on the bus directly.
 
 use std::path::Path;
 
-use replicas_engine::app::{self, AppState};
+use replicas_engine::app::AppState;
 use replicas_engine::config::Config;
+use replicas_engine::server;
 use tokio_util::sync::CancellationToken;
 
 use super::{SseStream, SECRET};
@@ -26,7 +27,7 @@ impl InProc {
         let state = AppState::build(config, CancellationToken::new())
             .await
             .unwrap();
-        let server = tokio::spawn(app::run(state.clone(), listener));
+        let server = tokio::spawn(server::run(state.clone(), listener));
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert("x-replicas-engine-secret", SECRET.parse().unwrap());
         let client = reqwest::Client::builder()

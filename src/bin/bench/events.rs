@@ -11,7 +11,7 @@
 //! The engine always runs in its own process: the release binary, or for
 //! fan-out (which needs a publisher inside the engine) this bench binary
 //! re-executed as `__engine-host`, which runs the same library code
-//! (`AppState::build` + `app::run`) plus a timed publisher.
+//! (`AppState::build` + `server::run`) plus a timed publisher.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -331,7 +331,7 @@ pub async fn engine_host() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let state = replicas_engine::app::AppState::build(config, Default::default()).await?;
     println!("LISTENING {}", listener.local_addr()?);
-    tokio::spawn(replicas_engine::app::run(state.clone(), listener));
+    tokio::spawn(replicas_engine::server::run(state.clone(), listener));
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = stdin.next_line().await? {
         let parts: Vec<&str> = line.split_whitespace().collect();
