@@ -4,7 +4,7 @@
 //! - [`chats`]: the chat registry, message queues and turns (per-chat runner), history files, restart recovery.
 //! - [`config`]: environment → validated [`config::Config`]; every path from one home ([`config::Paths`]).
 //! - [`app`]: [`app::AppState`] (service handles) and `build()`; knows no HTTP.
-//! - [`http`]: router, layers, auth, error shape, one file per resource; builds the router from an `AppState`.
+//! - [`http`]: builds the router from an `AppState`: layers, auth, one file per resource; `http/error.rs` turns every domain error into a status and the error shape, in one place.
 //! - [`server`]: `run(state, listener)` wires `app` and `http` over a bounded accept loop (header timeout, connection cap); `server → http → app`, never back.
 //! - [`events`]: the typed `EngineEvent`, the gapless bus, the bounded JSONL journal.
 //! - [`repos`]: repos under the workspace root: git status, diffs, PR URL, repo events; the replicas config.

@@ -1588,6 +1588,45 @@ async fn an_internal_error_answers_500_in_the_error_shape_and_logs_the_request_i
             .any(|l| l.contains("internal error") && l.contains(&request_id)),
         "no log line with {request_id}:\n{logs}"
     );
+    let causes = logs
+        .lines()
+        .filter(|l| l.contains("could not read chat history"))
+        .count();
+    assert_eq!(causes, 1, "the cause is logged once:\n{logs}");
+}
+
+/// A message whose images cannot be stored (here: a file where the
+/// attachments folder should be) is an internal error: 500 in the error
+/// shape, nothing queued or started, the cause logged once.
+#[tokio::test]
+async fn an_attachment_that_cannot_be_stored_answers_500_and_queues_nothing() {
+    let e = engine().await;
+    let chat = create_chat(&e, "claude").await;
+    let attachments = e.home().join(".replicas/engine/attachments");
+    let _ = std::fs::remove_dir_all(&attachments);
+    std::fs::write(&attachments, "not a folder").unwrap();
+    let (code, message) = error_of(
+        e.post(&format!("/chats/{chat}/messages"))
+            .json(&json!({"message": "look", "images": [image_block("image/png", "iVBORw0KGgo=")]}))
+            .send()
+            .await
+            .unwrap(),
+        500,
+    )
+    .await;
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("internal", "internal error; see the engine log")
+    );
+    let c = e.get_json(&format!("/chats/{chat}"), 200).await;
+    assert_eq!(c["status"], "idle", "{c}");
+    assert_eq!(c["queue"], json!([]), "{c}");
+    let logs = e.shutdown_logs().await;
+    let causes = logs
+        .lines()
+        .filter(|l| l.contains("could not persist chat state"))
+        .count();
+    assert_eq!(causes, 1, "the cause is logged once:\n{logs}");
 }
 
 /// An engine from before the database: its `chats.json` (with a queued

@@ -157,3 +157,28 @@ async fn path_tricks_are_rejected_and_escapes_are_not_found() {
     assert_eq!(body["error"]["code"], "payload_too_large");
     e.shutdown().await;
 }
+
+/// A plan folder that cannot be read (here: a file where the folder
+/// should be) is an internal error: 500 in the error shape with the
+/// generic message, the cause logged once.
+#[tokio::test]
+async fn an_unreadable_plan_folder_answers_500_and_logs_the_cause_once() {
+    let e = TestEngine::start().await;
+    let claude = e.home().join(".claude/plans");
+    let _ = std::fs::remove_dir_all(&claude);
+    std::fs::create_dir_all(claude.parent().unwrap()).unwrap();
+    std::fs::write(&claude, "not a folder").unwrap();
+    let (status, body) = raw_get(&e, "/plans").await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"error":{"code":"internal","message":"internal error; see the engine log"}})
+    );
+    let logs = e.shutdown_logs().await;
+    let lines: Vec<_> = logs
+        .lines()
+        .filter(|l| l.contains("reading plans"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{logs}");
+    assert!(lines[0].contains("internal error"), "{logs}");
+}

@@ -1,6 +1,6 @@
 //! `/chats`: create, list, get, delete chats; send messages; interrupt;
-//! read history. Decoding and the error shape live here; every rule lives
-//! in [`crate::chats`].
+//! read history. Decoding lives here, every rule in [`crate::chats`], and
+//! how a [`crate::chats::ChatError`] answers in [`super::error`].
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -12,9 +12,7 @@ use serde_json::{json, Value};
 
 use super::error::{ApiError, AppJson, AppQuery};
 use crate::app::AppState;
-use crate::chats::{
-    Accepted, Chat, ChatError, ChatStatus, ListQuery, NewChat, NewMessage, MAX_LIST_LIMIT,
-};
+use crate::chats::{Accepted, Chat, ChatStatus, ListQuery, NewChat, NewMessage, MAX_LIST_LIMIT};
 use crate::providers::ProviderKind;
 
 pub fn router() -> Router<AppState> {
@@ -24,20 +22,6 @@ pub fn router() -> Router<AppState> {
         .route("/chats/{chat_id}/messages", post(send_message))
         .route("/chats/{chat_id}/interrupt", post(interrupt_chat))
         .route("/chats/{chat_id}/history", get(get_history))
-}
-
-impl From<ChatError> for ApiError {
-    fn from(e: ChatError) -> Self {
-        match e {
-            ChatError::NotFound(_) => ApiError::not_found(e.to_string()),
-            ChatError::Invalid { .. } => ApiError::bad_request(e.to_string()),
-            ChatError::MessageTooLarge { .. } => ApiError::too_large(e.to_string()),
-            ChatError::QueueFull { .. } => {
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())
-            }
-            ChatError::Persist(_) | ChatError::History(_) => ApiError::internal(e),
-        }
-    }
 }
 
 /// `POST /chats` body (also its OpenAPI schema).

@@ -1,7 +1,10 @@
 //! The one place domain errors become HTTP: `{"error":{"code","message"}}`
-//! with the contract's status codes. Internal errors answer a generic
+//! with the contract's status codes. Each domain error type has a `From`
+//! impl here, so handlers only write `?`. Internal errors answer a generic
 //! message; their cause rides on the response ([`InternalCause`]) and is
-//! logged once, with the request id, by [`super::request`].
+//! logged once, with the request id, by [`super::request`]. Client errors
+//! (4xx) are not logged; a bound that turns clients away (503) is logged
+//! here, once, at warn.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -11,6 +14,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+
+use crate::chats::ChatError;
+use crate::events::bus::Full as SubscribersFull;
+use crate::plans::PlanError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -63,6 +70,50 @@ impl ApiError {
         );
         e.cause = Some(cause.to_string());
         e
+    }
+}
+
+impl From<ChatError> for ApiError {
+    fn from(e: ChatError) -> Self {
+        match e {
+            ChatError::NotFound(_) => ApiError::not_found(e.to_string()),
+            ChatError::Invalid { .. } => ApiError::bad_request(e.to_string()),
+            ChatError::MessageTooLarge { .. } => ApiError::too_large(e.to_string()),
+            ChatError::QueueFull { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())
+            }
+            ChatError::Persist(_) | ChatError::History(_) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<PlanError> for ApiError {
+    fn from(e: PlanError) -> Self {
+        match e {
+            PlanError::InvalidName(_) => ApiError::bad_request(e.to_string()),
+            PlanError::NotFound => ApiError::not_found("no such plan"),
+            PlanError::TooLarge { .. } => ApiError::too_large(e.to_string()),
+            PlanError::Io(e) => ApiError::internal(format!("reading plans: {e}")),
+        }
+    }
+}
+
+/// `REPLICAS_MAX_SUBSCRIBERS` streams are open: 503, and a warning, since
+/// clients are being turned away.
+impl From<SubscribersFull> for ApiError {
+    fn from(full: SubscribersFull) -> Self {
+        tracing::warn!(
+            max = full.max,
+            "event stream refused: subscriber limit reached"
+        );
+        ApiError::unavailable(full.to_string())
+    }
+}
+
+/// A blocking task (`spawn_blocking`) that panicked or was cancelled.
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ApiError::internal(e)
     }
 }
 
@@ -170,4 +221,147 @@ pub fn drop_stray_allow(mut res: Response) -> Response {
         res.headers_mut().remove(axum::http::header::ALLOW);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Status, code, client message and logged cause of an error.
+    fn shape(e: impl Into<ApiError>) -> (u16, &'static str, String, Option<String>) {
+        let e = e.into();
+        (e.status.as_u16(), e.code, e.message, e.cause)
+    }
+
+    #[track_caller]
+    fn maps_to(
+        e: impl Into<ApiError>,
+        status: u16,
+        code: &str,
+        message: &str,
+        cause: Option<&str>,
+    ) {
+        assert_eq!(
+            shape(e),
+            (status, code, message.to_owned(), cause.map(str::to_owned))
+        );
+    }
+
+    fn io(msg: &str) -> std::io::Error {
+        std::io::Error::other(msg.to_owned())
+    }
+
+    const INTERNAL: &str = "internal error; see the engine log";
+
+    /// Every domain error as the contract answers it; the wire messages
+    /// are pinned here so a change to a domain type's text shows.
+    #[test]
+    fn domain_errors_map_to_the_contract() {
+        maps_to(
+            ChatError::NotFound("c_x".into()),
+            404,
+            "not_found",
+            r#"no chat with id "c_x""#,
+            None,
+        );
+        maps_to(
+            ChatError::Invalid {
+                field: "provider",
+                message: "unknown provider".into(),
+            },
+            400,
+            "invalid_request",
+            "provider: unknown provider",
+            None,
+        );
+        maps_to(
+            ChatError::MessageTooLarge { len: 10, max: 5 },
+            413,
+            "payload_too_large",
+            "message: the text is 10 bytes; the limit is 5 bytes",
+            None,
+        );
+        maps_to(
+            ChatError::QueueFull { max: 100 },
+            429,
+            "queue_full",
+            "the chat already has 100 queued messages; wait for them to run or interrupt with clearQueue",
+            None,
+        );
+        maps_to(
+            ChatError::Persist(io("disk full")),
+            500,
+            "internal",
+            INTERNAL,
+            Some("could not persist chat state: disk full"),
+        );
+        maps_to(
+            ChatError::History(io("is a directory")),
+            500,
+            "internal",
+            INTERNAL,
+            Some("could not read chat history: is a directory"),
+        );
+        maps_to(
+            PlanError::InvalidName("must not contain NUL"),
+            400,
+            "invalid_request",
+            "invalid plan name: must not contain NUL",
+            None,
+        );
+        maps_to(PlanError::NotFound, 404, "not_found", "no such plan", None);
+        maps_to(
+            PlanError::TooLarge { size: 6, max: 5 },
+            413,
+            "payload_too_large",
+            "plan is 6 bytes; the limit is 5",
+            None,
+        );
+        maps_to(
+            PlanError::Io(io("not a directory")),
+            500,
+            "internal",
+            INTERNAL,
+            Some("reading plans: not a directory"),
+        );
+        maps_to(
+            SubscribersFull { max: 2 },
+            503,
+            "unavailable",
+            "2 event streams are open already; try again later",
+            None,
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_blocking_task_is_internal() {
+        let task = tokio::task::spawn_blocking(|| panic!("bug in a blocking task"));
+        let (status, code, message, cause) = shape(task.await.unwrap_err());
+        assert_eq!(
+            (status, code, message.as_str()),
+            (500, "internal", INTERNAL)
+        );
+        assert!(cause.unwrap().contains("panicked"));
+    }
+
+    /// The body is the error shape; an internal cause rides on the response
+    /// for the request layer to log, never in the body.
+    #[tokio::test]
+    async fn the_response_is_the_error_shape_and_keeps_the_cause_out_of_the_body() {
+        let res = ApiError::from(ChatError::Persist(io("disk full"))).into_response();
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            res.extensions()
+                .get::<InternalCause>()
+                .map(|c| c.0.as_str()),
+            Some("could not persist chat state: disk full")
+        );
+        let body = axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            json!({"error":{"code":"internal","message":INTERNAL}})
+        );
+    }
 }

@@ -95,14 +95,7 @@ async fn stream_events(
     let filter = Filter::new(q.chat_id, q.types.as_deref());
     let subscription = state
         .bus
-        .try_subscribe(since, state.config.max_subscribers)
-        .map_err(|full| {
-            tracing::warn!(
-                max = full.max,
-                "event stream refused: subscriber limit reached"
-            );
-            ApiError::unavailable(full.to_string())
-        })?;
+        .try_subscribe(since, state.config.max_subscribers)?;
     let events = subscription.filter_map(move |item| {
         let out = match item {
             // The frame was serialized once at publish time; every

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use crate::app::AppState;
-use crate::plans::{Plan, PlanError, PlanStore};
+use crate::plans::{Plan, PlanStore};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -20,10 +20,7 @@ pub fn router() -> Router<AppState> {
 
 async fn list_plans(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let store = PlanStore::new(&state.config.paths);
-    let plans = tokio::task::spawn_blocking(move || store.list())
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(plan_error)?;
+    let plans = tokio::task::spawn_blocking(move || store.list()).await??;
     Ok(Json(json!({ "plans": plans })))
 }
 
@@ -34,18 +31,6 @@ async fn get_plan(
     let Path(filename) = filename
         .map_err(|e| ApiError::bad_request(format!("invalid plan name: {}", e.body_text())))?;
     let store = PlanStore::new(&state.config.paths);
-    let plan = tokio::task::spawn_blocking(move || store.get(&filename))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(plan_error)?;
+    let plan = tokio::task::spawn_blocking(move || store.get(&filename)).await??;
     Ok(Json(plan))
-}
-
-fn plan_error(e: PlanError) -> ApiError {
-    match e {
-        PlanError::InvalidName(_) => ApiError::bad_request(e.to_string()),
-        PlanError::NotFound => ApiError::not_found("no such plan"),
-        PlanError::TooLarge { .. } => ApiError::too_large(e.to_string()),
-        PlanError::Io(e) => ApiError::internal(format!("reading plans: {e}")),
-    }
 }
