@@ -1595,6 +1595,40 @@ async fn an_internal_error_answers_500_in_the_error_shape_and_logs_the_request_i
     assert_eq!(causes, 1, "the cause is logged once:\n{logs}");
 }
 
+/// A chat write that fails (here: another process holds the database's
+/// write lock past SQLite's 5 s busy timeout) answers 500 in the error
+/// shape, and the failure is logged once, by the HTTP layer with the
+/// request id, not again by the database writer.
+#[tokio::test]
+async fn a_failed_chat_write_answers_500_and_is_logged_once() {
+    let e = engine().await;
+    let lock = rusqlite::Connection::open(e.home().join(".replicas/engine/chats.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let res = e
+        .post("/chats")
+        .json(&json!({"provider": "claude"}))
+        .send()
+        .await
+        .unwrap();
+    let request_id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let (code, message) = error_of(res, 500).await;
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("internal", "internal error; see the engine log")
+    );
+    drop(lock);
+    let logs = e.shutdown_logs().await;
+    let failures: Vec<_> = logs
+        .lines()
+        .filter(|l| l.contains("database is locked"))
+        .collect();
+    assert_eq!(failures.len(), 1, "logged once:\n{logs}");
+    assert!(
+        failures[0].contains("internal error") && failures[0].contains(&request_id),
+        "{logs}"
+    );
+}
+
 /// A message whose images cannot be stored (here: a file where the
 /// attachments folder should be) is an internal error: 500 in the error
 /// shape, nothing queued or started, the cause logged once.

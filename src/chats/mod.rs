@@ -510,10 +510,12 @@ impl ChatService {
         }
     }
 
-    /// Persist from a place that cannot report the error (the runner); it
-    /// was logged.
+    /// Persist from a place that cannot report the error (the runner,
+    /// shutdown): the failure is logged here, once.
     async fn persist_logged(&self) {
-        let _ = self.persist().await;
+        if let Err(e) = self.persist().await {
+            tracing::error!(error = %e, "could not write the chat database");
+        }
     }
 
     fn persist_in_background(&self) {
@@ -524,10 +526,13 @@ impl ChatService {
     /// Startup path (not async): write the recovered state.
     fn persist_now_blocking(&self) {
         let (version, changes) = self.take_changes();
-        if self.inner.db.write_blocking(changes).is_ok() {
-            if let Ok(mut p) = self.inner.persisted.try_lock() {
-                *p = version;
+        match self.inner.db.write_blocking(changes) {
+            Ok(()) => {
+                if let Ok(mut p) = self.inner.persisted.try_lock() {
+                    *p = version;
+                }
             }
+            Err(e) => tracing::error!(error = %e, "could not write the chat database"),
         }
     }
 

@@ -396,10 +396,10 @@ impl Writer {
                 changes.extend(j.changes);
                 replies.push(j.reply);
             }
+            // A failure is not logged here but by each caller, where it is
+            // handled: a request's 500 by the HTTP layer (with its request
+            // id), the runner's and startup's writes where they persist.
             let res = self.commit(&mut conn, &changes);
-            if let Err(e) = &res {
-                tracing::error!(error = %e, "could not write the chat database");
-            }
             for reply in replies {
                 reply(
                     res.as_ref()
