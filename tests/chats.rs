@@ -1588,11 +1588,25 @@ async fn an_internal_error_answers_500_in_the_error_shape_and_logs_the_request_i
             .any(|l| l.contains("internal error") && l.contains(&request_id)),
         "no log line with {request_id}:\n{logs}"
     );
-    let causes = logs
-        .lines()
-        .filter(|l| l.contains("could not read chat history"))
-        .count();
-    assert_eq!(causes, 1, "the cause is logged once:\n{logs}");
+    only_line(&logs, "could not read chat history");
+}
+
+/// The one log line containing `needle`: the failure was logged once.
+fn only_line<'a>(logs: &'a str, needle: &str) -> &'a str {
+    let lines: Vec<_> = logs.lines().filter(|l| l.contains(needle)).collect();
+    assert_eq!(lines.len(), 1, "{needle:?} logged once:\n{logs}");
+    lines[0]
+}
+
+/// `res` is the generic 500 in the error shape; returns its request id.
+async fn internal_error(res: reqwest::Response) -> String {
+    let request_id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let (code, message) = error_of(res, 500).await;
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("internal", "internal error; see the engine log")
+    );
+    request_id
 }
 
 /// A chat write that fails (here: another process holds the database's
@@ -1610,21 +1624,12 @@ async fn a_failed_chat_write_answers_500_and_is_logged_once() {
         .send()
         .await
         .unwrap();
-    let request_id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
-    let (code, message) = error_of(res, 500).await;
-    assert_eq!(
-        (code.as_str(), message.as_str()),
-        ("internal", "internal error; see the engine log")
-    );
+    let request_id = internal_error(res).await;
     drop(lock);
     let logs = e.shutdown_logs().await;
-    let failures: Vec<_> = logs
-        .lines()
-        .filter(|l| l.contains("database is locked"))
-        .collect();
-    assert_eq!(failures.len(), 1, "logged once:\n{logs}");
+    let line = only_line(&logs, "database is locked");
     assert!(
-        failures[0].contains("internal error") && failures[0].contains(&request_id),
+        line.contains("internal error") && line.contains(&request_id),
         "{logs}"
     );
 }
@@ -1639,28 +1644,19 @@ async fn an_attachment_that_cannot_be_stored_answers_500_and_queues_nothing() {
     let attachments = e.home().join(".replicas/engine/attachments");
     let _ = std::fs::remove_dir_all(&attachments);
     std::fs::write(&attachments, "not a folder").unwrap();
-    let (code, message) = error_of(
-        e.post(&format!("/chats/{chat}/messages"))
-            .json(&json!({"message": "look", "images": [image_block("image/png", "iVBORw0KGgo=")]}))
-            .send()
-            .await
-            .unwrap(),
-        500,
-    )
-    .await;
-    assert_eq!(
-        (code.as_str(), message.as_str()),
-        ("internal", "internal error; see the engine log")
-    );
+    let image = image_block("image/png", "iVBORw0KGgo=");
+    let res = e
+        .post(&format!("/chats/{chat}/messages"))
+        .json(&json!({"message": "look", "images": [image]}))
+        .send()
+        .await
+        .unwrap();
+    internal_error(res).await;
     let c = e.get_json(&format!("/chats/{chat}"), 200).await;
     assert_eq!(c["status"], "idle", "{c}");
     assert_eq!(c["queue"], json!([]), "{c}");
     let logs = e.shutdown_logs().await;
-    let causes = logs
-        .lines()
-        .filter(|l| l.contains("could not persist chat state"))
-        .count();
-    assert_eq!(causes, 1, "the cause is logged once:\n{logs}");
+    only_line(&logs, "could not persist chat state");
 }
 
 /// An engine from before the database: its `chats.json` (with a queued
