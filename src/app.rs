@@ -1,7 +1,8 @@
 //! Application wiring: [`AppState`] holds a cheap-to-clone handle to every
 //! service; [`AppState::build`] loads persisted state and starts background
-//! work. Nothing here knows HTTP: [`crate::http`] builds the router from an
-//! `AppState`, and [`crate::server::run`] serves it.
+//! work. Nothing here knows HTTP (the module imports neither `http` nor
+//! `server`): `http::router` builds the router from an `AppState`, and
+//! `server::run` serves it.
 
 use std::sync::Arc;
 use std::time::Instant;
