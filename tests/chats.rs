@@ -4,165 +4,28 @@
 //! ending the whole process tree, bad provider output, restart and `kill -9`
 //! recovery, concurrent chats, history paging, a corrupt chats.json.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{EngineSpec, SseStream, TestEngine};
+use crate::common::chat::{
+    chat_events, create_chat, engine, last_argv, payload, send, spec, wait_chat, wait_turn, WAIT,
+};
+use crate::common::{alive, eventually, TestEngine};
 use serde_json::{json, Value};
-
-const FAKE_CLAUDE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/bin/fake-claude"
-);
-const FAKE_CODEX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bin/fake-codex");
-const WAIT: Duration = Duration::from_secs(30);
-
-fn spec() -> (EngineSpec, std::sync::Arc<tempfile::TempDir>) {
-    let (spec, guard) = EngineSpec::new();
-    let pid_file = spec.home.join("linger.pid").display().to_string();
-    let spec = spec
-        .with("CLAUDE_BIN", FAKE_CLAUDE)
-        .with("CODEX_BIN", FAKE_CODEX)
-        .with("FAKE_PID_FILE", pid_file);
-    (spec, guard)
-}
-
-async fn engine() -> TestEngine {
-    let (spec, guard) = spec();
-    TestEngine::start_spec(spec, guard).await
-}
-
-/// Stop the engine (gracefully, or `kill -9` when `crash`), let `edit` touch
-/// its home, start it again on the same home.
-async fn restart_with(e: TestEngine, crash: bool, edit: impl FnOnce(&Path)) -> TestEngine {
-    let guard = e._home_guard.clone();
-    let spec = if crash {
-        e.kill9().await
-    } else {
-        e.shutdown().await
-    };
-    edit(&spec.home);
-    let mut e = TestEngine::start_with(spec).await;
-    e._home_guard = guard;
-    e
-}
-
-async fn create_chat(e: &TestEngine, provider: &str) -> String {
-    let chat = e
-        .post_json("/chats", json!({ "provider": provider }), 201)
-        .await;
-    chat["id"].as_str().unwrap().to_owned()
-}
-
-async fn send(e: &TestEngine, chat: &str, text: &str) -> Value {
-    e.post_json(
-        &format!("/chats/{chat}/messages"),
-        json!({ "message": text }),
-        202,
-    )
-    .await
-}
-
-/// Events of one chat from the start of the journal.
-async fn chat_events(e: &TestEngine, chat: &str) -> SseStream {
-    e.events(&format!("since=0&chatId={chat}")).await
-}
-
-fn payload(ev: &common::SseEvent) -> Value {
-    ev.json()["payload"].clone()
-}
-
-/// Wait for the event that ends `message_id`'s turn (completed or
-/// interrupted); returns (started payload, end event type, end payload).
-async fn wait_turn(events: &mut SseStream, message_id: &str) -> (Value, String, Value) {
-    let (started, _) = events
-        .wait_for(WAIT, |e| {
-            e.event.as_deref() == Some("chat.turn.started") && payload(e)["messageId"] == message_id
-        })
-        .await;
-    let turn_id = payload(&started)["turnId"].clone();
-    let (end, _) = events
-        .wait_for(WAIT, |e| {
-            matches!(
-                e.event.as_deref(),
-                Some("chat.turn.completed" | "chat.interrupted")
-            ) && payload(e)["turnId"] == turn_id
-        })
-        .await;
-    (payload(&started), end.event.clone().unwrap(), payload(&end))
-}
 
 /// Wait until `path` holds a pid; the fake writes it once its lingering
 /// child is running.
 async fn wait_pid(path: &Path) -> i32 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(pid) = std::fs::read_to_string(path)
+    eventually(&format!("a pid in {}", path.display()), WAIT, async || {
+        std::fs::read_to_string(path)
             .ok()
             .and_then(|s| s.trim().parse().ok())
-        {
-            return pid;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no pid in {}",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Whether `pid` is a live (non-zombie) process.
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next());
-            !matches!(state, Some("Z" | "X"))
-        }
-        Err(_) => false,
-    }
+    })
+    .await
 }
 
 async fn wait_dead(pid: i32) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while alive(pid) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "process {pid} still alive"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Synchronous variant of [`wait_dead`] for closures: up to 2 s.
-fn wait_pid_dies(pid: i32) -> bool {
-    for _ in 0..100 {
-        if !alive(pid) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
-async fn wait_chat(e: &TestEngine, chat: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let c = e.get_json(&format!("/chats/{chat}"), 200).await;
-        if pred(&c) {
-            return c;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "chat never matched; last: {c:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("process {pid} to end"), WAIT, async || !alive(pid)).await
 }
 
 async fn error_of(res: reqwest::Response, status: u16) -> (String, String) {
@@ -821,14 +684,12 @@ async fn restart_right_after_kill9_shows_the_turn_interrupted_by_engine_restart(
     events.wait_type("chat.turn.started").await;
     // pgid is recorded right after the spawn; wait until it is committed.
     let db = e.home().join(".replicas/engine/chats.db");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !running_turn_rows(&db)
-        .iter()
-        .any(|t| t.contains("\"pgid\""))
-    {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the turn's pgid in chats.db", WAIT, async || {
+        running_turn_rows(&db)
+            .iter()
+            .any(|t| t.contains("\"pgid\""))
+    })
+    .await;
     let e = e.crash_and_restart().await;
     let c = e.get_json(&format!("/chats/{chat}"), 200).await;
     assert_eq!(c["status"], "idle");
@@ -846,14 +707,15 @@ async fn graceful_shutdown_ends_running_turns() {
     let chat = create_chat(&e, "claude").await;
     send(&e, &chat, "FAKE_LINGER").await;
     let child = wait_pid(&pid_file).await;
-    let e = restart_with(e, false, |_| {
-        // Killed by the engine on its way out, not by the next one.
-        assert!(
-            !alive(child) || wait_pid_dies(child),
-            "a turn's process outlived the engine"
-        )
-    })
+    let spec = e.shutdown().await;
+    // Killed by the engine on its way out, not by the next one.
+    eventually(
+        "a turn's process to end with the engine",
+        Duration::from_secs(2),
+        async || !alive(child),
+    )
     .await;
+    let e = TestEngine::start_with(spec).await;
     let c = e.get_json(&format!("/chats/{chat}"), 200).await;
     assert_eq!(c["status"], "idle");
     assert_eq!(c["lastTurn"]["outcome"], "interrupted");
@@ -963,16 +825,17 @@ async fn history_pages_from_the_end_and_survives_restart() {
     let file = e
         .home()
         .join(format!(".replicas/engine/history/{chat}.jsonl"));
-    let e = restart_with(e, true, |_| {
-        use std::io::Write;
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&file)
-            .unwrap()
-            .write_all(br#"{"id":"i_torn","tu"#)
-            .unwrap();
-    })
-    .await;
+    let e = e
+        .restart_with(true, |_| {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&file)
+                .unwrap()
+                .write_all(br#"{"id":"i_torn","tu"#)
+                .unwrap();
+        })
+        .await;
     let again = e
         .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
         .await;
@@ -1001,14 +864,15 @@ async fn a_corrupt_legacy_chats_file_is_set_aside_and_the_engine_keeps_its_chats
     let e = engine().await;
     let kept = create_chat(&e, "claude").await;
     let engine_dir = e.home().join(".replicas/engine");
-    let e = restart_with(e, false, |_| {
-        std::fs::write(
-            engine_dir.join("chats.json"),
-            b"{\"version\":1,\"chats\":[{\"id\":",
-        )
-        .unwrap();
-    })
-    .await;
+    let e = e
+        .restart_with(false, |_| {
+            std::fs::write(
+                engine_dir.join("chats.json"),
+                b"{\"version\":1,\"chats\":[{\"id\":",
+            )
+            .unwrap();
+        })
+        .await;
     let ids: Vec<Value> = e.get_json("/chats", 200).await["chats"]
         .as_array()
         .unwrap()
@@ -1060,15 +924,15 @@ async fn idle_agent_processes_are_capped_and_the_next_message_resumes() {
         assert_eq!(p["outcome"], "completed", "{p}");
         chats.push(chat);
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while engine_children(&e) != 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} agent processes",
-            engine_children(&e)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "two agent processes",
+        WAIT,
+        async || match engine_children(&e) {
+            2 => Ok(()),
+            n => Err(format!("{n} agent processes")),
+        },
+    )
+    .await;
     let mut events = chat_events(&e, &chats[0]).await;
     let msg = send(&e, &chats[0], "again").await;
     let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
@@ -1308,18 +1172,6 @@ async fn a_full_queue_answers_429_queue_full() {
     e.shutdown().await;
 }
 
-/// The argv of the last CLI process a fake recorded in `FAKE_ARGS_FILE`.
-fn last_argv(path: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap();
-    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    last["argv"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// Whether `argv` has `flag` directly followed by `value`.
 fn has_pair(argv: &[String], flag: &str, value: &str) -> bool {
     argv.windows(2).any(|w| w[0] == flag && w[1] == value)
@@ -1329,10 +1181,7 @@ fn has_pair(argv: &[String], flag: &str, value: &str) -> bool {
 /// their own flags; Codex, which reports no cost, says `costUsd: null`.
 #[tokio::test]
 async fn per_message_model_thinking_level_and_plan_mode_reach_both_clis() {
-    let (spec, guard) = spec();
-    let args = spec.home.join("args.jsonl");
-    let spec = spec.with("FAKE_ARGS_FILE", args.display().to_string());
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = engine().await;
     for provider in ["claude", "codex"] {
         let chat = create_chat(&e, provider).await;
         let mut events = chat_events(&e, &chat).await;
@@ -1349,7 +1198,7 @@ async fn per_message_model_thinking_level_and_plan_mode_reach_both_clis() {
             ("chat.turn.completed", Some("completed")),
             "{done}"
         );
-        let argv = last_argv(&args);
+        let argv = last_argv(e.home());
         let joined = argv.join(" ");
         if provider == "claude" {
             assert!(has_pair(&argv, "--model", "model-x"), "{joined}");
@@ -1380,7 +1229,7 @@ async fn per_message_model_thinking_level_and_plan_mode_reach_both_clis() {
         // The next message without options runs without them.
         let acc = send(&e, &chat, "plain").await;
         wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
-        let argv = last_argv(&args);
+        let argv = last_argv(e.home());
         assert!(
             !argv.iter().any(|a| a == "model-x" || a == "plan"),
             "{provider}: {argv:?}"
@@ -1445,7 +1294,7 @@ async fn a_queued_image_survives_a_restart_reaches_claude_and_is_then_removed() 
 
     // A graceful restart ends the hanging turn; the queued message with its
     // image is still there and runs on the new engine.
-    let e = restart_with(e, false, |_| {}).await;
+    let e = e.restart_with(false, |_| {}).await;
     assert!(attachment.exists(), "kept across the restart");
     let mut events = chat_events(&e, &chat).await;
     let (_, end, done) = wait_turn(&mut events, &mid).await;

@@ -2,7 +2,7 @@
 //! `--json`, exit 0 when every essential check passes and 1 otherwise, the
 //! secret and credential contents never printed.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

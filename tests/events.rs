@@ -3,7 +3,7 @@
 //! restart continuity, torn last line, a stalled subscriber, retention with
 //! `stream.reset`, and graceful shutdown with open streams.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Start hooks, `GET /hooks/status` and `replicas-engine warm`, through the
 //! real binary with real repos and real shell commands.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,8 +2,7 @@
 //! content, and every way a name could try to leave the plan folders —
 //! sent as raw request lines so no client library normalizes them away.
 
-#[allow(unused_imports)] // not every test file uses every harness export
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 

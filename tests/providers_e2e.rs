@@ -9,9 +9,7 @@
 //! does not know (the turn continues in a new session), and the turn options
 //! (plan mode, effort, model, system prompt) accepted by the real CLIs.
 
-// The shared harness re-exports what other test files use.
-#[allow(unused_imports)]
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

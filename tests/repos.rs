@@ -2,7 +2,7 @@
 //! git repositories built in the temp home before the engine starts, and a
 //! fake `gh` that records how often it is asked.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

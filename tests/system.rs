@@ -1,7 +1,7 @@
 //! System routes, auth, error shapes and boot validation, through the real
 //! binary on an ephemeral port.
 
-mod common;
+use crate::common;
 
 use common::{EngineSpec, TestEngine, SECRET};
 use serde_json::Value;

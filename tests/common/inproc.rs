@@ -8,7 +8,7 @@ use replicas_engine::app::{self, AppState};
 use replicas_engine::config::Config;
 use tokio_util::sync::CancellationToken;
 
-use super::{SseStream, SECRET};
+use super::{secret_client, SseStream, SECRET};
 
 pub struct InProc {
     pub state: AppState,
@@ -27,16 +27,10 @@ impl InProc {
             .await
             .unwrap();
         let server = tokio::spawn(app::run(state.clone(), listener));
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert("x-replicas-engine-secret", SECRET.parse().unwrap());
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .build()
-            .unwrap();
         Self {
             state,
             base,
-            client,
+            client: secret_client(),
             server,
         }
     }
