@@ -2,20 +2,14 @@
 //! `--json`, exit 0 when every essential check passes and 1 otherwise, the
 //! secret and credential contents never printed.
 
-use crate::common;
-
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::{EngineSpec, TestEngine, SECRET};
+use crate::common::{script, EngineSpec, TestEngine, SECRET};
 use serde_json::Value;
 
 /// A tool that prints a version.
 fn fake_tool(dir: &Path, name: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\necho '{name} 9.9.9 (fake)'\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path.display().to_string()
+    script(&dir.join(name), &format!("echo '{name} 9.9.9 (fake)'\n"))
 }
 
 async fn doctor(spec: &EngineSpec, args: &[&str]) -> (i32, String) {
@@ -54,7 +48,7 @@ async fn a_healthy_machine_passes_and_problems_get_hints() {
         ("bad", "replicas.json", "{\"startHook\": {\"commands\": 5}}"),
     ] {
         let dir = spec.workspaces().join(name);
-        common::sh(&spec.workspaces(), &format!("git init -q {name}"));
+        crate::common::sh(&spec.workspaces(), &format!("git init -q {name}"));
         std::fs::write(dir.join(file), text).unwrap();
     }
     // Credentials: contents never printed.

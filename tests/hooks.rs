@@ -1,39 +1,27 @@
 //! Start hooks, `GET /hooks/status` and `replicas-engine warm`, through the
 //! real binary with real repos and real shell commands.
 
-use crate::common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{sh, EngineSpec, SseEvent, TestEngine};
+use crate::common::{alive, eventually, git_repo, sh, EngineSpec, SseEvent, TestEngine};
 use serde_json::{json, Value};
 
 /// A committed repo `name` under the workspace root with config `file`.
 fn repo_with(ws: &Path, name: &str, file: &str, text: &str) {
-    let dir = ws.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(file), text).unwrap();
-    sh(
-        &dir,
-        "git init -q -b main && git add . && git commit -qm init",
-    );
+    git_repo(ws, name, &[(file, text)]);
 }
 
 /// Poll `/hooks/status` until the start hooks finished (deadline 30 s).
 async fn finished(e: &TestEngine) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually("the hooks to finish", Duration::from_secs(30), async || {
         let s = e.get_json("/hooks/status", 200).await;
-        if s["status"] == "completed" || s["status"] == "failed" {
-            return s;
+        match s["status"] == "completed" || s["status"] == "failed" {
+            true => Ok(s),
+            false => Err(s.to_string()),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "hooks did not finish: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 fn repo_status<'a>(s: &'a Value, name: &str) -> &'a Value {
@@ -54,47 +42,10 @@ fn statuses(r: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Whether a process is still running (a zombie counts as gone).
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            stat.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next())
-                != Some("Z")
-        }
-        Err(_) => false,
-    }
-}
-
-/// Whether `pid` is gone within a deadline (a KILLed process needs to be
-/// scheduled once to die).
-async fn gone(pid: i32) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while alive(pid) {
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
-async fn wait_file(path: &Path) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if s.ends_with('\n') {
-                return s;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Wait until `pid` is gone (a KILLed process needs to be scheduled once
+/// to die).
+async fn wait_gone(pid: i32, what: &str) {
+    eventually(what, Duration::from_secs(5), async || !alive(pid)).await
 }
 
 #[tokio::test]
@@ -216,10 +167,7 @@ async fn a_timed_out_command_loses_its_backgrounded_grandchild_and_later_ones_ru
         .trim()
         .parse()
         .unwrap();
-    assert!(
-        gone(pid).await,
-        "the backgrounded sleep was killed with its group"
-    );
+    wait_gone(pid, "the backgrounded sleep killed with its group").await;
     assert!(ws.join("a/after.txt").exists());
     e.shutdown().await;
 }
@@ -341,11 +289,19 @@ async fn engine_shutdown_kills_a_running_hook_and_does_not_record_it() {
     repo_with(&spec.workspaces(), "a", "replicas.json", &cfg.to_string());
     let pid_file = spec.workspaces().join("a/gc.pid");
     let e = TestEngine::start_spec(spec, guard.clone()).await;
-    let pid: i32 = wait_file(&pid_file).await.trim().parse().unwrap();
+    let pid: i32 = eventually("the hook's pid", Duration::from_secs(30), async || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    })
+    .await
+    .trim()
+    .parse()
+    .unwrap();
     assert_eq!(e.get_json("/hooks/status", 200).await["status"], "running");
     let home = e.home().to_path_buf();
     e.shutdown().await;
-    assert!(gone(pid).await, "shutdown ended the hook's process group");
+    wait_gone(pid, "shutdown to end the hook's process group").await;
     assert!(
         !home.join(".replicas/engine-state.json").exists(),
         "an interrupted run is not recorded"

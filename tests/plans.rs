@@ -2,11 +2,9 @@
 //! content, and every way a name could try to leave the plan folders —
 //! sent as raw request lines so no client library normalizes them away.
 
-use crate::common;
-
 use std::time::{Duration, SystemTime};
 
-use common::{TestEngine, SECRET};
+use crate::common::{TestEngine, SECRET};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -35,12 +35,22 @@ impl InProc {
         }
     }
 
+    /// A request to `path` with the secret.
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(format!("{}{path}", self.base))
+    }
+
+    /// The `host:port` it listens on, for raw TCP clients.
+    pub fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
     pub async fn events(&self, query: &str) -> SseStream {
         self.events_with(query, None).await
     }
 
     pub async fn events_with(&self, query: &str, last_event_id: Option<&str>) -> SseStream {
-        let mut req = self.client.get(format!("{}/events?{query}", self.base));
+        let mut req = self.get(&format!("/events?{query}"));
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);
         }

@@ -17,6 +17,7 @@ pub mod backend;
 pub mod chat;
 pub mod e2e;
 pub mod inproc;
+pub mod provider;
 pub mod sse;
 
 use std::collections::HashMap;
@@ -409,6 +410,15 @@ pub fn git_repo(ws: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
         "git init -q -b main && git add . && git commit -qm init",
     );
     dir
+}
+
+/// Write an executable shell script (`#!/bin/sh` and `body`) at `path`, a
+/// stand-in for a tool the engine runs; returns its path.
+pub fn script(path: &Path, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.display().to_string()
 }
 
 /// Run a shell command (for git fixtures); panics with its output on failure.
