@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::common::chat::{
-    chat_events, create_chat, engine, last_argv, payload, send, spec, wait_chat, wait_turn, WAIT,
+    chat_events, create_chat, engine, last_argv, payload, send, send_and_wait, spec, wait_chat,
+    wait_turn, WAIT,
 };
 use crate::common::{alive, eventually, TestEngine};
 use serde_json::{json, Value};
@@ -26,6 +27,12 @@ async fn wait_pid(path: &Path) -> i32 {
 
 async fn wait_dead(pid: i32) {
     eventually(&format!("process {pid} to end"), WAIT, async || !alive(pid)).await
+}
+
+/// `POST /chats/{chat}/interrupt` with `body`; returns the chat.
+async fn interrupt(e: &TestEngine, chat: &str, body: Value) -> Value {
+    e.post_json(&format!("/chats/{chat}/interrupt"), body, 200)
+        .await
 }
 
 async fn error_of(res: reqwest::Response, status: u16) -> (String, String) {
@@ -162,37 +169,19 @@ async fn create_list_get_delete_and_error_shapes() {
     );
 
     // Unknown chat: 404 on every route.
-    assert_eq!(
-        error_of(e.get("/chats/c_nope").send().await.unwrap(), 404)
-            .await
-            .0,
-        "not_found"
-    );
-    assert_eq!(
-        error_of(e.delete("/chats/c_nope").send().await.unwrap(), 404)
-            .await
-            .0,
-        "not_found"
-    );
-    let res = e
-        .post("/chats/c_nope/messages")
-        .json(&json!({"message": "hi"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(res, 404).await.0, "not_found");
-    assert_eq!(
-        error_of(e.post("/chats/c_nope/interrupt").send().await.unwrap(), 404)
-            .await
-            .0,
-        "not_found"
-    );
-    assert_eq!(
-        error_of(e.get("/chats/c_nope/history").send().await.unwrap(), 404)
-            .await
-            .0,
-        "not_found"
-    );
+    for req in [
+        e.get("/chats/c_nope"),
+        e.delete("/chats/c_nope"),
+        e.post("/chats/c_nope/messages")
+            .json(&json!({"message": "hi"})),
+        e.post("/chats/c_nope/interrupt"),
+        e.get("/chats/c_nope/history"),
+    ] {
+        assert_eq!(
+            error_of(req.send().await.unwrap(), 404).await.0,
+            "not_found"
+        );
+    }
     let res = e
         .get(&format!("/chats/{chat}/history?limit=abc"))
         .send()
@@ -201,9 +190,7 @@ async fn create_list_get_delete_and_error_shapes() {
     assert_eq!(error_of(res, 400).await.0, "invalid_request");
 
     // Interrupting an idle chat is a no-op.
-    let same = e
-        .post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
-        .await;
+    let same = interrupt(&e, chat, json!({})).await;
     assert_eq!(same["status"], "idle");
 
     let res = e.delete(&format!("/chats/{chat}")).send().await.unwrap();
@@ -329,8 +316,7 @@ async fn a_turn_streams_accepted_started_deltas_completed_then_history() {
         assert!(text.contains("Hello from fake"), "{text}");
 
         // The second turn resumes the provider session and usage accumulates.
-        let acc = send(&e, &chat, "again").await;
-        let (_, end, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+        let (_, end, p) = send_and_wait(&e, &mut events, &chat, "again").await;
         assert_eq!(
             (end.as_str(), p["outcome"].as_str()),
             ("chat.turn.completed", Some("completed"))
@@ -390,8 +376,7 @@ async fn queued_messages_run_strictly_in_order() {
     );
 
     // Interrupt the slow one to keep the test quick; the queue continues.
-    e.post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
-        .await;
+    interrupt(&e, &chat, json!({})).await;
     // Each turn starts only after the previous one ended, in send order.
     let mut order = Vec::new();
     let mut open: Option<String> = None;
@@ -431,13 +416,7 @@ async fn interrupt_ends_the_whole_tree_then_the_queue_continues_or_is_cleared() 
         let child = wait_pid(&pid_file).await;
         assert!(alive(child));
 
-        let c = e
-            .post_json(
-                &format!("/chats/{chat}/interrupt"),
-                json!({"clearQueue": false}),
-                200,
-            )
-            .await;
+        let c = interrupt(&e, &chat, json!({"clearQueue": false})).await;
         assert_ne!(
             c["status"], "interrupting",
             "answered only after the turn ended: {c}"
@@ -467,13 +446,7 @@ async fn interrupt_ends_the_whole_tree_then_the_queue_continues_or_is_cleared() 
                     && payload(ev)["messageId"] == slow["messageId"]
             })
             .await;
-        let c = e
-            .post_json(
-                &format!("/chats/{chat}/interrupt"),
-                json!({"clearQueue": true}),
-                200,
-            )
-            .await;
+        let c = interrupt(&e, &chat, json!({"clearQueue": true})).await;
         assert_eq!(c["queue"], json!([]));
         assert_eq!(c["status"], "idle", "{c}");
         assert_eq!(c["lastTurn"]["outcome"], "interrupted");
@@ -554,8 +527,7 @@ async fn bad_provider_output_fails_the_turn_and_the_chat_stays_usable() {
             ("FAKE_AUTH", Some("auth_expired")),
             ("FAKE_FAIL", None),
         ] {
-            let acc = send(&e, &chat, knob).await;
-            let (_, end, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+            let (_, end, p) = send_and_wait(&e, &mut events, &chat, knob).await;
             assert_eq!(
                 (end.as_str(), p["outcome"].as_str()),
                 ("chat.turn.completed", Some("failed")),
@@ -577,16 +549,14 @@ async fn bad_provider_output_fails_the_turn_and_the_chat_stays_usable() {
         // Non-JSON lines and a 10 MB line are skipped; the turn still ends
         // on the CLI's own report.
         for knob in ["FAKE_GARBAGE", "FAKE_HUGE"] {
-            let acc = send(&e, &chat, knob).await;
-            let (_, end, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+            let (_, end, p) = send_and_wait(&e, &mut events, &chat, knob).await;
             assert_eq!(end, "chat.turn.completed", "{provider} {knob}");
             assert!(
                 matches!(p["outcome"].as_str(), Some("completed" | "failed")),
                 "{p}"
             );
         }
-        let acc = send(&e, &chat, "hello").await;
-        let (_, _, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+        let (_, _, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
         assert_eq!(
             p["outcome"], "completed",
             "{provider}: the chat is usable after failures"
@@ -608,8 +578,7 @@ async fn bad_provider_output_fails_the_turn_and_the_chat_stays_usable() {
     let chat = create_chat(&e, "claude").await;
     let mut events = chat_events(&e, &chat).await;
     for _ in 0..2 {
-        let acc = send(&e, &chat, "hello").await;
-        let (_, _, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+        let (_, _, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
         assert_eq!(p["outcome"], "failed");
         assert_eq!(p["error"]["code"], "spawn_failed", "{p}");
     }
@@ -747,9 +716,7 @@ async fn chats_run_turns_concurrently() {
         "running"
     );
     assert_eq!(e.get_json("/status", 200).await["chats"]["running"], 1);
-    let c = e
-        .post_json(&format!("/chats/{busy}/interrupt"), json!({}), 200)
-        .await;
+    let c = interrupt(&e, &busy, json!({})).await;
     assert_eq!(c["status"], "idle");
     e.shutdown().await;
 }
@@ -892,8 +859,7 @@ async fn a_corrupt_legacy_chats_file_is_set_aside_and_the_engine_keeps_its_chats
     // Still fully usable.
     let chat = create_chat(&e, "claude").await;
     let mut events = chat_events(&e, &chat).await;
-    let acc = send(&e, &chat, "hello").await;
-    let (_, _, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+    let (_, _, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
     assert_eq!(p["outcome"], "completed");
     e.shutdown().await;
 }
@@ -918,8 +884,7 @@ async fn idle_agent_processes_are_capped_and_the_next_message_resumes() {
     for _ in 0..3 {
         let chat = create_chat(&e, "claude").await;
         let mut events = chat_events(&e, &chat).await;
-        let msg = send(&e, &chat, "hello").await;
-        let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+        let (_, end, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
         assert_eq!(end, "chat.turn.completed", "{p}");
         assert_eq!(p["outcome"], "completed", "{p}");
         chats.push(chat);
@@ -934,8 +899,7 @@ async fn idle_agent_processes_are_capped_and_the_next_message_resumes() {
     )
     .await;
     let mut events = chat_events(&e, &chats[0]).await;
-    let msg = send(&e, &chats[0], "again").await;
-    let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+    let (_, end, p) = send_and_wait(&e, &mut events, &chats[0], "again").await;
     assert_eq!(
         (end.as_str(), &p["outcome"]),
         ("chat.turn.completed", &json!("completed")),
@@ -963,8 +927,7 @@ async fn codex_without_app_server_falls_back_to_exec_and_status_says_so() {
     let chat = create_chat(&e, "codex").await;
     let mut events = chat_events(&e, &chat).await;
     for text in ["hello", "again"] {
-        let msg = send(&e, &chat, text).await;
-        let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+        let (_, end, p) = send_and_wait(&e, &mut events, &chat, text).await;
         assert_eq!(
             (end.as_str(), &p["outcome"]),
             ("chat.turn.completed", &json!("completed")),
@@ -990,8 +953,7 @@ async fn codex_app_server_chat_streams_text_and_survives_an_interrupt() {
     let e = TestEngine::start_spec(spec, guard).await;
     let chat = create_chat(&e, "codex").await;
     let mut events = chat_events(&e, &chat).await;
-    let msg = send(&e, &chat, "hello").await;
-    let (started, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+    let (started, end, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
     assert_eq!(
         (end.as_str(), &p["outcome"]),
         ("chat.turn.completed", &json!("completed")),
@@ -1036,11 +998,9 @@ async fn codex_app_server_chat_streams_text_and_survives_an_interrupt() {
                     .starts_with("tick")
         })
         .await;
-    e.post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
-        .await;
+    interrupt(&e, &chat, json!({})).await;
     events.wait_type("chat.interrupted").await;
-    let msg = send(&e, &chat, "hello").await;
-    let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+    let (_, end, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
     assert_eq!(
         (end.as_str(), &p["outcome"]),
         ("chat.turn.completed", &json!("completed")),
@@ -1114,8 +1074,7 @@ async fn message_text_is_capped_and_queued_messages_show_as_previews() {
     );
 
     // The agent runs the whole text; the history keeps it.
-    e.post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
-        .await;
+    interrupt(&e, &chat, json!({})).await;
     let (_, end, _) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
     assert_eq!(end, "chat.turn.completed");
     let hist = e
@@ -1159,13 +1118,7 @@ async fn a_full_queue_answers_429_queue_full() {
     assert_eq!(c["queue"].as_array().unwrap().len(), 100);
     assert_eq!(c["queue"][99]["text"], "queued 100");
 
-    let c = e
-        .post_json(
-            &format!("/chats/{chat}/interrupt"),
-            json!({"clearQueue": true}),
-            200,
-        )
-        .await;
+    let c = interrupt(&e, &chat, json!({"clearQueue": true})).await;
     assert_eq!(c["queue"], json!([]));
     let acc = send(&e, &chat, "after the clear").await;
     assert!(acc["status"] == "sent" || acc["position"] == 1, "{acc}");
@@ -1395,8 +1348,7 @@ async fn a_turn_past_the_timeout_fails_with_timeout_and_loses_its_group() {
         wait_dead(child).await;
         let c = wait_chat(&e, &chat, |c| c["status"] == "idle").await;
         assert_eq!(c["lastTurn"]["error"]["code"], "timeout");
-        let next = send(&e, &chat, "hello again").await;
-        let (_, _, done) = wait_turn(&mut events, next["messageId"].as_str().unwrap()).await;
+        let (_, _, done) = send_and_wait(&e, &mut events, &chat, "hello again").await;
         assert_eq!(done["outcome"], "completed", "{provider}: {done}");
     }
     e.shutdown().await;

@@ -87,6 +87,17 @@ pub async fn wait_turn(events: &mut SseStream, message_id: &str) -> (Value, Stri
     (payload(&started), end.event.clone().unwrap(), payload(&end))
 }
 
+/// [`send`] `text` and [`wait_turn`] for its turn.
+pub async fn send_and_wait(
+    e: &TestEngine,
+    events: &mut SseStream,
+    chat: &str,
+    text: &str,
+) -> (Value, String, Value) {
+    let acc = send(e, chat, text).await;
+    wait_turn(events, acc["messageId"].as_str().unwrap()).await
+}
+
 /// Poll `GET /chats/{chat}` until `pred` holds (within [`WAIT`]).
 pub async fn wait_chat(e: &TestEngine, chat: &str, pred: impl Fn(&Value) -> bool) -> Value {
     eventually("the chat to match", WAIT, async || {
