@@ -93,6 +93,13 @@ async fn first_item(turn: &mut RunningTurn) -> Vec<ProviderEvent> {
     .await
 }
 
+/// A fresh home and a session of `kind` in it.
+fn session(kind: ProviderKind) -> (Env, ProviderSession) {
+    let env = Env::new();
+    let s = ProviderSession::new(env.config(kind));
+    (env, s)
+}
+
 fn failed_code(r: &TurnResult) -> &str {
     match &r.outcome {
         Outcome::Failed { code, .. } => code,
@@ -103,8 +110,7 @@ fn failed_code(r: &TurnResult) -> &str {
 #[tokio::test]
 async fn plain_turn_reports_session_text_and_usage() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
+        let (env, mut s) = session(kind);
         let mut turn = s.start_turn(prompt("hello")).await.unwrap();
         assert!(turn.pgid > 0 && turn.start_time.is_some());
         let (events, result) = drain(&mut turn, TURN).await;
@@ -147,8 +153,7 @@ async fn plain_turn_reports_session_text_and_usage() {
 #[tokio::test]
 async fn later_turns_resume_the_session() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
+        let (env, mut s) = session(kind);
         let (t1, _, r1) = run(&mut s, prompt("one"), TURN).await;
         assert_eq!(r1.outcome, Outcome::Completed);
         let id = s.session_id().unwrap();
@@ -185,8 +190,7 @@ async fn later_turns_resume_the_session() {
 
 #[tokio::test]
 async fn claude_respawns_with_resume_when_its_process_died_or_flags_change() {
-    let env = Env::new();
-    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
+    let (env, mut s) = session(ProviderKind::Claude);
     let mut t1 = s.start_turn(prompt("one")).await.unwrap();
     drain(&mut t1, TURN).await;
     let id = s.session_id().unwrap();
@@ -227,8 +231,7 @@ async fn claude_respawns_with_resume_when_its_process_died_or_flags_change() {
 
 #[tokio::test]
 async fn tool_turns_are_normalized() {
-    let env = Env::new();
-    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
+    let (env, mut s) = session(ProviderKind::Claude);
     let (_t, ev, r) = run(&mut s, prompt("FAKE_TOOL"), TURN).await;
     assert_eq!(r.outcome, Outcome::Completed);
     let it = items(&ev);
@@ -257,8 +260,7 @@ async fn tool_turns_are_normalized() {
 #[tokio::test]
 async fn interrupt_ends_the_turn_and_every_tool_process() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
+        let (env, mut s) = session(kind);
         let mut t = s.start_turn(prompt("FAKE_LINGER")).await.unwrap();
         first_item(&mut t).await;
         let child = env.child_pid().await;
@@ -358,8 +360,7 @@ async fn missing_binary_fails_the_turn_not_the_caller() {
 #[tokio::test]
 async fn early_exit_fails_with_the_cli_error_and_the_session_recovers() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
+        let (_env, mut s) = session(kind);
         let (t, _, r) = run(&mut s, prompt("FAKE_EXIT"), TURN).await;
         assert_eq!(failed_code(&r), "exited", "{kind}");
         if let Outcome::Failed { message, .. } = &r.outcome {
@@ -379,8 +380,7 @@ async fn early_exit_fails_with_the_cli_error_and_the_session_recovers() {
 #[tokio::test]
 async fn garbage_and_a_10mb_line_are_skipped() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
+        let (_env, mut s) = session(kind);
         let (_t, ev, r) = run(&mut s, prompt("FAKE_GARBAGE FAKE_HUGE"), TURN).await;
         assert_eq!(r.outcome, Outcome::Completed, "{kind}");
         assert!(answer(&ev).contains("turn=1"), "{kind}");
@@ -395,8 +395,7 @@ async fn garbage_and_a_10mb_line_are_skipped() {
 #[tokio::test]
 async fn auth_failure_is_reported_then_fails_the_turn() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
+        let (_env, mut s) = session(kind);
         let (_t, ev, r) = run(&mut s, prompt("FAKE_AUTH"), TURN).await;
         let auth = ev
             .iter()
@@ -410,8 +409,7 @@ async fn auth_failure_is_reported_then_fails_the_turn() {
 
 #[tokio::test]
 async fn cli_reported_failures_keep_the_cli_reason() {
-    let env = Env::new();
-    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
+    let (env, mut s) = session(ProviderKind::Claude);
     let (_t, _, r) = run(&mut s, prompt("FAKE_FAIL"), TURN).await;
     assert_eq!(failed_code(&r), "error_max_turns");
     s.shutdown().await;
@@ -423,8 +421,7 @@ async fn cli_reported_failures_keep_the_cli_reason() {
 #[tokio::test]
 async fn one_turn_at_a_time_and_shutdown_ends_a_running_turn() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
+        let (env, mut s) = session(kind);
         let mut t = s.start_turn(prompt("FAKE_LINGER")).await.unwrap();
         first_item(&mut t).await;
         let child = env.child_pid().await;
@@ -445,8 +442,7 @@ async fn images_reach_the_cli() {
     // A 1x1 PNG.
     let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
+        let (_env, mut s) = session(kind);
         let input = TurnInput {
             prompt: "look".into(),
             images: vec![Image {
@@ -460,8 +456,7 @@ async fn images_reach_the_cli() {
         s.shutdown().await;
     }
     // Bad base64 for codex (which needs a file) fails that turn clearly.
-    let env = Env::new();
-    let mut s = ProviderSession::new(env.config(ProviderKind::Codex));
+    let (_env, mut s) = session(ProviderKind::Codex);
     let input = TurnInput {
         prompt: "look".into(),
         images: vec![Image {
@@ -476,8 +471,7 @@ async fn images_reach_the_cli() {
 
 #[tokio::test]
 async fn a_dropped_consumer_does_not_wedge_the_session() {
-    let env = Env::new();
-    let mut s = ProviderSession::new(env.config(ProviderKind::Codex));
+    let (_env, mut s) = session(ProviderKind::Codex);
     let t = s.start_turn(prompt("FAKE_LINES=2000")).await.unwrap();
     drop(t);
     eventually("the session to be idle", SOON, async || !s.is_busy()).await;
@@ -539,8 +533,7 @@ async fn a_reader_may_await_interrupt_without_draining() {
 
 #[tokio::test]
 async fn an_unreadable_claude_result_still_ends_the_turn() {
-    let env = Env::new();
-    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
+    let (_env, mut s) = session(ProviderKind::Claude);
     let (t, _, r) = run(&mut s, prompt("FAKE_HUGE_RESULT"), TURN).await;
     assert_eq!(failed_code(&r), "output_too_large");
     // The process is fine and serves the next turn.
