@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::common::chat::{
-    chat_events, create_chat, engine, last_argv, payload, send, send_and_wait, spec, wait_chat,
-    wait_turn, WAIT,
+    chat_events, create_chat, engine, last_argv, new_chat, payload, send, send_and_wait, spec,
+    wait_chat, wait_turn, WAIT,
 };
 use crate::common::{alive, eventually, TestEngine};
 use serde_json::{json, Value};
@@ -217,8 +217,7 @@ async fn create_list_get_delete_and_error_shapes() {
 async fn a_turn_streams_accepted_started_deltas_completed_then_history() {
     let e = engine().await;
     for provider in ["claude", "codex"] {
-        let chat = create_chat(&e, provider).await;
-        let mut events = chat_events(&e, &chat).await;
+        let (chat, mut events) = new_chat(&e, provider).await;
         let acc = send(&e, &chat, "/plan say hello FAKE_TOOL").await;
         assert_eq!(acc["status"], "sent");
         assert_eq!(acc["position"], 0);
@@ -345,8 +344,7 @@ async fn a_turn_streams_accepted_started_deltas_completed_then_history() {
 #[tokio::test]
 async fn queued_messages_run_strictly_in_order() {
     let e = engine().await;
-    let chat = create_chat(&e, "claude").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "claude").await;
     let first = send(&e, &chat, "FAKE_SLOW").await;
     assert_eq!(first["status"], "sent");
     let mut ids = vec![first["messageId"].as_str().unwrap().to_owned()];
@@ -408,8 +406,7 @@ async fn interrupt_ends_the_whole_tree_then_the_queue_continues_or_is_cleared() 
     let pid_file = e.home().join("linger.pid");
     for provider in ["claude", "codex"] {
         let _ = std::fs::remove_file(&pid_file);
-        let chat = create_chat(&e, provider).await;
-        let mut events = chat_events(&e, &chat).await;
+        let (chat, mut events) = new_chat(&e, provider).await;
         let slow = send(&e, &chat, "FAKE_LINGER").await;
         let next = send(&e, &chat, "after").await;
         assert_eq!(next["position"], 1);
@@ -480,8 +477,7 @@ async fn interrupt_ends_the_whole_tree_then_the_queue_continues_or_is_cleared() 
 async fn delete_while_running_ends_the_tree_and_forgets_the_chat() {
     let e = engine().await;
     let pid_file = e.home().join("linger.pid");
-    let chat = create_chat(&e, "claude").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "claude").await;
     send(&e, &chat, "FAKE_LINGER").await;
     send(&e, &chat, "never runs").await;
     let child = wait_pid(&pid_file).await;
@@ -520,8 +516,7 @@ async fn bad_provider_output_fails_the_turn_and_the_chat_stays_usable() {
     let e = engine().await;
     let mut auth = e.events("since=0&types=error").await;
     for provider in ["claude", "codex"] {
-        let chat = create_chat(&e, provider).await;
-        let mut events = chat_events(&e, &chat).await;
+        let (chat, mut events) = new_chat(&e, provider).await;
         for (knob, code) in [
             ("FAKE_EXIT", None),
             ("FAKE_AUTH", Some("auth_expired")),
@@ -575,8 +570,7 @@ async fn bad_provider_output_fails_the_turn_and_the_chat_stays_usable() {
     // A CLI that cannot be started at all.
     let (spec, guard) = spec();
     let e = TestEngine::start_spec(spec.with("CLAUDE_BIN", "/nonexistent/claude"), guard).await;
-    let chat = create_chat(&e, "claude").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "claude").await;
     for _ in 0..2 {
         let (_, _, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
         assert_eq!(p["outcome"], "failed");
@@ -647,8 +641,7 @@ async fn kill9_mid_turn_recovers_interrupted_ends_strays_and_resumes_the_queue()
 #[tokio::test]
 async fn restart_right_after_kill9_shows_the_turn_interrupted_by_engine_restart() {
     let e = engine().await;
-    let chat = create_chat(&e, "codex").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "codex").await;
     send(&e, &chat, "FAKE_HANG").await;
     events.wait_type("chat.turn.started").await;
     // pgid is recorded right after the spawn; wait until it is committed.
@@ -695,8 +688,7 @@ async fn graceful_shutdown_ends_running_turns() {
 #[tokio::test]
 async fn chats_run_turns_concurrently() {
     let e = engine().await;
-    let busy = create_chat(&e, "claude").await;
-    let mut busy_events = chat_events(&e, &busy).await;
+    let (busy, mut busy_events) = new_chat(&e, "claude").await;
     send(&e, &busy, "FAKE_HANG").await;
     busy_events.wait_type("chat.turn.started").await;
     // While one chat's turn hangs, others (both providers) complete theirs.
@@ -724,8 +716,7 @@ async fn chats_run_turns_concurrently() {
 #[tokio::test]
 async fn history_pages_from_the_end_and_survives_restart() {
     let e = engine().await;
-    let chat = create_chat(&e, "codex").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "codex").await;
     let acc = send(&e, &chat, "FAKE_LINES=25").await;
     wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
     let all = e
@@ -857,8 +848,7 @@ async fn a_corrupt_legacy_chats_file_is_set_aside_and_the_engine_keeps_its_chats
     let ev = events.wait_type("error").await;
     assert_eq!(payload(&ev)["code"], "state_corrupt");
     // Still fully usable.
-    let chat = create_chat(&e, "claude").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "claude").await;
     let (_, _, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
     assert_eq!(p["outcome"], "completed");
     e.shutdown().await;
@@ -882,8 +872,7 @@ async fn idle_agent_processes_are_capped_and_the_next_message_resumes() {
     let e = TestEngine::start_spec(spec, guard).await;
     let mut chats = Vec::new();
     for _ in 0..3 {
-        let chat = create_chat(&e, "claude").await;
-        let mut events = chat_events(&e, &chat).await;
+        let (chat, mut events) = new_chat(&e, "claude").await;
         let (_, end, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
         assert_eq!(end, "chat.turn.completed", "{p}");
         assert_eq!(p["outcome"], "completed", "{p}");
@@ -924,8 +913,7 @@ async fn codex_without_app_server_falls_back_to_exec_and_status_says_so() {
     let e = TestEngine::start_spec(spec, guard).await;
     let status = e.get_json("/status", 200).await;
     assert_eq!(status["providers"]["codexTransport"], "pending", "{status}");
-    let chat = create_chat(&e, "codex").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "codex").await;
     for text in ["hello", "again"] {
         let (_, end, p) = send_and_wait(&e, &mut events, &chat, text).await;
         assert_eq!(
@@ -951,8 +939,7 @@ async fn codex_app_server_chat_streams_text_and_survives_an_interrupt() {
     let (spec, guard) = spec();
     let spec = spec.with("REPLICAS_CODEX_TRANSPORT", "app-server");
     let e = TestEngine::start_spec(spec, guard).await;
-    let chat = create_chat(&e, "codex").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "codex").await;
     let (started, end, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
     assert_eq!(
         (end.as_str(), &p["outcome"]),
@@ -1024,8 +1011,7 @@ async fn codex_app_server_chat_streams_text_and_survives_an_interrupt() {
 async fn message_text_is_capped_and_queued_messages_show_as_previews() {
     const LIMIT: usize = 1024 * 1024;
     let e = engine().await;
-    let chat = create_chat(&e, "claude").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "claude").await;
     let hang = send(&e, &chat, "FAKE_HANG").await;
     assert_eq!(hang["status"], "sent");
 
@@ -1136,8 +1122,7 @@ fn has_pair(argv: &[String], flag: &str, value: &str) -> bool {
 async fn per_message_model_thinking_level_and_plan_mode_reach_both_clis() {
     let e = engine().await;
     for provider in ["claude", "codex"] {
-        let chat = create_chat(&e, provider).await;
-        let mut events = chat_events(&e, &chat).await;
+        let (chat, mut events) = new_chat(&e, provider).await;
         let acc = e
             .post_json(
                 &format!("/chats/{chat}/messages"),
@@ -1298,8 +1283,7 @@ async fn an_image_reaches_codex_as_a_file_with_the_decoded_bytes() {
     std::fs::create_dir_all(&copies).unwrap();
     let spec = spec.with("FAKE_IMAGES_DIR", copies.display().to_string());
     let e = TestEngine::start_spec(spec, guard).await;
-    let chat = create_chat(&e, "codex").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "codex").await;
     let acc = e
         .post_json(
             &format!("/chats/{chat}/messages"),
@@ -1337,8 +1321,7 @@ async fn a_turn_past_the_timeout_fails_with_timeout_and_loses_its_group() {
     let pid_file = e.home().join("linger.pid");
     for provider in ["claude", "codex"] {
         let _ = std::fs::remove_file(&pid_file);
-        let chat = create_chat(&e, provider).await;
-        let mut events = chat_events(&e, &chat).await;
+        let (chat, mut events) = new_chat(&e, provider).await;
         let acc = send(&e, &chat, "FAKE_LINGER FAKE_HANG").await;
         let child = wait_pid(&pid_file).await;
         let (_, end, done) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
@@ -1435,8 +1418,7 @@ async fn chats_json_of_an_older_engine_is_imported_at_first_start() {
 #[tokio::test]
 async fn an_acknowledged_message_survives_kill9() {
     let e = engine().await;
-    let chat = create_chat(&e, "claude").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "claude").await;
     send(&e, &chat, "FAKE_HANG").await;
     // A delta means the process was spawned and its group recorded, so the
     // next write (the 202's) carries it and the restart ends that turn

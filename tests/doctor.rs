@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::common::{script, EngineSpec, TestEngine, SECRET};
+use crate::common::{find, script, EngineSpec, TestEngine, SECRET};
 use serde_json::Value;
 
 /// A tool that prints a version.
@@ -25,12 +25,7 @@ async fn doctor(spec: &EngineSpec, args: &[&str]) -> (i32, String) {
 }
 
 fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no check {name}: {report:#}"))
+    find(&report["checks"], "name", name)
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{alive, eventually, git_repo, sh, EngineSpec, SseEvent, TestEngine};
+use crate::common::{alive, eventually, find, git_repo, sh, EngineSpec, SseEvent, TestEngine};
 use serde_json::{json, Value};
 
 /// A committed repo `name` under the workspace root with config `file`.
@@ -34,12 +34,7 @@ async fn finished(e: &TestEngine) -> Value {
 }
 
 fn repo_status<'a>(s: &'a Value, name: &str) -> &'a Value {
-    s["repos"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["repo"] == name)
-        .unwrap_or_else(|| panic!("{name} in {s}"))
+    find(&s["repos"], "repo", name)
 }
 
 fn statuses(r: &Value) -> Vec<String> {

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{eventually, script, sh, EngineSpec, SseEvent, TestEngine};
+use crate::common::{eventually, find, script, sh, EngineSpec, SseEvent, TestEngine};
 use serde_json::Value;
 
 const TOKEN: &str = "ghs_TOPSECRET0123456789";
@@ -45,21 +45,11 @@ fn api_repo(ws: &Path) {
 }
 
 fn repo<'a>(body: &'a Value, name: &str) -> &'a Value {
-    body["repos"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == name)
-        .unwrap_or_else(|| panic!("no repo {name} in {body}"))
+    find(&body["repos"], "name", name)
 }
 
 fn file<'a>(repo: &'a Value, path: &str) -> &'a Value {
-    repo["gitDiff"]["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"] == path)
-        .unwrap_or_else(|| panic!("no file {path} in {repo}"))
+    find(&repo["gitDiff"]["files"], "path", path)
 }
 
 #[tokio::test]

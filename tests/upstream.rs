@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::backend::{Backend, Behavior, CLAUDE, CODEX, GITHUB, WEBHOOK};
+use crate::common::backend::{Backend, Behavior, Request, CLAUDE, CODEX, GITHUB, WEBHOOK};
 use crate::common::{eventually, EngineSpec, TestEngine, SECRET};
 use serde_json::{json, Value};
 
@@ -45,6 +45,15 @@ async fn wait_health(e: &TestEngine, what: &str, pred: impl Fn(u16, &Value) -> b
         }
     })
     .await
+}
+
+/// The request carries the secret and the workspace id.
+fn assert_signed(r: &Request) {
+    assert_eq!(
+        r.authorization.as_deref(),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    assert_eq!(r.workspace_id.as_deref(), Some("ws_test"));
 }
 
 fn mode(p: &Path) -> u32 {
@@ -146,13 +155,7 @@ async fn refresh_writes_credential_files_merging_what_was_there() {
     for path in [GITHUB, CLAUDE, CODEX] {
         let reqs = mock.requests(path);
         assert!(!reqs.is_empty(), "{path}");
-        for r in reqs {
-            assert_eq!(
-                r.authorization.as_deref(),
-                Some(format!("Bearer {SECRET}").as_str())
-            );
-            assert_eq!(r.workspace_id.as_deref(), Some("ws_test"));
-        }
+        reqs.iter().for_each(assert_signed);
     }
 
     let git = std::fs::read_to_string(home.join(".git-credentials")).unwrap();
@@ -210,27 +213,14 @@ async fn failing_backend_makes_managers_failing_publishes_one_error_each_and_rec
     })
     .await;
     assert_eq!(body["healthy"], false);
-    assert!(
-        body["managers"]["github"]["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("not JSON"),
-        "{body}"
-    );
-    assert!(
-        body["managers"]["claude"]["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("500"),
-        "{body}"
-    );
-    assert!(
-        body["managers"]["codex"]["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("timed out"),
-        "{body}"
-    );
+    for (m, why) in [
+        ("github", "not JSON"),
+        ("claude", "500"),
+        ("codex", "timed out"),
+    ] {
+        let error = body["managers"][m]["lastError"].as_str().unwrap();
+        assert!(error.contains(why), "{body}");
+    }
     assert!(body["managers"]["github"]["lastSuccessAt"].is_null());
     assert_eq!(
         e.get_json("/status", 200).await["tokenRefresh"]["claude"],
@@ -257,11 +247,7 @@ async fn failing_backend_makes_managers_failing_publishes_one_error_each_and_rec
     })
     .await;
     for r in mock.requests(WEBHOOK) {
-        assert_eq!(
-            r.authorization.as_deref(),
-            Some(format!("Bearer {SECRET}").as_str())
-        );
-        assert_eq!(r.workspace_id.as_deref(), Some("ws_test"));
+        assert_signed(&r);
         assert_eq!(r.body["workspaceId"], "ws_test");
     }
     assert!(delivered

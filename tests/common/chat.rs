@@ -44,6 +44,13 @@ pub async fn send(e: &TestEngine, chat: &str, text: &str) -> Value {
     .await
 }
 
+/// [`create_chat`] and its [`chat_events`].
+pub async fn new_chat(e: &TestEngine, provider: &str) -> (String, SseStream) {
+    let chat = create_chat(e, provider).await;
+    let events = chat_events(e, &chat).await;
+    (chat, events)
+}
+
 /// Events of one chat from the start of the journal.
 pub async fn chat_events(e: &TestEngine, chat: &str) -> SseStream {
     e.events(&format!("since=0&chatId={chat}")).await
