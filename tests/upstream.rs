@@ -1,7 +1,6 @@
-//! Upstream (engine → backend) against a mock backend written here: an axum
-//! server on 127.0.0.1:0 that records every request and can be told, per
-//! endpoint, to answer normally, fail with a status, hang, or send garbage
-//! — for the next N requests or from now on.
+//! Upstream (engine → backend) against the mock backend
+//! (`common::backend`), told per endpoint to answer normally, fail with a
+//! status, hang, or send garbage — for the next N requests or from now on.
 //!
 //! Through the real server: headers, credential files and modes, health and
 //! status, error events, webhooks of those events with retries, replay after
