@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::backend::{self, Backend};
+use crate::common::backend;
 use crate::common::chat::{
     create_chat_with as create_chat, is, last_argv, payload, send, spec, turn_events, WAIT,
 };
@@ -262,12 +262,8 @@ async fn a_turn_that_edits_a_repo_marks_it_dirty() {
 /// as a webhook.
 #[tokio::test]
 async fn an_auth_failure_refreshes_credentials_and_reports_upstream() {
-    let (mock, url) = Backend::start().await;
-    let (spec, guard) = spec();
-    let spec = spec
-        .with("MONOLITH_URL", url)
-        .with("REPLICAS_UPSTREAM_RETRY_BASE_MS", "20");
-    let e = TestEngine::start_spec(spec, guard).await;
+    let (spec, mock) = spec().0.with_backend().await;
+    let e = TestEngine::start_with(spec.with("REPLICAS_UPSTREAM_RETRY_BASE_MS", "20")).await;
     // The refresh every manager makes at start has landed.
     eventually("claude refresh at start", WAIT, async || {
         let h = e.get_json("/token-refresh/health", 200).await;
@@ -327,9 +323,8 @@ async fn an_auth_failure_refreshes_credentials_and_reports_upstream() {
 /// exactly the webhook-typed events of the journal.
 #[tokio::test]
 async fn chat_webhooks_reach_the_backend_in_order() {
-    let (mock, url) = Backend::start().await;
-    let (spec, guard) = spec();
-    let e = TestEngine::start_spec(spec.with("MONOLITH_URL", url), guard).await;
+    let (spec, mock) = spec().0.with_backend().await;
+    let e = TestEngine::start_with(spec).await;
     let mut events = e.events("since=0").await;
     let chat = create_chat(&e, json!({"provider": "codex"})).await;
     let a = send(&e, &chat, "one").await;
@@ -400,12 +395,11 @@ async fn chat_webhooks_reach_the_backend_in_order() {
 /// `/status` sums up every feature at once.
 #[tokio::test]
 async fn status_reflects_every_feature() {
-    let (mock, url) = Backend::start().await;
-    let (spec, guard) = spec();
+    let (spec, mock) = spec().0.with_backend().await;
     let ws = spec.workspaces();
     repo(&ws, "api", "startHook:\n  commands: ['true']\n");
     repo(&ws, "web", "");
-    let e = TestEngine::start_spec(spec.with("MONOLITH_URL", url), guard).await;
+    let e = TestEngine::start_with(spec).await;
     eventually(
         "hooks done and every credential refreshed once",
         WAIT,
@@ -505,8 +499,7 @@ async fn an_oversized_message_is_413_and_changes_nothing() {
 /// (PATH, HOME) and the agent CLIs' own (`ANTHROPIC_*`).
 #[tokio::test]
 async fn children_never_see_the_secret_or_engine_settings() {
-    let (mock, url) = Backend::start().await;
-    let (spec, guard) = spec();
+    let (spec, mock) = spec().0.with_backend().await;
     let hook_env = spec.home.join("hook-env.txt");
     let agent_env = spec.home.join("agent-env.txt");
     repo(
@@ -518,12 +511,11 @@ async fn children_never_see_the_secret_or_engine_settings() {
         ),
     );
     let spec = spec
-        .with("MONOLITH_URL", url)
         .with("REPLICAS_SSE_KEEPALIVE_SECS", "15")
         .with("ANTHROPIC_BASE_URL", "http://127.0.0.1:9")
         .with("SOME_UNLISTED_VAR", "nope")
         .with("FAKE_ENV_FILE", agent_env.display().to_string());
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
     let chat = create_chat(&e, json!({"provider": "claude", "cwd": "api"})).await;
     let mut events = e.events("since=0").await;
     let accepted = send(&e, &chat, "hello").await;

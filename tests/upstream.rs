@@ -21,13 +21,12 @@ use serde_json::{json, Value};
 // ---------------------------------------------------------------- helpers
 
 /// A spec pointing at the mock, with fast retries and a short timeout.
-fn spec_for(url: &str) -> (EngineSpec, Arc<tempfile::TempDir>) {
-    let (spec, guard) = EngineSpec::new();
+async fn spec_with_backend() -> (EngineSpec, Backend) {
+    let (spec, mock) = EngineSpec::new().0.with_backend().await;
     let spec = spec
-        .with("MONOLITH_URL", url)
         .with("REPLICAS_UPSTREAM_TIMEOUT_MS", "400")
         .with("REPLICAS_UPSTREAM_RETRY_BASE_MS", "20");
-    (spec, guard)
+    (spec, mock)
 }
 
 async fn health(e: &TestEngine) -> (u16, Value) {
@@ -90,8 +89,7 @@ async fn without_monolith_url_everything_is_disabled() {
 
 #[tokio::test]
 async fn refresh_writes_credential_files_merging_what_was_there() {
-    let (mock, url) = Backend::start().await;
-    let (spec, guard) = spec_for(&url);
+    let (spec, mock) = spec_with_backend().await;
     let home = spec.home.clone();
     // Files the user (or the CLIs) already had.
     std::fs::write(
@@ -112,7 +110,7 @@ async fn refresh_writes_credential_files_merging_what_was_there() {
     )
     .unwrap();
 
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
     let body = wait_health(&e, "three successes", |code, b| {
         code == 200
             && ["github", "claude", "codex"]
@@ -197,12 +195,11 @@ async fn refresh_writes_credential_files_merging_what_was_there() {
 
 #[tokio::test]
 async fn failing_backend_makes_managers_failing_publishes_one_error_each_and_recovers() {
-    let (mock, url) = Backend::start().await;
+    let (spec, mock) = spec_with_backend().await;
     mock.set(GITHUB, Behavior::Garbage);
     mock.set(CLAUDE, Behavior::Status(500));
     mock.set(CODEX, Behavior::Hang);
-    let (spec, guard) = spec_for(&url);
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
 
     let body = wait_health(&e, "all failing twice", |code, b| {
         code == 503
@@ -279,14 +276,13 @@ async fn failing_backend_makes_managers_failing_publishes_one_error_each_and_rec
 
 #[tokio::test]
 async fn webhooks_retry_survive_kill9_and_arrive_in_order() {
-    let (mock, url) = Backend::start().await;
+    let (spec, mock) = spec_with_backend().await;
     // Three error events (one per manager) while the webhook endpoint is down.
     for p in [GITHUB, CLAUDE, CODEX] {
         mock.set(p, Behavior::Status(500));
     }
     mock.set(WEBHOOK, Behavior::Status(503));
-    let (spec, guard) = spec_for(&url);
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
     let outbox = e.home().join(".replicas/engine/webhook-outbox.jsonl");
     eventually(
         "3 events in the outbox",
@@ -387,14 +383,13 @@ async fn webhooks_retry_survive_kill9_and_arrive_in_order() {
 
 #[tokio::test]
 async fn outbox_bound_drops_the_oldest_and_says_so() {
-    let (mock, url) = Backend::start().await;
+    let (spec, mock) = spec_with_backend().await;
     for p in [GITHUB, CLAUDE, CODEX] {
         mock.set(p, Behavior::Status(500));
     }
     mock.set(WEBHOOK, Behavior::Status(503));
-    let (spec, guard) = spec_for(&url);
     let spec = spec.with("REPLICAS_WEBHOOK_OUTBOX_MAX_EVENTS", "2");
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
     let mut sse = e.events("since=0&types=error").await;
     let (overflow, before) = sse
         .wait_for(Duration::from_secs(15), |ev| {
@@ -823,14 +818,13 @@ mod library {
 /// would be milliseconds; then it is delivered, once, in order.
 #[tokio::test]
 async fn webhooks_retry_408_and_429_honouring_retry_after() {
-    let (mock, url) = Backend::start().await;
+    let (spec, mock) = spec_with_backend().await;
     for p in [GITHUB, CLAUDE, CODEX] {
         mock.set(p, Behavior::Status(404));
     }
     mock.fail_next(WEBHOOK, 1, Behavior::Status(408));
     mock.fail_next(WEBHOOK, 1, Behavior::RetryAfter(429, 2));
-    let (spec, guard) = spec_for(&url);
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
     let chat = e
         .post_json("/chats", json!({"provider": "claude"}), 201)
         .await;

@@ -13,6 +13,8 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use super::EngineSpec;
+
 pub const WEBHOOK: &str = "/v1/engine/webhook";
 pub const GITHUB: &str = "/v1/engine/github/refresh-token";
 pub const CLAUDE: &str = "/v1/engine/claude/refresh-credentials";
@@ -179,5 +181,13 @@ impl Backend {
                 axum::Json(body).into_response()
             }
         }
+    }
+}
+
+impl EngineSpec {
+    /// A [`Backend`] started for this engine (its `MONOLITH_URL`).
+    pub async fn with_backend(self) -> (Self, Backend) {
+        let (backend, url) = Backend::start().await;
+        (self.with("MONOLITH_URL", url), backend)
     }
 }
