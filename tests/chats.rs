@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::common::chat::{
-    chat_events, create_chat, engine, last_argv, new_chat, payload, send, send_and_wait, spec,
-    wait_chat, wait_turn, WAIT,
+    chat_events, create_chat, engine, history, last_argv, new_chat, payload, send, send_and_wait,
+    spec, wait_chat, wait_turn, WAIT,
 };
 use crate::common::{alive, eventually, TestEngine};
 use serde_json::{json, Value};
@@ -286,7 +286,7 @@ async fn a_turn_streams_accepted_started_deltas_completed_then_history() {
             done["usage"]["outputTokens"]
         );
 
-        let hist = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+        let hist = history(&e, &chat, "").await;
         let hitems = hist["items"].as_array().unwrap();
         assert_eq!(hitems[0]["kind"], "user_message");
         assert_eq!(hitems[0]["text"], "say hello FAKE_TOOL");
@@ -327,9 +327,7 @@ async fn a_turn_streams_accepted_started_deltas_completed_then_history() {
             chat_now["usage"]["outputTokens"].as_u64().unwrap()
                 + p["usage"]["outputTokens"].as_u64().unwrap()
         );
-        let hist = e
-            .get_json(&format!("/chats/{chat}/history?limit=1"), 200)
-            .await;
+        let hist = history(&e, &chat, "?limit=1").await;
         assert!(
             hist["items"][0]["text"]
                 .as_str()
@@ -536,9 +534,7 @@ async fn bad_provider_output_fails_the_turn_and_the_chat_stays_usable() {
             assert_eq!(c["lastTurn"]["outcome"], "failed");
             assert_eq!(c["lastTurn"]["error"], p["error"]);
             // The failure is in the history too.
-            let last = &e
-                .get_json(&format!("/chats/{chat}/history?limit=1"), 200)
-                .await["items"][0];
+            let last = &history(&e, &chat, "?limit=1").await["items"][0];
             assert_eq!(last["kind"], "error");
         }
         // Non-JSON lines and a 10 MB line are skipped; the turn still ends
@@ -617,9 +613,7 @@ async fn kill9_mid_turn_recovers_interrupted_ends_strays_and_resumes_the_queue()
     let c = wait_chat(&e, &chat, |c| c["status"] == "idle").await;
     assert_eq!(c["queue"], json!([]));
     assert_eq!(c["lastTurn"]["outcome"], "completed");
-    let hist = e
-        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
-        .await;
+    let hist = history(&e, &chat, "?limit=1000").await;
     let users: Vec<&str> = hist["items"]
         .as_array()
         .unwrap()
@@ -719,41 +713,28 @@ async fn history_pages_from_the_end_and_survives_restart() {
     let (chat, mut events) = new_chat(&e, "codex").await;
     let acc = send(&e, &chat, "FAKE_LINES=25").await;
     wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
-    let all = e
-        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
-        .await;
+    let all = history(&e, &chat, "?limit=1000").await;
     let items = all["items"].as_array().unwrap().clone();
     let total = items.len();
     assert!(total >= 26, "{total}");
     assert_eq!(all["total"], total);
     assert_eq!(all["hasMore"], false);
 
-    let page = e
-        .get_json(&format!("/chats/{chat}/history?limit=10"), 200)
-        .await;
+    let page = history(&e, &chat, "?limit=10").await;
     assert_eq!(page["items"].as_array().unwrap()[..], items[total - 10..]);
     assert_eq!(
         (page["total"].as_u64(), page["hasMore"].as_bool()),
         (Some(total as u64), Some(true))
     );
-    let page = e
-        .get_json(&format!("/chats/{chat}/history?limit=10&offset=10"), 200)
-        .await;
+    let page = history(&e, &chat, "?limit=10&offset=10").await;
     assert_eq!(
         page["items"].as_array().unwrap()[..],
         items[total - 20..total - 10]
     );
-    let page = e
-        .get_json(
-            &format!("/chats/{chat}/history?limit=10&offset={}", total - 3),
-            200,
-        )
-        .await;
+    let page = history(&e, &chat, &format!("?limit=10&offset={}", total - 3)).await;
     assert_eq!(page["items"].as_array().unwrap()[..], items[..3]);
     assert_eq!(page["hasMore"], false);
-    let page = e
-        .get_json(&format!("/chats/{chat}/history?offset={}", total + 5), 200)
-        .await;
+    let page = history(&e, &chat, &format!("?offset={}", total + 5)).await;
     assert_eq!(
         (
             page["items"].as_array().unwrap().len(),
@@ -761,9 +742,7 @@ async fn history_pages_from_the_end_and_survives_restart() {
         ),
         (0, Some(false))
     );
-    let page = e
-        .get_json(&format!("/chats/{chat}/history?limit=0"), 200)
-        .await;
+    let page = history(&e, &chat, "?limit=0").await;
     assert_eq!(
         (
             page["items"].as_array().unwrap().len(),
@@ -773,9 +752,7 @@ async fn history_pages_from_the_end_and_survives_restart() {
     );
     // `raw` only on request.
     assert!(items.iter().all(|i| i.get("raw").is_none()));
-    let raw = e
-        .get_json(&format!("/chats/{chat}/history?limit=1&raw=true"), 200)
-        .await;
+    let raw = history(&e, &chat, "?limit=1&raw=true").await;
     assert!(raw["items"][0]["raw"].is_object(), "{raw}");
 
     // A torn last line (power loss) is cut with a warning; the rest is kept.
@@ -794,9 +771,7 @@ async fn history_pages_from_the_end_and_survives_restart() {
                 .unwrap();
         })
         .await;
-    let again = e
-        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
-        .await;
+    let again = history(&e, &chat, "?limit=1000").await;
     assert_eq!(again["items"].as_array().unwrap(), &items);
     assert!(e.logs().contains("torn last line"));
     e.shutdown().await;
@@ -894,9 +869,7 @@ async fn idle_agent_processes_are_capped_and_the_next_message_resumes() {
         ("chat.turn.completed", &json!("completed")),
         "{p}"
     );
-    let history = e
-        .get_json(&format!("/chats/{}/history", chats[0]), 200)
-        .await;
+    let history = history(&e, &chats[0], "").await;
     assert!(history.to_string().contains("turn=2"), "{history}");
     assert_eq!(engine_children(&e), 2);
     e.shutdown().await;
@@ -924,7 +897,7 @@ async fn codex_without_app_server_falls_back_to_exec_and_status_says_so() {
     }
     let status = e.get_json("/status", 200).await;
     assert_eq!(status["providers"]["codexTransport"], "exec", "{status}");
-    let history = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+    let history = history(&e, &chat, "").await;
     assert!(history.to_string().contains("turn=2"), "{history}");
     let logs = e.shutdown_logs().await;
     assert_eq!(
@@ -993,7 +966,7 @@ async fn codex_app_server_chat_streams_text_and_survives_an_interrupt() {
         ("chat.turn.completed", &json!("completed")),
         "{p}"
     );
-    let history = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+    let history = history(&e, &chat, "").await;
     assert!(history.to_string().contains("turn=2"), "{history}");
     assert_eq!(
         engine_children(&e),
@@ -1063,9 +1036,7 @@ async fn message_text_is_capped_and_queued_messages_show_as_previews() {
     interrupt(&e, &chat, json!({})).await;
     let (_, end, _) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
     assert_eq!(end, "chat.turn.completed");
-    let hist = e
-        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
-        .await;
+    let hist = history(&e, &chat, "?limit=1000").await;
     let users: Vec<usize> = hist["items"]
         .as_array()
         .unwrap()
@@ -1237,7 +1208,7 @@ async fn a_queued_image_survives_a_restart_reaches_claude_and_is_then_removed() 
     let mut events = chat_events(&e, &chat).await;
     let (_, end, done) = wait_turn(&mut events, &mid).await;
     assert_eq!(end, "chat.turn.completed", "{done}");
-    let hist = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+    let hist = history(&e, &chat, "").await;
     let answer = hist["items"]
         .as_array()
         .unwrap()

@@ -35,7 +35,7 @@ async fn wait_turn(events: &mut SseStream, message_id: &str) -> (String, String,
 
 /// History items of one turn.
 async fn turn_items(e: &TestEngine, chat: &str, turn: &str) -> Vec<Value> {
-    let h = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+    let h = chat::history(e, chat, "").await;
     h["items"]
         .as_array()
         .unwrap()

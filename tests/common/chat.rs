@@ -117,6 +117,12 @@ pub async fn wait_chat(e: &TestEngine, chat: &str, pred: impl Fn(&Value) -> bool
     .await
 }
 
+/// `GET /chats/{chat}/history{query}` (query: empty or `?…`), asserting 200.
+pub async fn history(e: &TestEngine, chat: &str, query: &str) -> Value {
+    e.get_json(&format!("/chats/{chat}/history{query}"), 200)
+        .await
+}
+
 /// The argv of the last CLI process a fake recorded in `<home>/args.jsonl`.
 pub fn last_argv(home: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(home.join("args.jsonl")).unwrap_or_default();
