@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 use crate::common::backend;
 use crate::common::chat::{
-    create_chat_with as create_chat, is, last_argv, payload, send, spec, turn_events, WAIT,
+    create_chat_with, is, last_argv, payload, send, spec, turn_events, WAIT,
 };
-use crate::common::{eventually, git_repo, SseEvent, SseStream, TestEngine};
+use crate::common::{eventually, git_repo, SseStream, TestEngine};
 use serde_json::{json, Value};
 
 /// A committed repo `name` under the workspace root, with `replicas.yaml`
@@ -23,11 +23,6 @@ fn repo(ws: &Path, name: &str, config: &str) {
         files.push(("replicas.yaml", config));
     }
     git_repo(ws, name, &files);
-}
-
-/// Wait until the turn for `message_id` ends; returns (started, end).
-async fn wait_turn(events: &mut SseStream, message_id: &str) -> (SseEvent, SseEvent) {
-    turn_events(events, message_id, WAIT).await
 }
 
 /// The value following `flag` in `argv`.
@@ -65,7 +60,7 @@ async fn gated_start_hook(then: &str) -> (TestEngine, PathBuf, SseStream) {
 async fn chats_wait_for_start_hooks_then_run() {
     let (e, go, mut events) = gated_start_hook("").await;
 
-    let chat = create_chat(&e, json!({"provider": "claude", "cwd": "api"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "claude", "cwd": "api"})).await;
     let accepted = send(&e, &chat, "hello while hooks run").await;
     assert_eq!(accepted["status"], "queued", "{accepted}");
     assert_eq!(accepted["position"], 1);
@@ -88,7 +83,8 @@ async fn chats_wait_for_start_hooks_then_run() {
         done.event,
         seen.iter().map(|e| &e.event).collect::<Vec<_>>()
     );
-    let (started, end) = wait_turn(&mut events, accepted["messageId"].as_str().unwrap()).await;
+    let (started, end) =
+        turn_events(&mut events, accepted["messageId"].as_str().unwrap(), WAIT).await;
     assert!(started.id_num() > done.id_num());
     assert_eq!(payload(&end)["outcome"], "completed", "{}", end.data);
     let c = e.get_json(&format!("/chats/{chat}"), 200).await;
@@ -101,20 +97,21 @@ async fn chats_wait_for_start_hooks_then_run() {
 #[tokio::test]
 async fn a_failing_start_hook_still_releases_chats() {
     let (e, go, mut events) = gated_start_hook("; exit 7").await;
-    let chat = create_chat(&e, json!({"provider": "codex", "cwd": "api"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "codex", "cwd": "api"})).await;
     let accepted = send(&e, &chat, "hello").await;
     assert_eq!(accepted["status"], "queued");
 
     std::fs::write(&go, "").unwrap();
     let failed = events.wait_type("hooks.failed").await;
     assert_eq!(payload(&failed)["status"]["status"], "failed");
-    let (started, end) = wait_turn(&mut events, accepted["messageId"].as_str().unwrap()).await;
+    let (started, end) =
+        turn_events(&mut events, accepted["messageId"].as_str().unwrap(), WAIT).await;
     assert!(started.id_num() > failed.id_num());
     assert_eq!(payload(&end)["outcome"], "completed", "{}", end.data);
     // Hooks are done: the next message is sent at once.
     let next = send(&e, &chat, "again").await;
     assert_eq!(next["status"], "sent", "{next}");
-    wait_turn(&mut events, next["messageId"].as_str().unwrap()).await;
+    turn_events(&mut events, next["messageId"].as_str().unwrap(), WAIT).await;
     e.shutdown().await;
 }
 
@@ -124,7 +121,7 @@ async fn a_failing_start_hook_still_releases_chats() {
 #[tokio::test]
 async fn a_message_waiting_for_hooks_survives_a_restart() {
     let (e, go, events) = gated_start_hook("").await;
-    let chat = create_chat(&e, json!({"provider": "codex", "cwd": "api"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "codex", "cwd": "api"})).await;
     let accepted = send(&e, &chat, "after the hooks").await;
     assert_eq!(accepted["status"], "queued");
     drop(events);
@@ -136,7 +133,8 @@ async fn a_message_waiting_for_hooks_survives_a_restart() {
     let mut events = e.events("since=0").await;
     std::fs::write(&go, "").unwrap();
     let done = events.wait_type("hooks.completed").await;
-    let (started, end) = wait_turn(&mut events, accepted["messageId"].as_str().unwrap()).await;
+    let (started, end) =
+        turn_events(&mut events, accepted["messageId"].as_str().unwrap(), WAIT).await;
     assert!(started.id_num() > done.id_num());
     assert_eq!(payload(&end)["outcome"], "completed", "{}", end.data);
     e.shutdown().await;
@@ -163,9 +161,9 @@ async fn the_repo_system_prompt_reaches_both_agents() {
     let mut events = e.events("since=0").await;
 
     let run = async |events: &mut SseStream, body: Value| -> Vec<String> {
-        let chat = create_chat(&e, body).await;
+        let chat = create_chat_with(&e, body).await;
         let m = send(&e, &chat, "hello").await;
-        let (_, end) = wait_turn(events, m["messageId"].as_str().unwrap()).await;
+        let (_, end) = turn_events(events, m["messageId"].as_str().unwrap(), WAIT).await;
         assert_eq!(payload(&end)["outcome"], "completed", "{}", end.data);
         last_argv(&home)
     };
@@ -230,9 +228,9 @@ async fn a_turn_that_edits_a_repo_marks_it_dirty() {
         .await;
     assert_eq!(payload(&discovered)["repo"]["isDirty"], false);
 
-    let chat = create_chat(&e, json!({"provider": "codex", "cwd": "api"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "codex", "cwd": "api"})).await;
     let m = send(&e, &chat, "make a change FAKE_PATCH").await;
-    let (_, end) = wait_turn(&mut events, m["messageId"].as_str().unwrap()).await;
+    let (_, end) = turn_events(&mut events, m["messageId"].as_str().unwrap(), WAIT).await;
     assert_eq!(payload(&end)["outcome"], "completed", "{}", end.data);
     assert!(e.spec.workspaces().join("api/fake_patch.txt").exists());
     let (changed, _) = events
@@ -276,9 +274,9 @@ async fn an_auth_failure_refreshes_credentials_and_reports_upstream() {
     // Engine-level errors have no chatId: read them on their own stream.
     let mut errors = e.events("since=0&types=error").await;
     let mut events = e.events("since=0").await;
-    let chat = create_chat(&e, json!({"provider": "claude"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "claude"})).await;
     let m = send(&e, &chat, "hello FAKE_AUTH").await;
-    let (_, end) = wait_turn(&mut events, m["messageId"].as_str().unwrap()).await;
+    let (_, end) = turn_events(&mut events, m["messageId"].as_str().unwrap(), WAIT).await;
     let err = errors.wait_type("error").await;
     assert_eq!(payload(&err)["code"], "auth_expired", "{}", err.data);
     assert_eq!(payload(&err)["source"], "claude");
@@ -305,9 +303,9 @@ async fn an_auth_failure_refreshes_credentials_and_reports_upstream() {
     assert_eq!(body["workspaceId"], "ws_test");
 
     // Codex too: its own credential is refreshed.
-    let chat = create_chat(&e, json!({"provider": "codex"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "codex"})).await;
     let m = send(&e, &chat, "hello FAKE_AUTH").await;
-    let (_, end) = wait_turn(&mut events, m["messageId"].as_str().unwrap()).await;
+    let (_, end) = turn_events(&mut events, m["messageId"].as_str().unwrap(), WAIT).await;
     assert_eq!(payload(&end)["outcome"], "failed", "{}", end.data);
     let err = errors.wait_type("error").await;
     assert_eq!(payload(&err)["code"], "auth_expired", "{}", err.data);
@@ -326,11 +324,11 @@ async fn chat_webhooks_reach_the_backend_in_order() {
     let (spec, mock) = spec().0.with_backend().await;
     let e = TestEngine::start_with(spec).await;
     let mut events = e.events("since=0").await;
-    let chat = create_chat(&e, json!({"provider": "codex"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "codex"})).await;
     let a = send(&e, &chat, "one").await;
-    wait_turn(&mut events, a["messageId"].as_str().unwrap()).await;
+    turn_events(&mut events, a["messageId"].as_str().unwrap(), WAIT).await;
     let b = send(&e, &chat, "two FAKE_TOOL").await;
-    wait_turn(&mut events, b["messageId"].as_str().unwrap()).await;
+    turn_events(&mut events, b["messageId"].as_str().unwrap(), WAIT).await;
     let res = e.delete(&format!("/chats/{chat}")).send().await.unwrap();
     assert!(res.status().is_success(), "{}", res.status());
     // The chat's events as the journal has them.
@@ -426,8 +424,8 @@ async fn status_reflects_every_feature() {
     assert!(!mock.requests(backend::GITHUB).is_empty());
 
     let mut events = e.events("since=0").await;
-    let slow = create_chat(&e, json!({"provider": "claude", "cwd": "api"})).await;
-    create_chat(&e, json!({"provider": "codex"})).await;
+    let slow = create_chat_with(&e, json!({"provider": "claude", "cwd": "api"})).await;
+    create_chat_with(&e, json!({"provider": "codex"})).await;
     let m = send(&e, &slow, "take your time FAKE_SLOW").await;
     send(&e, &slow, "then this").await;
     events
@@ -468,7 +466,7 @@ async fn status_reflects_every_feature() {
 async fn an_oversized_message_is_413_and_changes_nothing() {
     let (spec, guard) = spec();
     let e = TestEngine::start_spec(spec.with("REPLICAS_MAX_BODY_BYTES", "2048"), guard).await;
-    let chat = create_chat(&e, json!({"provider": "claude"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "claude"})).await;
     let before = e.get_json(&format!("/chats/{chat}"), 200).await;
     let res = e
         .post(&format!("/chats/{chat}/messages"))
@@ -516,11 +514,11 @@ async fn children_never_see_the_secret_or_engine_settings() {
         .with("SOME_UNLISTED_VAR", "nope")
         .with("FAKE_ENV_FILE", agent_env.display().to_string());
     let e = TestEngine::start_with(spec).await;
-    let chat = create_chat(&e, json!({"provider": "claude", "cwd": "api"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "claude", "cwd": "api"})).await;
     let mut events = e.events("since=0").await;
     let accepted = send(&e, &chat, "hello").await;
     let message_id = accepted["messageId"].as_str().unwrap().to_owned();
-    wait_turn(&mut events, &message_id).await;
+    turn_events(&mut events, &message_id, WAIT).await;
     for file in [&hook_env, &agent_env] {
         let env = eventually("a child wrote its environment", WAIT, async || {
             std::fs::read_to_string(file).ok().filter(|s| !s.is_empty())
