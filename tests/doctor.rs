@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::common::{find, script, EngineSpec, TestEngine, SECRET};
+use crate::common::{find, script, sh, EngineSpec, TestEngine, SECRET};
 use serde_json::Value;
 
 /// A tool that prints a version.
@@ -43,7 +43,7 @@ async fn a_healthy_machine_passes_and_problems_get_hints() {
         ("bad", "replicas.json", "{\"startHook\": {\"commands\": 5}}"),
     ] {
         let dir = spec.workspaces().join(name);
-        crate::common::sh(&spec.workspaces(), &format!("git init -q {name}"));
+        sh(&spec.workspaces(), &format!("git init -q {name}"));
         std::fs::write(dir.join(file), text).unwrap();
     }
     // Credentials: contents never printed.
