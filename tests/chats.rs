@@ -4,165 +4,35 @@
 //! ending the whole process tree, bad provider output, restart and `kill -9`
 //! recovery, concurrent chats, history paging, a corrupt chats.json.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{EngineSpec, SseStream, TestEngine};
+use crate::common::chat::{
+    chat_events, create_chat, engine, history, last_argv, new_chat, payload, send, send_and_wait,
+    spec, wait_chat, wait_turn, WAIT,
+};
+use crate::common::{alive, eventually, TestEngine};
 use serde_json::{json, Value};
-
-const FAKE_CLAUDE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/bin/fake-claude"
-);
-const FAKE_CODEX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bin/fake-codex");
-const WAIT: Duration = Duration::from_secs(30);
-
-fn spec() -> (EngineSpec, std::sync::Arc<tempfile::TempDir>) {
-    let (spec, guard) = EngineSpec::new();
-    let pid_file = spec.home.join("linger.pid").display().to_string();
-    let spec = spec
-        .with("CLAUDE_BIN", FAKE_CLAUDE)
-        .with("CODEX_BIN", FAKE_CODEX)
-        .with("FAKE_PID_FILE", pid_file);
-    (spec, guard)
-}
-
-async fn engine() -> TestEngine {
-    let (spec, guard) = spec();
-    TestEngine::start_spec(spec, guard).await
-}
-
-/// Stop the engine (gracefully, or `kill -9` when `crash`), let `edit` touch
-/// its home, start it again on the same home.
-async fn restart_with(e: TestEngine, crash: bool, edit: impl FnOnce(&Path)) -> TestEngine {
-    let guard = e._home_guard.clone();
-    let spec = if crash {
-        e.kill9().await
-    } else {
-        e.shutdown().await
-    };
-    edit(&spec.home);
-    let mut e = TestEngine::start_with(spec).await;
-    e._home_guard = guard;
-    e
-}
-
-async fn create_chat(e: &TestEngine, provider: &str) -> String {
-    let chat = e
-        .post_json("/chats", json!({ "provider": provider }), 201)
-        .await;
-    chat["id"].as_str().unwrap().to_owned()
-}
-
-async fn send(e: &TestEngine, chat: &str, text: &str) -> Value {
-    e.post_json(
-        &format!("/chats/{chat}/messages"),
-        json!({ "message": text }),
-        202,
-    )
-    .await
-}
-
-/// Events of one chat from the start of the journal.
-async fn chat_events(e: &TestEngine, chat: &str) -> SseStream {
-    e.events(&format!("since=0&chatId={chat}")).await
-}
-
-fn payload(ev: &common::SseEvent) -> Value {
-    ev.json()["payload"].clone()
-}
-
-/// Wait for the event that ends `message_id`'s turn (completed or
-/// interrupted); returns (started payload, end event type, end payload).
-async fn wait_turn(events: &mut SseStream, message_id: &str) -> (Value, String, Value) {
-    let (started, _) = events
-        .wait_for(WAIT, |e| {
-            e.event.as_deref() == Some("chat.turn.started") && payload(e)["messageId"] == message_id
-        })
-        .await;
-    let turn_id = payload(&started)["turnId"].clone();
-    let (end, _) = events
-        .wait_for(WAIT, |e| {
-            matches!(
-                e.event.as_deref(),
-                Some("chat.turn.completed" | "chat.interrupted")
-            ) && payload(e)["turnId"] == turn_id
-        })
-        .await;
-    (payload(&started), end.event.clone().unwrap(), payload(&end))
-}
 
 /// Wait until `path` holds a pid; the fake writes it once its lingering
 /// child is running.
 async fn wait_pid(path: &Path) -> i32 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(pid) = std::fs::read_to_string(path)
+    eventually(&format!("a pid in {}", path.display()), WAIT, async || {
+        std::fs::read_to_string(path)
             .ok()
             .and_then(|s| s.trim().parse().ok())
-        {
-            return pid;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no pid in {}",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Whether `pid` is a live (non-zombie) process.
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next());
-            !matches!(state, Some("Z" | "X"))
-        }
-        Err(_) => false,
-    }
+    })
+    .await
 }
 
 async fn wait_dead(pid: i32) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while alive(pid) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "process {pid} still alive"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("process {pid} to end"), WAIT, async || !alive(pid)).await
 }
 
-/// Synchronous variant of [`wait_dead`] for closures: up to 2 s.
-fn wait_pid_dies(pid: i32) -> bool {
-    for _ in 0..100 {
-        if !alive(pid) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
-async fn wait_chat(e: &TestEngine, chat: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let c = e.get_json(&format!("/chats/{chat}"), 200).await;
-        if pred(&c) {
-            return c;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "chat never matched; last: {c:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// `POST /chats/{chat}/interrupt` with `body`; returns the chat.
+async fn interrupt(e: &TestEngine, chat: &str, body: Value) -> Value {
+    e.post_json(&format!("/chats/{chat}/interrupt"), body, 200)
+        .await
 }
 
 async fn error_of(res: reqwest::Response, status: u16) -> (String, String) {
@@ -299,37 +169,19 @@ async fn create_list_get_delete_and_error_shapes() {
     );
 
     // Unknown chat: 404 on every route.
-    assert_eq!(
-        error_of(e.get("/chats/c_nope").send().await.unwrap(), 404)
-            .await
-            .0,
-        "not_found"
-    );
-    assert_eq!(
-        error_of(e.delete("/chats/c_nope").send().await.unwrap(), 404)
-            .await
-            .0,
-        "not_found"
-    );
-    let res = e
-        .post("/chats/c_nope/messages")
-        .json(&json!({"message": "hi"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(res, 404).await.0, "not_found");
-    assert_eq!(
-        error_of(e.post("/chats/c_nope/interrupt").send().await.unwrap(), 404)
-            .await
-            .0,
-        "not_found"
-    );
-    assert_eq!(
-        error_of(e.get("/chats/c_nope/history").send().await.unwrap(), 404)
-            .await
-            .0,
-        "not_found"
-    );
+    for req in [
+        e.get("/chats/c_nope"),
+        e.delete("/chats/c_nope"),
+        e.post("/chats/c_nope/messages")
+            .json(&json!({"message": "hi"})),
+        e.post("/chats/c_nope/interrupt"),
+        e.get("/chats/c_nope/history"),
+    ] {
+        assert_eq!(
+            error_of(req.send().await.unwrap(), 404).await.0,
+            "not_found"
+        );
+    }
     let res = e
         .get(&format!("/chats/{chat}/history?limit=abc"))
         .send()
@@ -338,9 +190,7 @@ async fn create_list_get_delete_and_error_shapes() {
     assert_eq!(error_of(res, 400).await.0, "invalid_request");
 
     // Interrupting an idle chat is a no-op.
-    let same = e
-        .post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
-        .await;
+    let same = interrupt(&e, chat, json!({})).await;
     assert_eq!(same["status"], "idle");
 
     let res = e.delete(&format!("/chats/{chat}")).send().await.unwrap();
@@ -367,8 +217,7 @@ async fn create_list_get_delete_and_error_shapes() {
 async fn a_turn_streams_accepted_started_deltas_completed_then_history() {
     let e = engine().await;
     for provider in ["claude", "codex"] {
-        let chat = create_chat(&e, provider).await;
-        let mut events = chat_events(&e, &chat).await;
+        let (chat, mut events) = new_chat(&e, provider).await;
         let acc = send(&e, &chat, "/plan say hello FAKE_TOOL").await;
         assert_eq!(acc["status"], "sent");
         assert_eq!(acc["position"], 0);
@@ -437,7 +286,7 @@ async fn a_turn_streams_accepted_started_deltas_completed_then_history() {
             done["usage"]["outputTokens"]
         );
 
-        let hist = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+        let hist = history(&e, &chat, "").await;
         let hitems = hist["items"].as_array().unwrap();
         assert_eq!(hitems[0]["kind"], "user_message");
         assert_eq!(hitems[0]["text"], "say hello FAKE_TOOL");
@@ -466,8 +315,7 @@ async fn a_turn_streams_accepted_started_deltas_completed_then_history() {
         assert!(text.contains("Hello from fake"), "{text}");
 
         // The second turn resumes the provider session and usage accumulates.
-        let acc = send(&e, &chat, "again").await;
-        let (_, end, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+        let (_, end, p) = send_and_wait(&e, &mut events, &chat, "again").await;
         assert_eq!(
             (end.as_str(), p["outcome"].as_str()),
             ("chat.turn.completed", Some("completed"))
@@ -479,9 +327,7 @@ async fn a_turn_streams_accepted_started_deltas_completed_then_history() {
             chat_now["usage"]["outputTokens"].as_u64().unwrap()
                 + p["usage"]["outputTokens"].as_u64().unwrap()
         );
-        let hist = e
-            .get_json(&format!("/chats/{chat}/history?limit=1"), 200)
-            .await;
+        let hist = history(&e, &chat, "?limit=1").await;
         assert!(
             hist["items"][0]["text"]
                 .as_str()
@@ -496,8 +342,7 @@ async fn a_turn_streams_accepted_started_deltas_completed_then_history() {
 #[tokio::test]
 async fn queued_messages_run_strictly_in_order() {
     let e = engine().await;
-    let chat = create_chat(&e, "claude").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "claude").await;
     let first = send(&e, &chat, "FAKE_SLOW").await;
     assert_eq!(first["status"], "sent");
     let mut ids = vec![first["messageId"].as_str().unwrap().to_owned()];
@@ -527,8 +372,7 @@ async fn queued_messages_run_strictly_in_order() {
     );
 
     // Interrupt the slow one to keep the test quick; the queue continues.
-    e.post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
-        .await;
+    interrupt(&e, &chat, json!({})).await;
     // Each turn starts only after the previous one ended, in send order.
     let mut order = Vec::new();
     let mut open: Option<String> = None;
@@ -560,21 +404,14 @@ async fn interrupt_ends_the_whole_tree_then_the_queue_continues_or_is_cleared() 
     let pid_file = e.home().join("linger.pid");
     for provider in ["claude", "codex"] {
         let _ = std::fs::remove_file(&pid_file);
-        let chat = create_chat(&e, provider).await;
-        let mut events = chat_events(&e, &chat).await;
+        let (chat, mut events) = new_chat(&e, provider).await;
         let slow = send(&e, &chat, "FAKE_LINGER").await;
         let next = send(&e, &chat, "after").await;
         assert_eq!(next["position"], 1);
         let child = wait_pid(&pid_file).await;
         assert!(alive(child));
 
-        let c = e
-            .post_json(
-                &format!("/chats/{chat}/interrupt"),
-                json!({"clearQueue": false}),
-                200,
-            )
-            .await;
+        let c = interrupt(&e, &chat, json!({"clearQueue": false})).await;
         assert_ne!(
             c["status"], "interrupting",
             "answered only after the turn ended: {c}"
@@ -604,13 +441,7 @@ async fn interrupt_ends_the_whole_tree_then_the_queue_continues_or_is_cleared() 
                     && payload(ev)["messageId"] == slow["messageId"]
             })
             .await;
-        let c = e
-            .post_json(
-                &format!("/chats/{chat}/interrupt"),
-                json!({"clearQueue": true}),
-                200,
-            )
-            .await;
+        let c = interrupt(&e, &chat, json!({"clearQueue": true})).await;
         assert_eq!(c["queue"], json!([]));
         assert_eq!(c["status"], "idle", "{c}");
         assert_eq!(c["lastTurn"]["outcome"], "interrupted");
@@ -644,8 +475,7 @@ async fn interrupt_ends_the_whole_tree_then_the_queue_continues_or_is_cleared() 
 async fn delete_while_running_ends_the_tree_and_forgets_the_chat() {
     let e = engine().await;
     let pid_file = e.home().join("linger.pid");
-    let chat = create_chat(&e, "claude").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "claude").await;
     send(&e, &chat, "FAKE_LINGER").await;
     send(&e, &chat, "never runs").await;
     let child = wait_pid(&pid_file).await;
@@ -684,15 +514,13 @@ async fn bad_provider_output_fails_the_turn_and_the_chat_stays_usable() {
     let e = engine().await;
     let mut auth = e.events("since=0&types=error").await;
     for provider in ["claude", "codex"] {
-        let chat = create_chat(&e, provider).await;
-        let mut events = chat_events(&e, &chat).await;
+        let (chat, mut events) = new_chat(&e, provider).await;
         for (knob, code) in [
             ("FAKE_EXIT", None),
             ("FAKE_AUTH", Some("auth_expired")),
             ("FAKE_FAIL", None),
         ] {
-            let acc = send(&e, &chat, knob).await;
-            let (_, end, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+            let (_, end, p) = send_and_wait(&e, &mut events, &chat, knob).await;
             assert_eq!(
                 (end.as_str(), p["outcome"].as_str()),
                 ("chat.turn.completed", Some("failed")),
@@ -706,24 +534,20 @@ async fn bad_provider_output_fails_the_turn_and_the_chat_stays_usable() {
             assert_eq!(c["lastTurn"]["outcome"], "failed");
             assert_eq!(c["lastTurn"]["error"], p["error"]);
             // The failure is in the history too.
-            let last = &e
-                .get_json(&format!("/chats/{chat}/history?limit=1"), 200)
-                .await["items"][0];
+            let last = &history(&e, &chat, "?limit=1").await["items"][0];
             assert_eq!(last["kind"], "error");
         }
         // Non-JSON lines and a 10 MB line are skipped; the turn still ends
         // on the CLI's own report.
         for knob in ["FAKE_GARBAGE", "FAKE_HUGE"] {
-            let acc = send(&e, &chat, knob).await;
-            let (_, end, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+            let (_, end, p) = send_and_wait(&e, &mut events, &chat, knob).await;
             assert_eq!(end, "chat.turn.completed", "{provider} {knob}");
             assert!(
                 matches!(p["outcome"].as_str(), Some("completed" | "failed")),
                 "{p}"
             );
         }
-        let acc = send(&e, &chat, "hello").await;
-        let (_, _, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+        let (_, _, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
         assert_eq!(
             p["outcome"], "completed",
             "{provider}: the chat is usable after failures"
@@ -742,11 +566,9 @@ async fn bad_provider_output_fails_the_turn_and_the_chat_stays_usable() {
     // A CLI that cannot be started at all.
     let (spec, guard) = spec();
     let e = TestEngine::start_spec(spec.with("CLAUDE_BIN", "/nonexistent/claude"), guard).await;
-    let chat = create_chat(&e, "claude").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "claude").await;
     for _ in 0..2 {
-        let acc = send(&e, &chat, "hello").await;
-        let (_, _, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+        let (_, _, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
         assert_eq!(p["outcome"], "failed");
         assert_eq!(p["error"]["code"], "spawn_failed", "{p}");
     }
@@ -791,9 +613,7 @@ async fn kill9_mid_turn_recovers_interrupted_ends_strays_and_resumes_the_queue()
     let c = wait_chat(&e, &chat, |c| c["status"] == "idle").await;
     assert_eq!(c["queue"], json!([]));
     assert_eq!(c["lastTurn"]["outcome"], "completed");
-    let hist = e
-        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
-        .await;
+    let hist = history(&e, &chat, "?limit=1000").await;
     let users: Vec<&str> = hist["items"]
         .as_array()
         .unwrap()
@@ -815,20 +635,17 @@ async fn kill9_mid_turn_recovers_interrupted_ends_strays_and_resumes_the_queue()
 #[tokio::test]
 async fn restart_right_after_kill9_shows_the_turn_interrupted_by_engine_restart() {
     let e = engine().await;
-    let chat = create_chat(&e, "codex").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "codex").await;
     send(&e, &chat, "FAKE_HANG").await;
     events.wait_type("chat.turn.started").await;
     // pgid is recorded right after the spawn; wait until it is committed.
     let db = e.home().join(".replicas/engine/chats.db");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !running_turn_rows(&db)
-        .iter()
-        .any(|t| t.contains("\"pgid\""))
-    {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the turn's pgid in chats.db", WAIT, async || {
+        running_turn_rows(&db)
+            .iter()
+            .any(|t| t.contains("\"pgid\""))
+    })
+    .await;
     let e = e.crash_and_restart().await;
     let c = e.get_json(&format!("/chats/{chat}"), 200).await;
     assert_eq!(c["status"], "idle");
@@ -846,14 +663,15 @@ async fn graceful_shutdown_ends_running_turns() {
     let chat = create_chat(&e, "claude").await;
     send(&e, &chat, "FAKE_LINGER").await;
     let child = wait_pid(&pid_file).await;
-    let e = restart_with(e, false, |_| {
-        // Killed by the engine on its way out, not by the next one.
-        assert!(
-            !alive(child) || wait_pid_dies(child),
-            "a turn's process outlived the engine"
-        )
-    })
+    let spec = e.shutdown().await;
+    // Killed by the engine on its way out, not by the next one.
+    eventually(
+        "a turn's process to end with the engine",
+        Duration::from_secs(2),
+        async || !alive(child),
+    )
     .await;
+    let e = TestEngine::start_with(spec).await;
     let c = e.get_json(&format!("/chats/{chat}"), 200).await;
     assert_eq!(c["status"], "idle");
     assert_eq!(c["lastTurn"]["outcome"], "interrupted");
@@ -864,8 +682,7 @@ async fn graceful_shutdown_ends_running_turns() {
 #[tokio::test]
 async fn chats_run_turns_concurrently() {
     let e = engine().await;
-    let busy = create_chat(&e, "claude").await;
-    let mut busy_events = chat_events(&e, &busy).await;
+    let (busy, mut busy_events) = new_chat(&e, "claude").await;
     send(&e, &busy, "FAKE_HANG").await;
     busy_events.wait_type("chat.turn.started").await;
     // While one chat's turn hangs, others (both providers) complete theirs.
@@ -885,9 +702,7 @@ async fn chats_run_turns_concurrently() {
         "running"
     );
     assert_eq!(e.get_json("/status", 200).await["chats"]["running"], 1);
-    let c = e
-        .post_json(&format!("/chats/{busy}/interrupt"), json!({}), 200)
-        .await;
+    let c = interrupt(&e, &busy, json!({})).await;
     assert_eq!(c["status"], "idle");
     e.shutdown().await;
 }
@@ -895,45 +710,31 @@ async fn chats_run_turns_concurrently() {
 #[tokio::test]
 async fn history_pages_from_the_end_and_survives_restart() {
     let e = engine().await;
-    let chat = create_chat(&e, "codex").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "codex").await;
     let acc = send(&e, &chat, "FAKE_LINES=25").await;
     wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
-    let all = e
-        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
-        .await;
+    let all = history(&e, &chat, "?limit=1000").await;
     let items = all["items"].as_array().unwrap().clone();
     let total = items.len();
     assert!(total >= 26, "{total}");
     assert_eq!(all["total"], total);
     assert_eq!(all["hasMore"], false);
 
-    let page = e
-        .get_json(&format!("/chats/{chat}/history?limit=10"), 200)
-        .await;
+    let page = history(&e, &chat, "?limit=10").await;
     assert_eq!(page["items"].as_array().unwrap()[..], items[total - 10..]);
     assert_eq!(
         (page["total"].as_u64(), page["hasMore"].as_bool()),
         (Some(total as u64), Some(true))
     );
-    let page = e
-        .get_json(&format!("/chats/{chat}/history?limit=10&offset=10"), 200)
-        .await;
+    let page = history(&e, &chat, "?limit=10&offset=10").await;
     assert_eq!(
         page["items"].as_array().unwrap()[..],
         items[total - 20..total - 10]
     );
-    let page = e
-        .get_json(
-            &format!("/chats/{chat}/history?limit=10&offset={}", total - 3),
-            200,
-        )
-        .await;
+    let page = history(&e, &chat, &format!("?limit=10&offset={}", total - 3)).await;
     assert_eq!(page["items"].as_array().unwrap()[..], items[..3]);
     assert_eq!(page["hasMore"], false);
-    let page = e
-        .get_json(&format!("/chats/{chat}/history?offset={}", total + 5), 200)
-        .await;
+    let page = history(&e, &chat, &format!("?offset={}", total + 5)).await;
     assert_eq!(
         (
             page["items"].as_array().unwrap().len(),
@@ -941,9 +742,7 @@ async fn history_pages_from_the_end_and_survives_restart() {
         ),
         (0, Some(false))
     );
-    let page = e
-        .get_json(&format!("/chats/{chat}/history?limit=0"), 200)
-        .await;
+    let page = history(&e, &chat, "?limit=0").await;
     assert_eq!(
         (
             page["items"].as_array().unwrap().len(),
@@ -953,9 +752,7 @@ async fn history_pages_from_the_end_and_survives_restart() {
     );
     // `raw` only on request.
     assert!(items.iter().all(|i| i.get("raw").is_none()));
-    let raw = e
-        .get_json(&format!("/chats/{chat}/history?limit=1&raw=true"), 200)
-        .await;
+    let raw = history(&e, &chat, "?limit=1&raw=true").await;
     assert!(raw["items"][0]["raw"].is_object(), "{raw}");
 
     // A torn last line (power loss) is cut with a warning; the rest is kept.
@@ -963,19 +760,18 @@ async fn history_pages_from_the_end_and_survives_restart() {
     let file = e
         .home()
         .join(format!(".replicas/engine/history/{chat}.jsonl"));
-    let e = restart_with(e, true, |_| {
-        use std::io::Write;
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&file)
-            .unwrap()
-            .write_all(br#"{"id":"i_torn","tu"#)
-            .unwrap();
-    })
-    .await;
-    let again = e
-        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
+    let e = e
+        .restart_with(true, |_| {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&file)
+                .unwrap()
+                .write_all(br#"{"id":"i_torn","tu"#)
+                .unwrap();
+        })
         .await;
+    let again = history(&e, &chat, "?limit=1000").await;
     assert_eq!(again["items"].as_array().unwrap(), &items);
     assert!(e.logs().contains("torn last line"));
     e.shutdown().await;
@@ -1001,14 +797,15 @@ async fn a_corrupt_legacy_chats_file_is_set_aside_and_the_engine_keeps_its_chats
     let e = engine().await;
     let kept = create_chat(&e, "claude").await;
     let engine_dir = e.home().join(".replicas/engine");
-    let e = restart_with(e, false, |_| {
-        std::fs::write(
-            engine_dir.join("chats.json"),
-            b"{\"version\":1,\"chats\":[{\"id\":",
-        )
-        .unwrap();
-    })
-    .await;
+    let e = e
+        .restart_with(false, |_| {
+            std::fs::write(
+                engine_dir.join("chats.json"),
+                b"{\"version\":1,\"chats\":[{\"id\":",
+            )
+            .unwrap();
+        })
+        .await;
     let ids: Vec<Value> = e.get_json("/chats", 200).await["chats"]
         .as_array()
         .unwrap()
@@ -1026,10 +823,8 @@ async fn a_corrupt_legacy_chats_file_is_set_aside_and_the_engine_keeps_its_chats
     let ev = events.wait_type("error").await;
     assert_eq!(payload(&ev)["code"], "state_corrupt");
     // Still fully usable.
-    let chat = create_chat(&e, "claude").await;
-    let mut events = chat_events(&e, &chat).await;
-    let acc = send(&e, &chat, "hello").await;
-    let (_, _, p) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
+    let (chat, mut events) = new_chat(&e, "claude").await;
+    let (_, _, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
     assert_eq!(p["outcome"], "completed");
     e.shutdown().await;
 }
@@ -1052,34 +847,29 @@ async fn idle_agent_processes_are_capped_and_the_next_message_resumes() {
     let e = TestEngine::start_spec(spec, guard).await;
     let mut chats = Vec::new();
     for _ in 0..3 {
-        let chat = create_chat(&e, "claude").await;
-        let mut events = chat_events(&e, &chat).await;
-        let msg = send(&e, &chat, "hello").await;
-        let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+        let (chat, mut events) = new_chat(&e, "claude").await;
+        let (_, end, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
         assert_eq!(end, "chat.turn.completed", "{p}");
         assert_eq!(p["outcome"], "completed", "{p}");
         chats.push(chat);
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while engine_children(&e) != 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} agent processes",
-            engine_children(&e)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "two agent processes",
+        WAIT,
+        async || match engine_children(&e) {
+            2 => Ok(()),
+            n => Err(format!("{n} agent processes")),
+        },
+    )
+    .await;
     let mut events = chat_events(&e, &chats[0]).await;
-    let msg = send(&e, &chats[0], "again").await;
-    let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+    let (_, end, p) = send_and_wait(&e, &mut events, &chats[0], "again").await;
     assert_eq!(
         (end.as_str(), &p["outcome"]),
         ("chat.turn.completed", &json!("completed")),
         "{p}"
     );
-    let history = e
-        .get_json(&format!("/chats/{}/history", chats[0]), 200)
-        .await;
+    let history = history(&e, &chats[0], "").await;
     assert!(history.to_string().contains("turn=2"), "{history}");
     assert_eq!(engine_children(&e), 2);
     e.shutdown().await;
@@ -1096,11 +886,9 @@ async fn codex_without_app_server_falls_back_to_exec_and_status_says_so() {
     let e = TestEngine::start_spec(spec, guard).await;
     let status = e.get_json("/status", 200).await;
     assert_eq!(status["providers"]["codexTransport"], "pending", "{status}");
-    let chat = create_chat(&e, "codex").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "codex").await;
     for text in ["hello", "again"] {
-        let msg = send(&e, &chat, text).await;
-        let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+        let (_, end, p) = send_and_wait(&e, &mut events, &chat, text).await;
         assert_eq!(
             (end.as_str(), &p["outcome"]),
             ("chat.turn.completed", &json!("completed")),
@@ -1109,7 +897,7 @@ async fn codex_without_app_server_falls_back_to_exec_and_status_says_so() {
     }
     let status = e.get_json("/status", 200).await;
     assert_eq!(status["providers"]["codexTransport"], "exec", "{status}");
-    let history = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+    let history = history(&e, &chat, "").await;
     assert!(history.to_string().contains("turn=2"), "{history}");
     let logs = e.shutdown_logs().await;
     assert_eq!(
@@ -1124,10 +912,8 @@ async fn codex_app_server_chat_streams_text_and_survives_an_interrupt() {
     let (spec, guard) = spec();
     let spec = spec.with("REPLICAS_CODEX_TRANSPORT", "app-server");
     let e = TestEngine::start_spec(spec, guard).await;
-    let chat = create_chat(&e, "codex").await;
-    let mut events = chat_events(&e, &chat).await;
-    let msg = send(&e, &chat, "hello").await;
-    let (started, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+    let (chat, mut events) = new_chat(&e, "codex").await;
+    let (started, end, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
     assert_eq!(
         (end.as_str(), &p["outcome"]),
         ("chat.turn.completed", &json!("completed")),
@@ -1172,17 +958,15 @@ async fn codex_app_server_chat_streams_text_and_survives_an_interrupt() {
                     .starts_with("tick")
         })
         .await;
-    e.post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
-        .await;
+    interrupt(&e, &chat, json!({})).await;
     events.wait_type("chat.interrupted").await;
-    let msg = send(&e, &chat, "hello").await;
-    let (_, end, p) = wait_turn(&mut events, msg["messageId"].as_str().unwrap()).await;
+    let (_, end, p) = send_and_wait(&e, &mut events, &chat, "hello").await;
     assert_eq!(
         (end.as_str(), &p["outcome"]),
         ("chat.turn.completed", &json!("completed")),
         "{p}"
     );
-    let history = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+    let history = history(&e, &chat, "").await;
     assert!(history.to_string().contains("turn=2"), "{history}");
     assert_eq!(
         engine_children(&e),
@@ -1200,8 +984,7 @@ async fn codex_app_server_chat_streams_text_and_survives_an_interrupt() {
 async fn message_text_is_capped_and_queued_messages_show_as_previews() {
     const LIMIT: usize = 1024 * 1024;
     let e = engine().await;
-    let chat = create_chat(&e, "claude").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "claude").await;
     let hang = send(&e, &chat, "FAKE_HANG").await;
     assert_eq!(hang["status"], "sent");
 
@@ -1250,13 +1033,10 @@ async fn message_text_is_capped_and_queued_messages_show_as_previews() {
     );
 
     // The agent runs the whole text; the history keeps it.
-    e.post_json(&format!("/chats/{chat}/interrupt"), json!({}), 200)
-        .await;
+    interrupt(&e, &chat, json!({})).await;
     let (_, end, _) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
     assert_eq!(end, "chat.turn.completed");
-    let hist = e
-        .get_json(&format!("/chats/{chat}/history?limit=1000"), 200)
-        .await;
+    let hist = history(&e, &chat, "?limit=1000").await;
     let users: Vec<usize> = hist["items"]
         .as_array()
         .unwrap()
@@ -1295,29 +1075,11 @@ async fn a_full_queue_answers_429_queue_full() {
     assert_eq!(c["queue"].as_array().unwrap().len(), 100);
     assert_eq!(c["queue"][99]["text"], "queued 100");
 
-    let c = e
-        .post_json(
-            &format!("/chats/{chat}/interrupt"),
-            json!({"clearQueue": true}),
-            200,
-        )
-        .await;
+    let c = interrupt(&e, &chat, json!({"clearQueue": true})).await;
     assert_eq!(c["queue"], json!([]));
     let acc = send(&e, &chat, "after the clear").await;
     assert!(acc["status"] == "sent" || acc["position"] == 1, "{acc}");
     e.shutdown().await;
-}
-
-/// The argv of the last CLI process a fake recorded in `FAKE_ARGS_FILE`.
-fn last_argv(path: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap();
-    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    last["argv"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_owned())
-        .collect()
 }
 
 /// Whether `argv` has `flag` directly followed by `value`.
@@ -1329,13 +1091,9 @@ fn has_pair(argv: &[String], flag: &str, value: &str) -> bool {
 /// their own flags; Codex, which reports no cost, says `costUsd: null`.
 #[tokio::test]
 async fn per_message_model_thinking_level_and_plan_mode_reach_both_clis() {
-    let (spec, guard) = spec();
-    let args = spec.home.join("args.jsonl");
-    let spec = spec.with("FAKE_ARGS_FILE", args.display().to_string());
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = engine().await;
     for provider in ["claude", "codex"] {
-        let chat = create_chat(&e, provider).await;
-        let mut events = chat_events(&e, &chat).await;
+        let (chat, mut events) = new_chat(&e, provider).await;
         let acc = e
             .post_json(
                 &format!("/chats/{chat}/messages"),
@@ -1349,7 +1107,7 @@ async fn per_message_model_thinking_level_and_plan_mode_reach_both_clis() {
             ("chat.turn.completed", Some("completed")),
             "{done}"
         );
-        let argv = last_argv(&args);
+        let argv = last_argv(e.home());
         let joined = argv.join(" ");
         if provider == "claude" {
             assert!(has_pair(&argv, "--model", "model-x"), "{joined}");
@@ -1380,7 +1138,7 @@ async fn per_message_model_thinking_level_and_plan_mode_reach_both_clis() {
         // The next message without options runs without them.
         let acc = send(&e, &chat, "plain").await;
         wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
-        let argv = last_argv(&args);
+        let argv = last_argv(e.home());
         assert!(
             !argv.iter().any(|a| a == "model-x" || a == "plan"),
             "{provider}: {argv:?}"
@@ -1445,12 +1203,12 @@ async fn a_queued_image_survives_a_restart_reaches_claude_and_is_then_removed() 
 
     // A graceful restart ends the hanging turn; the queued message with its
     // image is still there and runs on the new engine.
-    let e = restart_with(e, false, |_| {}).await;
+    let e = e.restart_with(false, |_| {}).await;
     assert!(attachment.exists(), "kept across the restart");
     let mut events = chat_events(&e, &chat).await;
     let (_, end, done) = wait_turn(&mut events, &mid).await;
     assert_eq!(end, "chat.turn.completed", "{done}");
-    let hist = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+    let hist = history(&e, &chat, "").await;
     let answer = hist["items"]
         .as_array()
         .unwrap()
@@ -1496,8 +1254,7 @@ async fn an_image_reaches_codex_as_a_file_with_the_decoded_bytes() {
     std::fs::create_dir_all(&copies).unwrap();
     let spec = spec.with("FAKE_IMAGES_DIR", copies.display().to_string());
     let e = TestEngine::start_spec(spec, guard).await;
-    let chat = create_chat(&e, "codex").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "codex").await;
     let acc = e
         .post_json(
             &format!("/chats/{chat}/messages"),
@@ -1535,8 +1292,7 @@ async fn a_turn_past_the_timeout_fails_with_timeout_and_loses_its_group() {
     let pid_file = e.home().join("linger.pid");
     for provider in ["claude", "codex"] {
         let _ = std::fs::remove_file(&pid_file);
-        let chat = create_chat(&e, provider).await;
-        let mut events = chat_events(&e, &chat).await;
+        let (chat, mut events) = new_chat(&e, provider).await;
         let acc = send(&e, &chat, "FAKE_LINGER FAKE_HANG").await;
         let child = wait_pid(&pid_file).await;
         let (_, end, done) = wait_turn(&mut events, acc["messageId"].as_str().unwrap()).await;
@@ -1546,8 +1302,7 @@ async fn a_turn_past_the_timeout_fails_with_timeout_and_loses_its_group() {
         wait_dead(child).await;
         let c = wait_chat(&e, &chat, |c| c["status"] == "idle").await;
         assert_eq!(c["lastTurn"]["error"]["code"], "timeout");
-        let next = send(&e, &chat, "hello again").await;
-        let (_, _, done) = wait_turn(&mut events, next["messageId"].as_str().unwrap()).await;
+        let (_, _, done) = send_and_wait(&e, &mut events, &chat, "hello again").await;
         assert_eq!(done["outcome"], "completed", "{provider}: {done}");
     }
     e.shutdown().await;
@@ -1703,8 +1458,7 @@ async fn chats_json_of_an_older_engine_is_imported_at_first_start() {
 #[tokio::test]
 async fn an_acknowledged_message_survives_kill9() {
     let e = engine().await;
-    let chat = create_chat(&e, "claude").await;
-    let mut events = chat_events(&e, &chat).await;
+    let (chat, mut events) = new_chat(&e, "claude").await;
     send(&e, &chat, "FAKE_HANG").await;
     // A delta means the process was spawned and its group recorded, so the
     // next write (the 202's) carries it and the restart ends that turn

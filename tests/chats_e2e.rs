@@ -10,29 +10,17 @@
 //! message works), a 200 KB Codex message, and resume after an engine
 //! restart. Codex runs both over `exec` and over `app-server`.
 
-#[allow(unused_imports)] // not every test file uses every harness export
-mod common;
-
 use std::time::Duration;
 
-use common::e2e::{E2eEnv, MockServer};
-use common::{EngineSpec, SseEvent, SseStream, TestEngine};
+use crate::common::chat::{self, payload, turn_events};
+use crate::common::e2e::{E2eEnv, MockServer};
+use crate::common::{eventually, EngineSpec, SseStream, TestEngine};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn payload(ev: &SseEvent) -> Value {
-    ev.json()["payload"].clone()
-}
-
 async fn send(e: &TestEngine, chat: &str, text: &str) -> String {
-    let m = e
-        .post_json(
-            &format!("/chats/{chat}/messages"),
-            json!({ "message": text }),
-            202,
-        )
-        .await;
+    let m = chat::send(e, chat, text).await;
     assert_eq!(m["status"], "sent", "{m}");
     m["messageId"].as_str().unwrap().to_owned()
 }
@@ -40,26 +28,14 @@ async fn send(e: &TestEngine, chat: &str, text: &str) -> String {
 /// Wait for the turn of `message_id` to start and end; returns (turn id,
 /// end event type, end payload).
 async fn wait_turn(events: &mut SseStream, message_id: &str) -> (String, String, Value) {
-    let (started, _) = events
-        .wait_for(WAIT, |e| {
-            e.event.as_deref() == Some("chat.turn.started") && payload(e)["messageId"] == message_id
-        })
-        .await;
+    let (started, end) = turn_events(events, message_id, WAIT).await;
     let turn = payload(&started)["turnId"].as_str().unwrap().to_owned();
-    let (end, _) = events
-        .wait_for(WAIT, |e| {
-            matches!(
-                e.event.as_deref(),
-                Some("chat.turn.completed" | "chat.interrupted")
-            ) && payload(e)["turnId"] == turn.as_str()
-        })
-        .await;
     (turn, end.event.clone().unwrap(), payload(&end))
 }
 
 /// History items of one turn.
 async fn turn_items(e: &TestEngine, chat: &str, turn: &str) -> Vec<Value> {
-    let h = e.get_json(&format!("/chats/{chat}/history"), 200).await;
+    let h = chat::history(e, chat, "").await;
     h["items"]
         .as_array()
         .unwrap()
@@ -92,7 +68,7 @@ fn conversation_size(mock: &MockServer, from: usize) -> u64 {
 }
 
 async fn whole_chat(provider: &str, app_server: bool) {
-    let (spec, guard) = EngineSpec::new();
+    let (spec, _) = EngineSpec::new();
     let env = E2eEnv::start_in(&spec.home).await;
     let mut spec = spec
         .with("CLAUDE_BIN", env.claude_bin.display().to_string())
@@ -108,14 +84,9 @@ async fn whole_chat(provider: &str, app_server: bool) {
         "claude" => (&env.anthropic, "please USE_BASH"),
         _ => (&env.openai, "please USE_SHELL"),
     };
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
     let mut events = e.events("since=0&types=chat.*").await;
-    let chat = e
-        .post_json("/chats", json!({"provider": provider, "cwd": "demo"}), 201)
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let chat = chat::create_chat_with(&e, json!({"provider": provider, "cwd": "demo"})).await;
 
     // A plain turn: the mock's answer is in the history.
     let m = send(&e, &chat, "hello there").await;
@@ -181,14 +152,10 @@ async fn whole_chat(provider: &str, app_server: bool) {
             e.event.as_deref() == Some("chat.turn.started") && payload(e)["messageId"] == m.as_str()
         })
         .await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while mock.requests().len() == before {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{provider}: no model call"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(&format!("{provider}: a model call"), WAIT, async || {
+        mock.requests().len() != before
+    })
+    .await;
     let res = e
         .post(&format!("/chats/{chat}/interrupt"))
         .send()
@@ -221,10 +188,7 @@ async fn whole_chat(provider: &str, app_server: bool) {
     }
 
     // After an engine restart the chat resumes its provider session.
-    let guard = e._home_guard.clone();
-    let spec = e.shutdown().await;
-    let mut e = TestEngine::start_with(spec).await;
-    e._home_guard = guard;
+    let e = e.restart().await;
     let mut events = e.events("since=0&types=chat.*").await;
     let before = mock.requests().len();
     let m = send(&e, &chat, "after restart").await;

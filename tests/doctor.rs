@@ -2,20 +2,14 @@
 //! `--json`, exit 0 when every essential check passes and 1 otherwise, the
 //! secret and credential contents never printed.
 
-mod common;
-
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::{EngineSpec, TestEngine, SECRET};
+use crate::common::{find, script, sh, EngineSpec, TestEngine, SECRET};
 use serde_json::Value;
 
 /// A tool that prints a version.
 fn fake_tool(dir: &Path, name: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\necho '{name} 9.9.9 (fake)'\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path.display().to_string()
+    script(&dir.join(name), &format!("echo '{name} 9.9.9 (fake)'\n"))
 }
 
 async fn doctor(spec: &EngineSpec, args: &[&str]) -> (i32, String) {
@@ -31,12 +25,7 @@ async fn doctor(spec: &EngineSpec, args: &[&str]) -> (i32, String) {
 }
 
 fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no check {name}: {report:#}"))
+    find(&report["checks"], "name", name)
 }
 
 #[tokio::test]
@@ -54,7 +43,7 @@ async fn a_healthy_machine_passes_and_problems_get_hints() {
         ("bad", "replicas.json", "{\"startHook\": {\"commands\": 5}}"),
     ] {
         let dir = spec.workspaces().join(name);
-        common::sh(&spec.workspaces(), &format!("git init -q {name}"));
+        sh(&spec.workspaces(), &format!("git init -q {name}"));
         std::fs::write(dir.join(file), text).unwrap();
     }
     // Credentials: contents never printed.

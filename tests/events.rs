@@ -3,12 +3,10 @@
 //! restart continuity, torn last line, a stalled subscriber, retention with
 //! `stream.reset`, and graceful shutdown with open streams.
 
-mod common;
-
 use std::time::Duration;
 
-use common::inproc::InProc;
-use common::{SseEvent, SseStream, TestEngine};
+use crate::common::inproc::InProc;
+use crate::common::{eventually, EngineSpec, SseEvent, SseStream, TestEngine, SECRET};
 use replicas_engine::events::EventKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -141,7 +139,7 @@ async fn bad_positions_are_rejected_with_the_error_shape() {
     let home = tempfile::tempdir().unwrap();
     let e = InProc::start(home.path(), |_| {}).await;
     for (header, query) in [(Some("abc"), ""), (None, "since=-1"), (None, "since=1x")] {
-        let mut req = e.client.get(format!("{}/events?{query}", e.base));
+        let mut req = e.get(&format!("/events?{query}"));
         if let Some(h) = header {
             req = req.header("Last-Event-ID", h);
         }
@@ -157,7 +155,7 @@ async fn bad_positions_are_rejected_with_the_error_shape() {
 async fn stalled_subscriber_blocks_nobody_and_is_caught_up_from_the_journal() {
     let home = tempfile::tempdir().unwrap();
     let e = InProc::start(home.path(), |_| {}).await;
-    let addr = e.base.trim_start_matches("http://").to_owned();
+    let addr = e.addr().to_owned();
 
     // A raw TCP client that subscribes and then reads nothing for a while:
     // its socket buffers fill and its broadcast receiver lags.
@@ -166,7 +164,7 @@ async fn stalled_subscriber_blocks_nobody_and_is_caught_up_from_the_journal() {
         .write_all(
             format!(
                 "GET /events?since=1 HTTP/1.1\r\nHost: {addr}\r\nX-Replicas-Engine-Secret: {}\r\n\r\n",
-                common::SECRET
+                SECRET
             )
             .as_bytes(),
         )
@@ -296,12 +294,14 @@ async fn ids_continue_across_restarts_and_old_events_replay() {
 #[tokio::test]
 async fn torn_last_line_is_skipped_with_a_warning() {
     let e = TestEngine::start().await;
-    let spec = e.kill9().await;
-    let journal = spec.home.join(".replicas/engine/events.jsonl");
-    let mut data = std::fs::read(&journal).unwrap();
-    data.extend_from_slice(br#"{"id":"2","ts":"2026-11-21T2"#);
-    std::fs::write(&journal, data).unwrap();
-    let e = TestEngine::start_with(spec).await;
+    let journal = e.home().join(".replicas/engine/events.jsonl");
+    let e = e
+        .restart_with(true, |_| {
+            let mut data = std::fs::read(&journal).unwrap();
+            data.extend_from_slice(br#"{"id":"2","ts":"2026-11-21T2"#);
+            std::fs::write(&journal, data).unwrap();
+        })
+        .await;
     assert!(e.logs().contains("torn last line"), "{}", e.logs());
     let mut s = e.events("since=0").await;
     let ids = collect_ids(&mut s, 2).await;
@@ -316,7 +316,7 @@ async fn torn_last_line_is_skipped_with_a_warning() {
 
 #[tokio::test]
 async fn garbage_journal_does_not_stop_the_engine() {
-    let (spec, guard) = common::EngineSpec::new();
+    let (spec, guard) = EngineSpec::new();
     let dir = spec.home.join(".replicas/engine");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -345,7 +345,7 @@ async fn sigterm_ends_open_streams_and_exits_zero() {
     let status = e.get_json("/status", 200).await;
     assert_eq!(status["events"]["subscribers"], 3);
     let logs_before = e.logs();
-    assert!(!logs_before.contains(common::SECRET));
+    assert!(!logs_before.contains(SECRET));
     let started = std::time::Instant::now();
     e.shutdown().await;
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -361,7 +361,7 @@ async fn sigterm_ends_open_streams_and_exits_zero() {
 
 #[tokio::test]
 async fn idle_streams_get_keepalive_comments() {
-    let (spec, guard) = common::EngineSpec::new();
+    let (spec, guard) = EngineSpec::new();
     let e = TestEngine::start_spec(spec.with("REPLICAS_SSE_KEEPALIVE_SECS", "1"), guard).await;
     let res = e.get("/events").send().await.unwrap();
     assert_eq!(res.headers()["content-type"], "text/event-stream");
@@ -386,44 +386,21 @@ async fn event_streams_beyond_the_cap_are_503() {
     .await;
     let first = e.events("since=0").await;
     let mut second = e.events("").await;
-    let res = e
-        .client
-        .get(format!("{}/events", e.base))
-        .send()
-        .await
-        .unwrap();
+    let res = e.get("/events").send().await.unwrap();
     assert_eq!(res.status(), 503);
     let v: serde_json::Value = res.json().await.unwrap();
     assert_eq!(v["error"]["code"], "unavailable", "{v}");
-    let status: serde_json::Value = e
-        .client
-        .get(format!("{}/status", e.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value = e.get("/status").send().await.unwrap().json().await.unwrap();
     assert_eq!(status["events"]["subscribers"], 2, "{status}");
     // The open ones keep streaming.
     e.state.bus.publish(None, err_event(1));
     second.wait_type("error").await;
     // A slot frees once a client goes (noticed at the next keepalive write).
     drop(first);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let res = e
-            .client
-            .get(format!("{}/events", e.base))
-            .send()
-            .await
-            .unwrap();
-        if res.status() == 200 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no slot freed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("a slot to free", Duration::from_secs(20), async || {
+        e.get("/events").send().await.unwrap().status() == 200
+    })
+    .await;
     drop(second);
     e.stop().await;
 }

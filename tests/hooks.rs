@@ -1,48 +1,40 @@
 //! Start hooks, `GET /hooks/status` and `replicas-engine warm`, through the
 //! real binary with real repos and real shell commands.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{sh, EngineSpec, SseEvent, TestEngine};
+use crate::common::{alive, eventually, find, git_repo, sh, EngineSpec, SseEvent, TestEngine};
 use serde_json::{json, Value};
 
 /// A committed repo `name` under the workspace root with config `file`.
 fn repo_with(ws: &Path, name: &str, file: &str, text: &str) {
-    let dir = ws.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(file), text).unwrap();
-    sh(
-        &dir,
-        "git init -q -b main && git add . && git commit -qm init",
-    );
+    git_repo(ws, name, &[(file, text)]);
+}
+
+/// An engine over committed repos: (name, config file, its text).
+async fn engine_with(repos: &[(&str, &str, &str)]) -> TestEngine {
+    let (spec, _) = EngineSpec::new();
+    for (name, file, text) in repos {
+        repo_with(&spec.workspaces(), name, file, text);
+    }
+    TestEngine::start_with(spec).await
 }
 
 /// Poll `/hooks/status` until the start hooks finished (deadline 30 s).
 async fn finished(e: &TestEngine) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually("the hooks to finish", Duration::from_secs(30), async || {
         let s = e.get_json("/hooks/status", 200).await;
-        if s["status"] == "completed" || s["status"] == "failed" {
-            return s;
+        match s["status"] == "completed" || s["status"] == "failed" {
+            true => Ok(s),
+            false => Err(s.to_string()),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "hooks did not finish: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 fn repo_status<'a>(s: &'a Value, name: &str) -> &'a Value {
-    s["repos"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["repo"] == name)
-        .unwrap_or_else(|| panic!("{name} in {s}"))
+    find(&s["repos"], "repo", name)
 }
 
 fn statuses(r: &Value) -> Vec<String> {
@@ -54,67 +46,21 @@ fn statuses(r: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Whether a process is still running (a zombie counts as gone).
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            stat.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next())
-                != Some("Z")
-        }
-        Err(_) => false,
-    }
-}
-
-/// Whether `pid` is gone within a deadline (a KILLed process needs to be
-/// scheduled once to die).
-async fn gone(pid: i32) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while alive(pid) {
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
-async fn wait_file(path: &Path) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if s.ends_with('\n') {
-                return s;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Wait until `pid` is gone (a KILLed process needs to be scheduled once
+/// to die).
+async fn wait_gone(pid: i32, what: &str) {
+    eventually(what, Duration::from_secs(5), async || !alive(pid)).await
 }
 
 #[tokio::test]
 async fn start_hooks_run_in_order_log_and_continue_after_a_failure() {
-    let (spec, guard) = EngineSpec::new();
-    let ws = spec.workspaces();
-    repo_with(&ws, "a", "replicas.yaml", "startHook:\n  commands:\n    - echo one > one.txt\n    - echo boom >&2; exit 3\n    - echo three > three.txt\n");
-    repo_with(
-        &ws,
-        "b",
-        "replicas.json",
-        r#"{"startHook":{"commands":["pwd > where.txt"]},"unknown":true}"#,
-    );
-    repo_with(
-        &ws,
-        "c",
-        "replicas.json",
-        r#"{"systemPrompt":"no hooks here"}"#,
-    );
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = engine_with(&[
+        ("a", "replicas.yaml", "startHook:\n  commands:\n    - echo one > one.txt\n    - echo boom >&2; exit 3\n    - echo three > three.txt\n"),
+        ("b", "replicas.json", r#"{"startHook":{"commands":["pwd > where.txt"]},"unknown":true}"#),
+        ("c", "replicas.json", r#"{"systemPrompt":"no hooks here"}"#),
+    ])
+    .await;
+    let ws = e.spec.workspaces();
 
     let s = finished(&e).await;
     assert_eq!(s["status"], "failed");
@@ -200,11 +146,9 @@ async fn start_hooks_run_in_order_log_and_continue_after_a_failure() {
 
 #[tokio::test]
 async fn a_timed_out_command_loses_its_backgrounded_grandchild_and_later_ones_run() {
-    let (spec, guard) = EngineSpec::new();
-    let ws = spec.workspaces();
     let cfg = json!({"startHook": {"commands": ["sleep 60 & echo $! > gc.pid; wait", "echo after > after.txt"], "timeout": 500}});
-    repo_with(&ws, "a", "replicas.json", &cfg.to_string());
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = engine_with(&[("a", "replicas.json", &cfg.to_string())]).await;
+    let ws = e.spec.workspaces();
 
     let s = finished(&e).await;
     let a = repo_status(&s, "a");
@@ -216,24 +160,19 @@ async fn a_timed_out_command_loses_its_backgrounded_grandchild_and_later_ones_ru
         .trim()
         .parse()
         .unwrap();
-    assert!(
-        gone(pid).await,
-        "the backgrounded sleep was killed with its group"
-    );
+    wait_gone(pid, "the backgrounded sleep killed with its group").await;
     assert!(ws.join("a/after.txt").exists());
     e.shutdown().await;
 }
 
 #[tokio::test]
 async fn separate_false_runs_one_shell_so_export_and_cd_persist() {
-    let (spec, guard) = EngineSpec::new();
-    repo_with(
-        &spec.workspaces(),
+    let e = engine_with(&[(
         "a",
         "replicas.yml",
         "startHook:\n  separate: false\n  commands:\n    - export GREETING=hello\n    - mkdir -p sub && cd sub\n    - echo \"$GREETING\" > greeting.txt\n",
-    );
-    let e = TestEngine::start_spec(spec, guard).await;
+    )])
+    .await;
     let s = finished(&e).await;
     assert_eq!(s["status"], "completed");
     let a = repo_status(&s, "a");
@@ -249,28 +188,25 @@ async fn separate_false_runs_one_shell_so_export_and_cd_persist() {
 
 #[tokio::test]
 async fn invalid_configs_fail_their_repo_only() {
-    let (spec, guard) = EngineSpec::new();
-    let ws = spec.workspaces();
-    repo_with(
-        &ws,
-        "bad-json",
-        "replicas.json",
-        r#"{"startHook": {"commands": [}"#,
-    );
-    repo_with(
-        &ws,
-        "bad-type",
-        "replicas.yml",
-        "startHook:\n  commands: npm ci\n",
-    );
-    repo_with(&ws, "bad-yaml", "replicas.yaml", "startHook: [unclosed\n");
-    repo_with(
-        &ws,
-        "good",
-        "replicas.json",
-        r#"{"startHook":{"commands":["true"]}}"#,
-    );
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = engine_with(&[
+        (
+            "bad-json",
+            "replicas.json",
+            r#"{"startHook": {"commands": [}"#,
+        ),
+        (
+            "bad-type",
+            "replicas.yml",
+            "startHook:\n  commands: npm ci\n",
+        ),
+        ("bad-yaml", "replicas.yaml", "startHook: [unclosed\n"),
+        (
+            "good",
+            "replicas.json",
+            r#"{"startHook":{"commands":["true"]}}"#,
+        ),
+    ])
+    .await;
 
     let s = finished(&e).await;
     assert_eq!(s["status"], "failed");
@@ -305,14 +241,12 @@ async fn invalid_configs_fail_their_repo_only() {
 
 #[tokio::test]
 async fn completed_hooks_are_not_rerun_after_a_restart() {
-    let (spec, guard) = EngineSpec::new();
-    repo_with(
-        &spec.workspaces(),
+    let e = engine_with(&[(
         "a",
         "replicas.json",
         r#"{"startHook":{"commands":["echo run >> runs.txt"]}}"#,
-    );
-    let e = TestEngine::start_spec(spec, guard).await;
+    )])
+    .await;
     let first = finished(&e).await;
     assert_eq!(first["status"], "completed");
     let state: Value = serde_json::from_str(
@@ -335,22 +269,26 @@ async fn completed_hooks_are_not_rerun_after_a_restart() {
 
 #[tokio::test]
 async fn engine_shutdown_kills_a_running_hook_and_does_not_record_it() {
-    let (spec, guard) = EngineSpec::new();
     let cfg =
         json!({"startHook": {"commands": ["sleep 60 & echo $! > gc.pid; wait"], "timeout": 60000}});
-    repo_with(&spec.workspaces(), "a", "replicas.json", &cfg.to_string());
-    let pid_file = spec.workspaces().join("a/gc.pid");
-    let e = TestEngine::start_spec(spec, guard.clone()).await;
-    let pid: i32 = wait_file(&pid_file).await.trim().parse().unwrap();
+    let e = engine_with(&[("a", "replicas.json", &cfg.to_string())]).await;
+    let pid_file = e.spec.workspaces().join("a/gc.pid");
+    let pid: i32 = eventually("the hook's pid", Duration::from_secs(30), async || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    })
+    .await
+    .trim()
+    .parse()
+    .unwrap();
     assert_eq!(e.get_json("/hooks/status", 200).await["status"], "running");
-    let home = e.home().to_path_buf();
-    e.shutdown().await;
-    assert!(gone(pid).await, "shutdown ended the hook's process group");
+    let spec = e.shutdown().await;
+    wait_gone(pid, "shutdown to end the hook's process group").await;
     assert!(
-        !home.join(".replicas/engine-state.json").exists(),
+        !spec.home.join(".replicas/engine-state.json").exists(),
         "an interrupted run is not recorded"
     );
-    drop(guard);
 }
 
 #[tokio::test]

@@ -5,116 +5,24 @@
 //! backend for fresh credentials, chat webhooks arrive in order, `/status`
 //! sums everything up, and the body cap holds on a real route.
 
-#[allow(unused_imports)] // not every test file uses every harness export
-mod common;
+use std::path::{Path, PathBuf};
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
-
-use common::backend::{self, Backend};
-use common::{sh, EngineSpec, SseEvent, SseStream, TestEngine};
+use crate::common::backend;
+use crate::common::chat::{
+    create_chat_with, is, last_argv, payload, send, spec, turn_events, WAIT,
+};
+use crate::common::{eventually, git_repo, SseStream, TestEngine};
 use serde_json::{json, Value};
-
-const FAKE_CLAUDE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/bin/fake-claude"
-);
-const FAKE_CODEX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bin/fake-codex");
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A spec with the fake CLIs; they record their argv in `<home>/args.jsonl`.
-fn spec() -> (EngineSpec, Arc<tempfile::TempDir>) {
-    let (spec, guard) = EngineSpec::new();
-    let args = spec.home.join("args.jsonl").display().to_string();
-    let spec = spec
-        .with("CLAUDE_BIN", FAKE_CLAUDE)
-        .with("CODEX_BIN", FAKE_CODEX)
-        .with("FAKE_ARGS_FILE", args);
-    (spec, guard)
-}
 
 /// A committed repo `name` under the workspace root, with `replicas.yaml`
 /// holding `config` (none when empty).
 fn repo(ws: &Path, name: &str, config: &str) {
-    let dir = ws.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("README.md"), format!("# {name}\n")).unwrap();
+    let readme = format!("# {name}\n");
+    let mut files = vec![("README.md", readme.as_str())];
     if !config.is_empty() {
-        std::fs::write(dir.join("replicas.yaml"), config).unwrap();
+        files.push(("replicas.yaml", config));
     }
-    sh(
-        &dir,
-        "git init -q -b main && git add . && git commit -qm init",
-    );
-}
-
-async fn create_chat(e: &TestEngine, body: Value) -> String {
-    let chat = e.post_json("/chats", body, 201).await;
-    chat["id"].as_str().unwrap().to_owned()
-}
-
-async fn send(e: &TestEngine, chat: &str, text: &str) -> Value {
-    e.post_json(
-        &format!("/chats/{chat}/messages"),
-        json!({ "message": text }),
-        202,
-    )
-    .await
-}
-
-fn payload(ev: &SseEvent) -> Value {
-    ev.json()["payload"].clone()
-}
-
-fn is(ev: &SseEvent, kind: &str) -> bool {
-    ev.event.as_deref() == Some(kind)
-}
-
-/// Wait until `chat`'s turn for `message_id` ends; returns (started, end).
-async fn wait_turn(events: &mut SseStream, chat: &str, message_id: &str) -> (SseEvent, SseEvent) {
-    let (started, _) = events
-        .wait_for(WAIT, |e| {
-            is(e, "chat.turn.started")
-                && e.json()["chatId"] == chat
-                && payload(e)["messageId"] == message_id
-        })
-        .await;
-    let turn_id = payload(&started)["turnId"].clone();
-    let (end, _) = events
-        .wait_for(WAIT, |e| {
-            (is(e, "chat.turn.completed") || is(e, "chat.interrupted"))
-                && payload(e)["turnId"] == turn_id
-        })
-        .await;
-    (started, end)
-}
-
-async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The argv of the last fake CLI start recorded in `<home>/args.jsonl`.
-fn last_argv(home: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(home.join("args.jsonl")).unwrap_or_default();
-    let line = text.lines().last().expect("a fake CLI recorded its argv");
-    let v: Value = serde_json::from_str(line).unwrap();
-    v["argv"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_owned())
-        .collect()
+    git_repo(ws, name, &files);
 }
 
 /// The value following `flag` in `argv`.
@@ -125,26 +33,34 @@ fn flag_value<'a>(argv: &'a [String], flag: &str) -> Option<&'a str> {
 
 // ---------------------------------------------------------------- hooks gate chats
 
-/// A start hook that blocks until a file appears: a message posted meanwhile
-/// is queued and the chat shows `waiting_for_hooks`; once the file exists the
-/// hooks complete and only then does the turn start.
-#[tokio::test]
-async fn chats_wait_for_start_hooks_then_run() {
-    let (spec, guard) = spec();
+/// An engine whose repo `api` has a start hook that waits for the file
+/// `go`, then runs `then`; returns it, `go` and its events from the start,
+/// read past `hooks.started`.
+async fn gated_start_hook(then: &str) -> (TestEngine, PathBuf, SseStream) {
+    let (spec, _) = spec();
     let go = spec.home.join("go");
     repo(
         &spec.workspaces(),
         "api",
         &format!(
-            "startHook:\n  commands:\n    - 'while [ ! -f {} ]; do sleep 0.05; done'\n",
+            "startHook:\n  commands:\n    - 'while [ ! -f {} ]; do sleep 0.05; done{then}'\n",
             go.display()
         ),
     );
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
     let mut events = e.events("since=0").await;
     events.wait_type("hooks.started").await;
+    (e, go, events)
+}
 
-    let chat = create_chat(&e, json!({"provider": "claude", "cwd": "api"})).await;
+/// A start hook that blocks until a file appears: a message posted meanwhile
+/// is queued and the chat shows `waiting_for_hooks`; once the file exists the
+/// hooks complete and only then does the turn start.
+#[tokio::test]
+async fn chats_wait_for_start_hooks_then_run() {
+    let (e, go, mut events) = gated_start_hook("").await;
+
+    let chat = create_chat_with(&e, json!({"provider": "claude", "cwd": "api"})).await;
     let accepted = send(&e, &chat, "hello while hooks run").await;
     assert_eq!(accepted["status"], "queued", "{accepted}");
     assert_eq!(accepted["position"], 1);
@@ -168,7 +84,7 @@ async fn chats_wait_for_start_hooks_then_run() {
         seen.iter().map(|e| &e.event).collect::<Vec<_>>()
     );
     let (started, end) =
-        wait_turn(&mut events, &chat, accepted["messageId"].as_str().unwrap()).await;
+        turn_events(&mut events, accepted["messageId"].as_str().unwrap(), WAIT).await;
     assert!(started.id_num() > done.id_num());
     assert_eq!(payload(&end)["outcome"], "completed", "{}", end.data);
     let c = e.get_json(&format!("/chats/{chat}"), 200).await;
@@ -180,20 +96,8 @@ async fn chats_wait_for_start_hooks_then_run() {
 /// A failing start hook still releases the chats.
 #[tokio::test]
 async fn a_failing_start_hook_still_releases_chats() {
-    let (spec, guard) = spec();
-    let go = spec.home.join("go");
-    repo(
-        &spec.workspaces(),
-        "api",
-        &format!(
-            "startHook:\n  commands:\n    - 'while [ ! -f {} ]; do sleep 0.05; done; exit 7'\n",
-            go.display()
-        ),
-    );
-    let e = TestEngine::start_spec(spec, guard).await;
-    let mut events = e.events("since=0").await;
-    events.wait_type("hooks.started").await;
-    let chat = create_chat(&e, json!({"provider": "codex", "cwd": "api"})).await;
+    let (e, go, mut events) = gated_start_hook("; exit 7").await;
+    let chat = create_chat_with(&e, json!({"provider": "codex", "cwd": "api"})).await;
     let accepted = send(&e, &chat, "hello").await;
     assert_eq!(accepted["status"], "queued");
 
@@ -201,13 +105,13 @@ async fn a_failing_start_hook_still_releases_chats() {
     let failed = events.wait_type("hooks.failed").await;
     assert_eq!(payload(&failed)["status"]["status"], "failed");
     let (started, end) =
-        wait_turn(&mut events, &chat, accepted["messageId"].as_str().unwrap()).await;
+        turn_events(&mut events, accepted["messageId"].as_str().unwrap(), WAIT).await;
     assert!(started.id_num() > failed.id_num());
     assert_eq!(payload(&end)["outcome"], "completed", "{}", end.data);
     // Hooks are done: the next message is sent at once.
     let next = send(&e, &chat, "again").await;
     assert_eq!(next["status"], "sent", "{next}");
-    wait_turn(&mut events, &chat, next["messageId"].as_str().unwrap()).await;
+    turn_events(&mut events, next["messageId"].as_str().unwrap(), WAIT).await;
     e.shutdown().await;
 }
 
@@ -216,20 +120,8 @@ async fn a_failing_start_hook_still_releases_chats() {
 /// after them.
 #[tokio::test]
 async fn a_message_waiting_for_hooks_survives_a_restart() {
-    let (spec, guard) = spec();
-    let go = spec.home.join("go");
-    repo(
-        &spec.workspaces(),
-        "api",
-        &format!(
-            "startHook:\n  commands:\n    - 'while [ ! -f {} ]; do sleep 0.05; done'\n",
-            go.display()
-        ),
-    );
-    let e = TestEngine::start_spec(spec, guard).await;
-    let mut events = e.events("since=0").await;
-    events.wait_type("hooks.started").await;
-    let chat = create_chat(&e, json!({"provider": "codex", "cwd": "api"})).await;
+    let (e, go, events) = gated_start_hook("").await;
+    let chat = create_chat_with(&e, json!({"provider": "codex", "cwd": "api"})).await;
     let accepted = send(&e, &chat, "after the hooks").await;
     assert_eq!(accepted["status"], "queued");
     drop(events);
@@ -242,7 +134,7 @@ async fn a_message_waiting_for_hooks_survives_a_restart() {
     std::fs::write(&go, "").unwrap();
     let done = events.wait_type("hooks.completed").await;
     let (started, end) =
-        wait_turn(&mut events, &chat, accepted["messageId"].as_str().unwrap()).await;
+        turn_events(&mut events, accepted["messageId"].as_str().unwrap(), WAIT).await;
     assert!(started.id_num() > done.id_num());
     assert_eq!(payload(&end)["outcome"], "completed", "{}", end.data);
     e.shutdown().await;
@@ -269,9 +161,9 @@ async fn the_repo_system_prompt_reaches_both_agents() {
     let mut events = e.events("since=0").await;
 
     let run = async |events: &mut SseStream, body: Value| -> Vec<String> {
-        let chat = create_chat(&e, body).await;
+        let chat = create_chat_with(&e, body).await;
         let m = send(&e, &chat, "hello").await;
-        let (_, end) = wait_turn(events, &chat, m["messageId"].as_str().unwrap()).await;
+        let (_, end) = turn_events(events, m["messageId"].as_str().unwrap(), WAIT).await;
         assert_eq!(payload(&end)["outcome"], "completed", "{}", end.data);
         last_argv(&home)
     };
@@ -336,9 +228,9 @@ async fn a_turn_that_edits_a_repo_marks_it_dirty() {
         .await;
     assert_eq!(payload(&discovered)["repo"]["isDirty"], false);
 
-    let chat = create_chat(&e, json!({"provider": "codex", "cwd": "api"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "codex", "cwd": "api"})).await;
     let m = send(&e, &chat, "make a change FAKE_PATCH").await;
-    let (_, end) = wait_turn(&mut events, &chat, m["messageId"].as_str().unwrap()).await;
+    let (_, end) = turn_events(&mut events, m["messageId"].as_str().unwrap(), WAIT).await;
     assert_eq!(payload(&end)["outcome"], "completed", "{}", end.data);
     assert!(e.spec.workspaces().join("api/fake_patch.txt").exists());
     let (changed, _) = events
@@ -368,17 +260,13 @@ async fn a_turn_that_edits_a_repo_marks_it_dirty() {
 /// as a webhook.
 #[tokio::test]
 async fn an_auth_failure_refreshes_credentials_and_reports_upstream() {
-    let (mock, url) = Backend::start().await;
-    let (spec, guard) = spec();
-    let spec = spec
-        .with("MONOLITH_URL", url)
-        .with("REPLICAS_UPSTREAM_RETRY_BASE_MS", "20");
-    let e = TestEngine::start_spec(spec, guard).await;
+    let (spec, mock) = spec().0.with_backend().await;
+    let e = TestEngine::start_with(spec.with("REPLICAS_UPSTREAM_RETRY_BASE_MS", "20")).await;
     // The refresh every manager makes at start has landed.
-    poll("claude refresh at start", async || {
+    eventually("claude refresh at start", WAIT, async || {
         let h = e.get_json("/token-refresh/health", 200).await;
         let claude = &h["managers"]["claude"];
-        (claude["status"] == "ok" && claude["lastSuccessAt"].is_string()).then_some(())
+        claude["status"] == "ok" && claude["lastSuccessAt"].is_string()
     })
     .await;
     assert_eq!(mock.requests(backend::CLAUDE).len(), 1);
@@ -386,16 +274,16 @@ async fn an_auth_failure_refreshes_credentials_and_reports_upstream() {
     // Engine-level errors have no chatId: read them on their own stream.
     let mut errors = e.events("since=0&types=error").await;
     let mut events = e.events("since=0").await;
-    let chat = create_chat(&e, json!({"provider": "claude"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "claude"})).await;
     let m = send(&e, &chat, "hello FAKE_AUTH").await;
-    let (_, end) = wait_turn(&mut events, &chat, m["messageId"].as_str().unwrap()).await;
+    let (_, end) = turn_events(&mut events, m["messageId"].as_str().unwrap(), WAIT).await;
     let err = errors.wait_type("error").await;
     assert_eq!(payload(&err)["code"], "auth_expired", "{}", err.data);
     assert_eq!(payload(&err)["source"], "claude");
     assert_eq!(payload(&end)["outcome"], "failed", "{}", end.data);
 
-    mock.wait("a second claude refresh", WAIT, |m| {
-        (m.requests(backend::CLAUDE).len() >= 2).then_some(())
+    eventually("a second claude refresh", WAIT, async || {
+        mock.requests(backend::CLAUDE).len() >= 2
     })
     .await;
     assert!(
@@ -403,32 +291,27 @@ async fn an_auth_failure_refreshes_credentials_and_reports_upstream() {
         "only claude refreshed"
     );
     let err_id = err.id.clone().unwrap();
-    mock.wait("the error webhook", WAIT, |m| {
-        m.webhook_events()
+    let hook = eventually("the error webhook", WAIT, async || {
+        mock.delivered()
             .into_iter()
             .find(|ev| ev["id"] == err_id.as_str())
     })
     .await;
-    let hook = mock
-        .webhook_events()
-        .into_iter()
-        .find(|ev| ev["id"] == err_id.as_str())
-        .unwrap();
     assert_eq!(hook["type"], "error");
     assert_eq!(hook["payload"]["code"], "auth_expired");
     let body = &mock.requests(backend::WEBHOOK)[0].body;
     assert_eq!(body["workspaceId"], "ws_test");
 
     // Codex too: its own credential is refreshed.
-    let chat = create_chat(&e, json!({"provider": "codex"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "codex"})).await;
     let m = send(&e, &chat, "hello FAKE_AUTH").await;
-    let (_, end) = wait_turn(&mut events, &chat, m["messageId"].as_str().unwrap()).await;
+    let (_, end) = turn_events(&mut events, m["messageId"].as_str().unwrap(), WAIT).await;
     assert_eq!(payload(&end)["outcome"], "failed", "{}", end.data);
     let err = errors.wait_type("error").await;
     assert_eq!(payload(&err)["code"], "auth_expired", "{}", err.data);
     assert_eq!(payload(&err)["source"], "codex");
-    mock.wait("a second codex refresh", WAIT, |m| {
-        (m.requests(backend::CODEX).len() >= 2).then_some(())
+    eventually("a second codex refresh", WAIT, async || {
+        mock.requests(backend::CODEX).len() >= 2
     })
     .await;
     e.shutdown().await;
@@ -438,15 +321,14 @@ async fn an_auth_failure_refreshes_credentials_and_reports_upstream() {
 /// exactly the webhook-typed events of the journal.
 #[tokio::test]
 async fn chat_webhooks_reach_the_backend_in_order() {
-    let (mock, url) = Backend::start().await;
-    let (spec, guard) = spec();
-    let e = TestEngine::start_spec(spec.with("MONOLITH_URL", url), guard).await;
+    let (spec, mock) = spec().0.with_backend().await;
+    let e = TestEngine::start_with(spec).await;
     let mut events = e.events("since=0").await;
-    let chat = create_chat(&e, json!({"provider": "codex"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "codex"})).await;
     let a = send(&e, &chat, "one").await;
-    wait_turn(&mut events, &chat, a["messageId"].as_str().unwrap()).await;
+    turn_events(&mut events, a["messageId"].as_str().unwrap(), WAIT).await;
     let b = send(&e, &chat, "two FAKE_TOOL").await;
-    wait_turn(&mut events, &chat, b["messageId"].as_str().unwrap()).await;
+    turn_events(&mut events, b["messageId"].as_str().unwrap(), WAIT).await;
     let res = e.delete(&format!("/chats/{chat}")).send().await.unwrap();
     assert!(res.status().is_success(), "{}", res.status());
     // The chat's events as the journal has them.
@@ -462,14 +344,13 @@ async fn chat_webhooks_reach_the_backend_in_order() {
             matches!(t.as_str(), "chat.created" | "chat.deleted") || t.starts_with("chat.turn.")
         })
         .collect();
-    let delivered = mock
-        .wait("chat.deleted webhook", WAIT, |m| {
-            let evs = m.webhook_events();
-            evs.iter()
-                .any(|ev| ev["type"] == "chat.deleted")
-                .then_some(evs)
-        })
-        .await;
+    let delivered = eventually("chat.deleted webhook", WAIT, async || {
+        let evs = mock.delivered();
+        evs.iter()
+            .any(|ev| ev["type"] == "chat.deleted")
+            .then_some(evs)
+    })
+    .await;
     let got: Vec<(String, String)> = delivered
         .iter()
         .filter(|ev| ev["chatId"] == chat.as_str())
@@ -512,21 +393,21 @@ async fn chat_webhooks_reach_the_backend_in_order() {
 /// `/status` sums up every feature at once.
 #[tokio::test]
 async fn status_reflects_every_feature() {
-    let (mock, url) = Backend::start().await;
-    let (spec, guard) = spec();
+    let (spec, mock) = spec().0.with_backend().await;
     let ws = spec.workspaces();
     repo(&ws, "api", "startHook:\n  commands: ['true']\n");
     repo(&ws, "web", "");
-    let e = TestEngine::start_spec(spec.with("MONOLITH_URL", url), guard).await;
-    poll(
+    let e = TestEngine::start_with(spec).await;
+    eventually(
         "hooks done and every credential refreshed once",
+        WAIT,
         async || {
             let h = e.get_json("/token-refresh/health", 200).await;
             let refreshed = ["github", "claude", "codex"]
                 .iter()
                 .all(|m| h["managers"][m]["lastSuccessAt"].is_string());
             let s = e.get_json("/status", 200).await;
-            (refreshed && s["hooks"]["status"] == "completed").then_some(())
+            refreshed && s["hooks"]["status"] == "completed"
         },
     )
     .await;
@@ -543,8 +424,8 @@ async fn status_reflects_every_feature() {
     assert!(!mock.requests(backend::GITHUB).is_empty());
 
     let mut events = e.events("since=0").await;
-    let slow = create_chat(&e, json!({"provider": "claude", "cwd": "api"})).await;
-    create_chat(&e, json!({"provider": "codex"})).await;
+    let slow = create_chat_with(&e, json!({"provider": "claude", "cwd": "api"})).await;
+    create_chat_with(&e, json!({"provider": "codex"})).await;
     let m = send(&e, &slow, "take your time FAKE_SLOW").await;
     send(&e, &slow, "then this").await;
     events
@@ -585,7 +466,7 @@ async fn status_reflects_every_feature() {
 async fn an_oversized_message_is_413_and_changes_nothing() {
     let (spec, guard) = spec();
     let e = TestEngine::start_spec(spec.with("REPLICAS_MAX_BODY_BYTES", "2048"), guard).await;
-    let chat = create_chat(&e, json!({"provider": "claude"})).await;
+    let chat = create_chat_with(&e, json!({"provider": "claude"})).await;
     let before = e.get_json(&format!("/chats/{chat}"), 200).await;
     let res = e
         .post(&format!("/chats/{chat}/messages"))
@@ -616,8 +497,7 @@ async fn an_oversized_message_is_413_and_changes_nothing() {
 /// (PATH, HOME) and the agent CLIs' own (`ANTHROPIC_*`).
 #[tokio::test]
 async fn children_never_see_the_secret_or_engine_settings() {
-    let (mock, url) = Backend::start().await;
-    let (spec, guard) = spec();
+    let (spec, mock) = spec().0.with_backend().await;
     let hook_env = spec.home.join("hook-env.txt");
     let agent_env = spec.home.join("agent-env.txt");
     repo(
@@ -629,24 +509,26 @@ async fn children_never_see_the_secret_or_engine_settings() {
         ),
     );
     let spec = spec
-        .with("MONOLITH_URL", url)
         .with("REPLICAS_SSE_KEEPALIVE_SECS", "15")
         .with("ANTHROPIC_BASE_URL", "http://127.0.0.1:9")
         .with("SOME_UNLISTED_VAR", "nope")
         .with("FAKE_ENV_FILE", agent_env.display().to_string());
-    let e = TestEngine::start_spec(spec, guard).await;
-    let chat = create_chat(&e, json!({"provider": "claude", "cwd": "api"})).await;
+    let e = TestEngine::start_with(spec).await;
+    let chat = create_chat_with(&e, json!({"provider": "claude", "cwd": "api"})).await;
     let mut events = e.events("since=0").await;
     let accepted = send(&e, &chat, "hello").await;
     let message_id = accepted["messageId"].as_str().unwrap().to_owned();
-    wait_turn(&mut events, &chat, &message_id).await;
+    turn_events(&mut events, &message_id, WAIT).await;
     for file in [&hook_env, &agent_env] {
-        let env = poll("a child wrote its environment", async || {
+        let env = eventually("a child wrote its environment", WAIT, async || {
             std::fs::read_to_string(file).ok().filter(|s| !s.is_empty())
         })
         .await;
         let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
-        assert!(!env.contains(common::SECRET), "{file:?} has the secret");
+        assert!(
+            !env.contains(crate::common::SECRET),
+            "{file:?} has the secret"
+        );
         for bad in [
             "REPLICAS_ENGINE_SECRET",
             "MONOLITH_URL",

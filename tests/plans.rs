@@ -2,12 +2,9 @@
 //! content, and every way a name could try to leave the plan folders —
 //! sent as raw request lines so no client library normalizes them away.
 
-#[allow(unused_imports)] // not every test file uses every harness export
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::{TestEngine, SECRET};
+use crate::common::{TestEngine, SECRET};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -6,11 +6,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::common::provider::{answer, drain, prompt, read_until, run};
+use crate::common::{alive, eventually};
 use replicas_engine::process;
 use replicas_engine::providers::{
-    Image, ItemKind, Outcome, ProcessPool, ProviderError, ProviderEvent, ProviderKind,
+    items, Image, ItemKind, Outcome, ProcessPool, ProviderError, ProviderEvent, ProviderKind,
     ProviderSession, RunningTurn, SessionConfig, TurnInput, TurnResult,
 };
+
+/// How long a turn of the fake CLIs may take.
+const TURN: Duration = Duration::from_secs(30);
+/// How long a process may take to start or stop, or a session to settle.
+const SOON: Duration = Duration::from_secs(10);
 
 const KINDS: [ProviderKind; 2] = [ProviderKind::Claude, ProviderKind::Codex];
 
@@ -64,93 +71,33 @@ impl Env {
     }
 
     /// The pid the fake CLI's lingering child wrote, once it exists.
-    async fn child_pid(&self) -> u32 {
-        wait_until(|| std::fs::read_to_string(self.path("child.pid")).is_ok_and(|s| !s.is_empty()))
-            .await;
-        std::fs::read_to_string(self.path("child.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
-}
-
-fn prompt(text: &str) -> TurnInput {
-    TurnInput {
-        prompt: text.into(),
-        ..TurnInput::default()
-    }
-}
-
-/// Poll `cond` until it holds, failing the test after 10 s.
-async fn wait_until(mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met in time"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Every event of a turn up to and including `Finished` (checked to be last
-/// and unique: the channel closes right after it).
-async fn drain(turn: &mut RunningTurn) -> (Vec<ProviderEvent>, TurnResult) {
-    let mut events = Vec::new();
-    let fut = async {
-        while let Some(ev) = turn.events.recv().await {
-            events.push(ev);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), fut)
-        .await
-        .expect("turn did not end");
-    let finished: Vec<&TurnResult> = events
-        .iter()
-        .filter_map(|e| match e {
-            ProviderEvent::Finished(r) => Some(r),
-            _ => None,
+    async fn child_pid(&self) -> i32 {
+        let file = self.path("child.pid");
+        eventually("the child's pid", SOON, async || {
+            std::fs::read_to_string(&file)
+                .ok()
+                .filter(|s| !s.is_empty())
         })
-        .collect();
-    assert_eq!(finished.len(), 1, "exactly one Finished: {events:?}");
-    let result = finished[0].clone();
-    assert!(
-        matches!(events.last(), Some(ProviderEvent::Finished(_))),
-        "Finished is last"
-    );
-    (events, result)
+        .await
+        .trim()
+        .parse()
+        .unwrap()
+    }
 }
 
 /// Wait for the first item of a turn (it is running and producing).
 async fn first_item(turn: &mut RunningTurn) -> Vec<ProviderEvent> {
-    let mut seen = Vec::new();
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(10), turn.events.recv())
-            .await
-            .expect("no item in time")
-            .expect("turn ended early");
-        let done = matches!(ev, ProviderEvent::Item(_) | ProviderEvent::TextDelta { .. });
-        assert!(
-            !matches!(ev, ProviderEvent::Finished(_)),
-            "finished early: {ev:?}"
-        );
-        seen.push(ev);
-        if done {
-            return seen;
-        }
-    }
+    read_until(turn, SOON, |ev| {
+        matches!(ev, ProviderEvent::Item(_) | ProviderEvent::TextDelta { .. })
+    })
+    .await
 }
 
-use replicas_engine::providers::items;
-
-fn answer(events: &[ProviderEvent]) -> String {
-    items(events)
-        .into_iter()
-        .filter(|i| i.kind == ItemKind::AssistantMessage)
-        .filter_map(|i| i.text.clone())
-        .collect::<Vec<_>>()
-        .join("\n")
+/// A fresh home and a session of `kind` in it.
+fn session(kind: ProviderKind) -> (Env, ProviderSession) {
+    let env = Env::new();
+    let s = ProviderSession::new(env.config(kind));
+    (env, s)
 }
 
 fn failed_code(r: &TurnResult) -> &str {
@@ -160,27 +107,13 @@ fn failed_code(r: &TurnResult) -> &str {
     }
 }
 
-fn pid_gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => {
-            let state = s
-                .rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next());
-            matches!(state, Some("Z") | Some("X"))
-        }
-    }
-}
-
 #[tokio::test]
 async fn plain_turn_reports_session_text_and_usage() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
+        let (env, mut s) = session(kind);
         let mut turn = s.start_turn(prompt("hello")).await.unwrap();
         assert!(turn.pgid > 0 && turn.start_time.is_some());
-        let (events, result) = drain(&mut turn).await;
+        let (events, result) = drain(&mut turn, TURN).await;
         assert_eq!(result.outcome, Outcome::Completed, "{kind}");
         assert!(answer(&events).contains("turn=1"), "{kind}: {events:?}");
         let id = s.session_id().expect("session id known");
@@ -220,15 +153,12 @@ async fn plain_turn_reports_session_text_and_usage() {
 #[tokio::test]
 async fn later_turns_resume_the_session() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
-        let mut t1 = s.start_turn(prompt("one")).await.unwrap();
-        let (_, r1) = drain(&mut t1).await;
+        let (env, mut s) = session(kind);
+        let (t1, _, r1) = run(&mut s, prompt("one"), TURN).await;
         assert_eq!(r1.outcome, Outcome::Completed);
         let id = s.session_id().unwrap();
 
-        let mut t2 = s.start_turn(prompt("two")).await.unwrap();
-        let (ev2, r2) = drain(&mut t2).await;
+        let (t2, ev2, r2) = run(&mut s, prompt("two"), TURN).await;
         assert!(answer(&ev2).contains("turn=2"), "{kind}: {ev2:?}");
         assert_eq!(s.session_id().as_deref(), Some(id.as_str()));
         if kind == ProviderKind::Claude {
@@ -247,8 +177,7 @@ async fn later_turns_resume_the_session() {
         cfg.resume_session_id = Some(id.clone());
         cfg.codex_thread_usage = s.codex_thread_usage();
         let mut s2 = ProviderSession::new(cfg);
-        let mut t3 = s2.start_turn(prompt("three")).await.unwrap();
-        let (ev3, r3) = drain(&mut t3).await;
+        let (_t3, ev3, r3) = run(&mut s2, prompt("three"), TURN).await;
         assert!(answer(&ev3).contains("turn=3"), "{kind}: {ev3:?}");
         assert!(answer(&ev3).contains(&id));
         assert_eq!(r3.usage.input_tokens, r1.usage.input_tokens, "{kind}");
@@ -261,16 +190,17 @@ async fn later_turns_resume_the_session() {
 
 #[tokio::test]
 async fn claude_respawns_with_resume_when_its_process_died_or_flags_change() {
-    let env = Env::new();
-    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
+    let (env, mut s) = session(ProviderKind::Claude);
     let mut t1 = s.start_turn(prompt("one")).await.unwrap();
-    drain(&mut t1).await;
+    drain(&mut t1, TURN).await;
     let id = s.session_id().unwrap();
     // The process dies between turns (OOM killer, crash).
     process::signal_group(t1.pgid, nix::sys::signal::Signal::SIGKILL).unwrap();
-    wait_until(|| !process::group_alive(t1.pgid)).await;
-    let mut t2 = s.start_turn(prompt("two")).await.unwrap();
-    let (ev2, r2) = drain(&mut t2).await;
+    eventually("the process group to end", SOON, async || {
+        !process::group_alive(t1.pgid)
+    })
+    .await;
+    let (t2, ev2, r2) = run(&mut s, prompt("two"), TURN).await;
     assert_eq!(r2.outcome, Outcome::Completed);
     assert!(answer(&ev2).contains("turn=2"), "{ev2:?}");
     assert_ne!(t1.pgid, t2.pgid);
@@ -286,8 +216,7 @@ async fn claude_respawns_with_resume_when_its_process_died_or_flags_change() {
         model: Some("opus".into()),
         ..TurnInput::default()
     };
-    let mut t3 = s.start_turn(input).await.unwrap();
-    let (ev3, _) = drain(&mut t3).await;
+    let (_t3, ev3, _) = run(&mut s, input, TURN).await;
     assert!(
         answer(&ev3).contains("turn=3 ")
             && answer(&ev3).contains("mode=plan")
@@ -302,10 +231,8 @@ async fn claude_respawns_with_resume_when_its_process_died_or_flags_change() {
 
 #[tokio::test]
 async fn tool_turns_are_normalized() {
-    let env = Env::new();
-    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
-    let mut t = s.start_turn(prompt("FAKE_TOOL")).await.unwrap();
-    let (ev, r) = drain(&mut t).await;
+    let (env, mut s) = session(ProviderKind::Claude);
+    let (_t, ev, r) = run(&mut s, prompt("FAKE_TOOL"), TURN).await;
     assert_eq!(r.outcome, Outcome::Completed);
     let it = items(&ev);
     assert_eq!(it[0].kind, ItemKind::ToolCall);
@@ -315,8 +242,7 @@ async fn tool_turns_are_normalized() {
     s.shutdown().await;
 
     let mut s = ProviderSession::new(env.config(ProviderKind::Codex));
-    let mut t = s.start_turn(prompt("FAKE_TOOL FAKE_PATCH")).await.unwrap();
-    let (ev, _) = drain(&mut t).await;
+    let (_t, ev, _) = run(&mut s, prompt("FAKE_TOOL FAKE_PATCH"), TURN).await;
     let it = items(&ev);
     let cmd = it
         .iter()
@@ -334,19 +260,18 @@ async fn tool_turns_are_normalized() {
 #[tokio::test]
 async fn interrupt_ends_the_turn_and_every_tool_process() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
+        let (env, mut s) = session(kind);
         let mut t = s.start_turn(prompt("FAKE_LINGER")).await.unwrap();
         first_item(&mut t).await;
         let child = env.child_pid().await;
-        assert!(!pid_gone(child));
+        assert!(alive(child));
         t.interrupter().interrupt().await;
         // interrupt() returns after the end: the tool child is gone already.
         assert!(
-            pid_gone(child),
+            !alive(child),
             "{kind}: the TERM-ignoring tool child was killed"
         );
-        let (_, r) = drain(&mut t).await;
+        let (_, r) = drain(&mut t, TURN).await;
         assert_eq!(r.outcome, Outcome::Interrupted, "{kind}");
         assert!(!s.is_busy());
         if kind == ProviderKind::Claude {
@@ -356,8 +281,7 @@ async fn interrupt_ends_the_turn_and_every_tool_process() {
             assert!(!process::group_alive(t.pgid));
         }
         // The session is usable and remembers the conversation.
-        let mut t2 = s.start_turn(prompt("after")).await.unwrap();
-        let (ev2, r2) = drain(&mut t2).await;
+        let (t2, ev2, r2) = run(&mut s, prompt("after"), TURN).await;
         assert_eq!(r2.outcome, Outcome::Completed, "{kind}");
         assert!(answer(&ev2).contains("turn=2"), "{kind}: {ev2:?}");
         if kind == ProviderKind::Claude {
@@ -384,10 +308,9 @@ async fn claude_that_ignores_the_interrupt_is_stopped_and_resumed_next_turn() {
     // Two concurrent interrupts both return once the turn is over.
     tokio::join!(i.interrupt(), i.interrupt());
     assert!(!process::group_alive(t.pgid));
-    let (_, r) = drain(&mut t).await;
+    let (_, r) = drain(&mut t, TURN).await;
     assert_eq!(r.outcome, Outcome::Interrupted);
-    let mut t2 = s.start_turn(prompt("next")).await.unwrap();
-    let (ev2, _) = drain(&mut t2).await;
+    let (t2, ev2, _) = run(&mut s, prompt("next"), TURN).await;
     assert!(answer(&ev2).contains("turn=2"), "{ev2:?}");
     assert_ne!(t.pgid, t2.pgid);
     s.shutdown().await;
@@ -400,8 +323,7 @@ async fn a_turn_past_its_timeout_fails_and_its_group_is_killed() {
         let mut cfg = env.config(kind);
         cfg.turn_timeout = Duration::from_millis(800);
         let mut s = ProviderSession::new(cfg);
-        let mut t = s.start_turn(prompt("FAKE_HANG")).await.unwrap();
-        let (_, r) = drain(&mut t).await;
+        let (t, _, r) = run(&mut s, prompt("FAKE_HANG"), TURN).await;
         assert_eq!(failed_code(&r), "timeout", "{kind}");
         assert!(!process::group_alive(t.pgid), "{kind}");
         s.shutdown().await;
@@ -417,7 +339,7 @@ async fn missing_binary_fails_the_turn_not_the_caller() {
         let mut s = ProviderSession::new(cfg);
         let mut t = s.start_turn(prompt("hi")).await.unwrap();
         assert_eq!(t.pgid, 0);
-        let (_, r) = drain(&mut t).await;
+        let (_, r) = drain(&mut t, TURN).await;
         assert_eq!(failed_code(&r), "spawn_failed", "{kind}");
         assert!(!s.is_busy());
 
@@ -425,8 +347,7 @@ async fn missing_binary_fails_the_turn_not_the_caller() {
         let mut cfg = env.config(kind);
         cfg.cwd = env.path("gone");
         let mut s = ProviderSession::new(cfg);
-        let mut t = s.start_turn(prompt("hi")).await.unwrap();
-        let (_, r) = drain(&mut t).await;
+        let (_t, _, r) = run(&mut s, prompt("hi"), TURN).await;
         match &r.outcome {
             Outcome::Failed { message, .. } => {
                 assert!(message.contains("working directory"), "{message}")
@@ -439,17 +360,14 @@ async fn missing_binary_fails_the_turn_not_the_caller() {
 #[tokio::test]
 async fn early_exit_fails_with_the_cli_error_and_the_session_recovers() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
-        let mut t = s.start_turn(prompt("FAKE_EXIT")).await.unwrap();
-        let (_, r) = drain(&mut t).await;
+        let (_env, mut s) = session(kind);
+        let (t, _, r) = run(&mut s, prompt("FAKE_EXIT"), TURN).await;
         assert_eq!(failed_code(&r), "exited", "{kind}");
         if let Outcome::Failed { message, .. } = &r.outcome {
             assert!(message.contains("exit status"), "{kind}: {message}");
         }
         assert!(!process::group_alive(t.pgid));
-        let mut t2 = s.start_turn(prompt("again")).await.unwrap();
-        let (ev2, r2) = drain(&mut t2).await;
+        let (_t2, ev2, r2) = run(&mut s, prompt("again"), TURN).await;
         assert_eq!(r2.outcome, Outcome::Completed, "{kind}: {ev2:?}");
         assert!(
             answer(&ev2).contains("turn=2"),
@@ -462,13 +380,8 @@ async fn early_exit_fails_with_the_cli_error_and_the_session_recovers() {
 #[tokio::test]
 async fn garbage_and_a_10mb_line_are_skipped() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
-        let mut t = s
-            .start_turn(prompt("FAKE_GARBAGE FAKE_HUGE"))
-            .await
-            .unwrap();
-        let (ev, r) = drain(&mut t).await;
+        let (_env, mut s) = session(kind);
+        let (_t, ev, r) = run(&mut s, prompt("FAKE_GARBAGE FAKE_HUGE"), TURN).await;
         assert_eq!(r.outcome, Outcome::Completed, "{kind}");
         assert!(answer(&ev).contains("turn=1"), "{kind}");
         assert!(
@@ -482,10 +395,8 @@ async fn garbage_and_a_10mb_line_are_skipped() {
 #[tokio::test]
 async fn auth_failure_is_reported_then_fails_the_turn() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
-        let mut t = s.start_turn(prompt("FAKE_AUTH")).await.unwrap();
-        let (ev, r) = drain(&mut t).await;
+        let (_env, mut s) = session(kind);
+        let (_t, ev, r) = run(&mut s, prompt("FAKE_AUTH"), TURN).await;
         let auth = ev
             .iter()
             .filter(|e| matches!(e, ProviderEvent::AuthFailure { .. }))
@@ -498,23 +409,19 @@ async fn auth_failure_is_reported_then_fails_the_turn() {
 
 #[tokio::test]
 async fn cli_reported_failures_keep_the_cli_reason() {
-    let env = Env::new();
-    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
-    let mut t = s.start_turn(prompt("FAKE_FAIL")).await.unwrap();
-    let (_, r) = drain(&mut t).await;
+    let (env, mut s) = session(ProviderKind::Claude);
+    let (_t, _, r) = run(&mut s, prompt("FAKE_FAIL"), TURN).await;
     assert_eq!(failed_code(&r), "error_max_turns");
     s.shutdown().await;
     let mut s = ProviderSession::new(env.config(ProviderKind::Codex));
-    let mut t = s.start_turn(prompt("FAKE_FAIL")).await.unwrap();
-    let (_, r) = drain(&mut t).await;
+    let (_t, _, r) = run(&mut s, prompt("FAKE_FAIL"), TURN).await;
     assert_eq!(failed_code(&r), "turn_failed");
 }
 
 #[tokio::test]
 async fn one_turn_at_a_time_and_shutdown_ends_a_running_turn() {
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
+        let (env, mut s) = session(kind);
         let mut t = s.start_turn(prompt("FAKE_LINGER")).await.unwrap();
         first_item(&mut t).await;
         let child = env.child_pid().await;
@@ -523,10 +430,10 @@ async fn one_turn_at_a_time_and_shutdown_ends_a_running_turn() {
             Err(ProviderError::Busy)
         ));
         s.shutdown().await;
-        let (_, r) = drain(&mut t).await;
+        let (_, r) = drain(&mut t, TURN).await;
         assert_eq!(r.outcome, Outcome::Interrupted, "{kind}");
         assert!(!process::group_alive(t.pgid), "{kind}");
-        assert!(pid_gone(child), "{kind}");
+        assert!(!alive(child), "{kind}");
     }
 }
 
@@ -535,8 +442,7 @@ async fn images_reach_the_cli() {
     // A 1x1 PNG.
     let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
     for kind in KINDS {
-        let env = Env::new();
-        let mut s = ProviderSession::new(env.config(kind));
+        let (_env, mut s) = session(kind);
         let input = TurnInput {
             prompt: "look".into(),
             images: vec![Image {
@@ -545,14 +451,12 @@ async fn images_reach_the_cli() {
             }],
             ..TurnInput::default()
         };
-        let mut t = s.start_turn(input).await.unwrap();
-        let (ev, _) = drain(&mut t).await;
+        let (_t, ev, _) = run(&mut s, input, TURN).await;
         assert!(answer(&ev).contains("images=1"), "{kind}: {ev:?}");
         s.shutdown().await;
     }
     // Bad base64 for codex (which needs a file) fails that turn clearly.
-    let env = Env::new();
-    let mut s = ProviderSession::new(env.config(ProviderKind::Codex));
+    let (_env, mut s) = session(ProviderKind::Codex);
     let input = TurnInput {
         prompt: "look".into(),
         images: vec![Image {
@@ -561,20 +465,17 @@ async fn images_reach_the_cli() {
         }],
         ..TurnInput::default()
     };
-    let mut t = s.start_turn(input).await.unwrap();
-    let (_, r) = drain(&mut t).await;
+    let (_t, _, r) = run(&mut s, input, TURN).await;
     assert_eq!(failed_code(&r), "io");
 }
 
 #[tokio::test]
 async fn a_dropped_consumer_does_not_wedge_the_session() {
-    let env = Env::new();
-    let mut s = ProviderSession::new(env.config(ProviderKind::Codex));
+    let (_env, mut s) = session(ProviderKind::Codex);
     let t = s.start_turn(prompt("FAKE_LINES=2000")).await.unwrap();
     drop(t);
-    wait_until(|| !s.is_busy()).await;
-    let mut t2 = s.start_turn(prompt("again")).await.unwrap();
-    let (_, r) = drain(&mut t2).await;
+    eventually("the session to be idle", SOON, async || !s.is_busy()).await;
+    let (_t2, _, r) = run(&mut s, prompt("again"), TURN).await;
     assert_eq!(r.outcome, Outcome::Completed);
 }
 
@@ -585,8 +486,7 @@ async fn a_session_that_cannot_be_resumed_continues_in_a_new_one() {
         let mut cfg = env.config(kind);
         cfg.resume_session_id = Some("0000-gone".into());
         let mut s = ProviderSession::new(cfg);
-        let mut t = s.start_turn(prompt("hello")).await.unwrap();
-        let (ev, r) = drain(&mut t).await;
+        let (_t, ev, r) = run(&mut s, prompt("hello"), TURN).await;
         assert_eq!(r.outcome, Outcome::Completed, "{kind}: {ev:?}");
         assert!(answer(&ev).contains("turn=1"), "{kind}: {ev:?}");
         let note = items(&ev)
@@ -625,7 +525,7 @@ async fn a_reader_may_await_interrupt_without_draining() {
         tokio::time::timeout(Duration::from_secs(20), t.interrupter().interrupt())
             .await
             .expect("interrupt returned");
-        let (_, r) = drain(&mut t).await;
+        let (_, r) = drain(&mut t, TURN).await;
         assert_eq!(r.outcome, Outcome::Interrupted, "{kind}");
         s.shutdown().await;
     }
@@ -633,14 +533,11 @@ async fn a_reader_may_await_interrupt_without_draining() {
 
 #[tokio::test]
 async fn an_unreadable_claude_result_still_ends_the_turn() {
-    let env = Env::new();
-    let mut s = ProviderSession::new(env.config(ProviderKind::Claude));
-    let mut t = s.start_turn(prompt("FAKE_HUGE_RESULT")).await.unwrap();
-    let (_, r) = drain(&mut t).await;
+    let (_env, mut s) = session(ProviderKind::Claude);
+    let (t, _, r) = run(&mut s, prompt("FAKE_HUGE_RESULT"), TURN).await;
     assert_eq!(failed_code(&r), "output_too_large");
     // The process is fine and serves the next turn.
-    let mut t2 = s.start_turn(prompt("next")).await.unwrap();
-    let (ev2, r2) = drain(&mut t2).await;
+    let (t2, ev2, r2) = run(&mut s, prompt("next"), TURN).await;
     assert_eq!(r2.outcome, Outcome::Completed);
     assert!(answer(&ev2).contains("turn=2"));
     assert_eq!(t.pgid, t2.pgid);
@@ -661,8 +558,7 @@ async fn codex_takes_a_200kb_prompt_on_stdin_not_in_its_arguments() {
     let big = format!("SECRET-PROMPT {}", "x".repeat(200 * 1024));
     for turn in 1..=2 {
         // The second turn resumes the thread: the prompt goes on stdin too.
-        let mut t = s.start_turn(prompt(&big)).await.unwrap();
-        let (ev, r) = drain(&mut t).await;
+        let (_t, ev, r) = run(&mut s, prompt(&big), TURN).await;
         assert_eq!(r.outcome, Outcome::Completed, "{ev:?}");
         assert!(answer(&ev).contains(&format!("turn={turn}")), "{ev:?}");
     }
@@ -711,13 +607,17 @@ async fn at_the_process_cap_the_least_recently_used_idle_process_goes_first() {
         .collect();
     let mut pgids = Vec::new();
     for s in sessions.iter_mut() {
-        let mut t = s.start_turn(prompt("hi")).await.unwrap();
-        let (_, r) = drain(&mut t).await;
+        let (t, _, r) = run(s, prompt("hi"), TURN).await;
         assert_eq!(r.outcome, Outcome::Completed);
         pgids.push(t.pgid);
     }
     // The third process pushed out the first (least recently used).
-    wait_until(|| !process::group_alive(pgids[0])).await;
+    eventually(
+        "the least recently used process to stop",
+        SOON,
+        async || !process::group_alive(pgids[0]),
+    )
+    .await;
     assert!(process::group_alive(pgids[1]) && process::group_alive(pgids[2]));
     assert!(!sessions[0].has_idle_process());
     assert_eq!(pool.live(), 2);
@@ -727,11 +627,14 @@ async fn at_the_process_cap_the_least_recently_used_idle_process_goes_first() {
     // which now pushes out the second chat's (the least recently used).
     let id0 = sessions[0].session_id().unwrap();
     let mut t = sessions[0].start_turn(prompt("again")).await.unwrap();
-    let (ev, r) = drain(&mut t).await;
+    let (ev, r) = drain(&mut t, TURN).await;
     assert_eq!(r.outcome, Outcome::Completed);
     assert!(answer(&ev).contains("turn=2"), "{ev:?}");
     assert!(resumed_with(&envs[0].args_log(), &id0));
-    wait_until(|| !process::group_alive(pgids[1])).await;
+    eventually("the next process to stop", SOON, async || {
+        !process::group_alive(pgids[1])
+    })
+    .await;
     assert!(process::group_alive(pgids[2]) && process::group_alive(t.pgid));
     assert_eq!(pool.live(), 2);
     for s in sessions.iter_mut() {
@@ -754,8 +657,7 @@ async fn a_running_turn_is_never_stopped_to_make_room() {
     let mut hang = s1.start_turn(prompt("FAKE_HANG")).await.unwrap();
     first_item(&mut hang).await;
     // Over the cap while s1 runs: s2 still starts (with a warn).
-    let mut t2 = s2.start_turn(prompt("hi")).await.unwrap();
-    let (_, r2) = drain(&mut t2).await;
+    let (_t2, _, r2) = run(&mut s2, prompt("hi"), TURN).await;
     assert_eq!(r2.outcome, Outcome::Completed);
     assert!(
         process::group_alive(hang.pgid),
@@ -777,14 +679,16 @@ async fn an_idle_process_is_stopped_after_the_idle_timeout_and_the_session_resum
     cfg.pool = Some(pool.clone());
     let mut s = ProviderSession::new(cfg);
     let mut t1 = s.start_turn(prompt("one")).await.unwrap();
-    drain(&mut t1).await;
+    drain(&mut t1, TURN).await;
     assert!(s.has_idle_process());
     let id = s.session_id().unwrap();
-    wait_until(|| !process::group_alive(t1.pgid)).await;
-    wait_until(|| !s.has_idle_process()).await;
+    eventually("the process group to end", SOON, async || {
+        !process::group_alive(t1.pgid)
+    })
+    .await;
+    eventually("no idle process", SOON, async || !s.has_idle_process()).await;
     assert_eq!(pool.live(), 0);
-    let mut t2 = s.start_turn(prompt("two")).await.unwrap();
-    let (ev, r) = drain(&mut t2).await;
+    let (_t2, ev, r) = run(&mut s, prompt("two"), TURN).await;
     assert_eq!(r.outcome, Outcome::Completed);
     assert!(answer(&ev).contains("turn=2"), "{ev:?}");
     assert!(resumed_with(&env.args_log(), &id));
@@ -813,7 +717,7 @@ async fn claude_gets_bedrock_credentials_from_the_file_read_at_each_spawn() {
         ..TurnInput::default()
     };
     let mut t = s.start_turn(with_model("a")).await.unwrap();
-    assert_eq!(drain(&mut t).await.1.outcome, Outcome::Completed);
+    assert_eq!(drain(&mut t, TURN).await.1.outcome, Outcome::Completed);
     let got = &env.args_log()[0]["env"];
     assert_eq!(got["CLAUDE_CODE_USE_BEDROCK"], "1");
     assert_eq!(got["AWS_ACCESS_KEY_ID"], "AK1");
@@ -829,7 +733,7 @@ async fn claude_gets_bedrock_credentials_from_the_file_read_at_each_spawn() {
     )
     .unwrap();
     let mut t = s.start_turn(with_model("b")).await.unwrap();
-    assert_eq!(drain(&mut t).await.1.outcome, Outcome::Completed);
+    assert_eq!(drain(&mut t, TURN).await.1.outcome, Outcome::Completed);
     let got = &env.args_log()[1]["env"];
     assert_eq!(got["AWS_ACCESS_KEY_ID"], "AK2");
     assert_eq!(got["AWS_SESSION_TOKEN"], "ST2");
@@ -838,7 +742,7 @@ async fn claude_gets_bedrock_credentials_from_the_file_read_at_each_spawn() {
     // Malformed: Claude starts without it (the engine's environment only).
     std::fs::write(&file, r#"{"accessKeyId":"AK3""#).unwrap();
     let mut t = s.start_turn(with_model("c")).await.unwrap();
-    assert_eq!(drain(&mut t).await.1.outcome, Outcome::Completed);
+    assert_eq!(drain(&mut t, TURN).await.1.outcome, Outcome::Completed);
     let got = &env.args_log()[2]["env"];
     assert!(got.get("CLAUDE_CODE_USE_BEDROCK").is_none(), "{got}");
     assert_eq!(got["AWS_ACCESS_KEY_ID"], "ENGINE");
@@ -865,8 +769,7 @@ async fn app_server_answers_every_request_by_the_chat_mode() {
         (plan("FAKE_APPROVAL"), "decision=decline"),
         (prompt("FAKE_UNKNOWN_REQUEST"), "error=-32601"),
     ] {
-        let mut t = s.start_turn(input).await.unwrap();
-        let (ev, r) = drain(&mut t).await;
+        let (_t, ev, r) = run(&mut s, input, TURN).await;
         assert_eq!(r.outcome, Outcome::Completed, "{ev:?}");
         assert!(answer(&ev).contains(want), "{want}: {ev:?}");
         // Streamed: the deltas add up to the answer.
@@ -890,8 +793,7 @@ async fn app_server_resume_of_a_lost_thread_continues_in_a_new_one() {
     let mut cfg = app_server_config(&env);
     cfg.resume_session_id = Some("gone-thread".into());
     let mut s = ProviderSession::new(cfg);
-    let mut t = s.start_turn(prompt("hi")).await.unwrap();
-    let (ev, r) = drain(&mut t).await;
+    let (_t, ev, r) = run(&mut s, prompt("hi"), TURN).await;
     assert_eq!(r.outcome, Outcome::Completed, "{ev:?}");
     assert!(items(&ev).iter().any(|i| i.kind == ItemKind::System));
     let id = s.session_id().unwrap();
@@ -911,7 +813,7 @@ async fn app_server_ignoring_an_interrupt_is_stopped_and_the_thread_resumes() {
     first_item(&mut t).await;
     let started = tokio::time::Instant::now();
     t.interrupter().interrupt().await;
-    let (_, r) = drain(&mut t).await;
+    let (_, r) = drain(&mut t, TURN).await;
     assert_eq!(r.outcome, Outcome::Interrupted);
     assert!(
         started.elapsed() >= Duration::from_secs(4),
@@ -919,8 +821,7 @@ async fn app_server_ignoring_an_interrupt_is_stopped_and_the_thread_resumes() {
     );
     assert!(!process::group_alive(t.pgid), "its group was stopped");
     let id = s.session_id().unwrap();
-    let mut t2 = s.start_turn(prompt("hi")).await.unwrap();
-    let (ev, r) = drain(&mut t2).await;
+    let (t2, ev, r) = run(&mut s, prompt("hi"), TURN).await;
     assert_eq!(r.outcome, Outcome::Completed, "{ev:?}");
     assert_ne!(t2.pgid, t.pgid);
     assert_eq!(s.session_id().as_deref(), Some(id.as_str()));

@@ -9,18 +9,19 @@
 //! does not know (the turn continues in a new session), and the turn options
 //! (plan mode, effort, model, system prompt) accepted by the real CLIs.
 
-// The shared harness re-exports what other test files use.
-#[allow(unused_imports)]
-mod common;
-
 use std::time::Duration;
 
-use common::e2e::E2eEnv;
+use crate::common::e2e::E2eEnv;
+use crate::common::eventually;
+use crate::common::provider::{answer, drain, prompt, read_until, run};
 use replicas_engine::process;
 use replicas_engine::providers::{
-    ItemKind, Outcome, ProviderEvent, ProviderKind, ProviderSession, RunningTurn, SessionConfig,
-    TurnInput, TurnResult,
+    items, ItemKind, Outcome, ProviderEvent, ProviderKind, ProviderSession, SessionConfig,
+    TurnInput,
 };
+
+/// How long a turn of a real CLI may take.
+const TURN: Duration = Duration::from_secs(150);
 
 fn config(e: &E2eEnv, kind: ProviderKind) -> SessionConfig {
     let bin = match kind {
@@ -31,41 +32,6 @@ fn config(e: &E2eEnv, kind: ProviderKind) -> SessionConfig {
     cfg.turn_timeout = Duration::from_secs(120);
     cfg.env = e.env();
     cfg
-}
-
-fn prompt(text: &str) -> TurnInput {
-    TurnInput {
-        prompt: text.into(),
-        ..TurnInput::default()
-    }
-}
-
-async fn drain(turn: &mut RunningTurn) -> (Vec<ProviderEvent>, TurnResult) {
-    let mut events = Vec::new();
-    let collect = async {
-        while let Some(ev) = turn.events.recv().await {
-            events.push(ev);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(150), collect)
-        .await
-        .expect("turn did not end");
-    let result = match events.last() {
-        Some(ProviderEvent::Finished(r)) => r.clone(),
-        other => panic!("last event is not Finished: {other:?}"),
-    };
-    (events, result)
-}
-
-use replicas_engine::providers::items;
-
-fn answer(events: &[ProviderEvent]) -> String {
-    items(events)
-        .into_iter()
-        .filter(|i| i.kind == ItemKind::AssistantMessage)
-        .filter_map(|i| i.text.clone())
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// The largest conversation size the mock saw in requests from index `from`.
@@ -90,8 +56,7 @@ async fn plain_tool_and_resume(kind: ProviderKind) {
     let mut s = ProviderSession::new(config(&e, kind));
 
     // Plain turn.
-    let mut t1 = s.start_turn(prompt("hello there")).await.unwrap();
-    let (ev1, r1) = drain(&mut t1).await;
+    let (t1, ev1, r1) = run(&mut s, prompt("hello there"), TURN).await;
     assert_eq!(r1.outcome, Outcome::Completed, "{kind}: {ev1:?}");
     assert!(answer(&ev1).contains("Hello from mock"), "{kind}: {ev1:?}");
     assert!(
@@ -107,8 +72,7 @@ async fn plain_tool_and_resume(kind: ProviderKind) {
         ProviderKind::Claude => "please USE_BASH",
         ProviderKind::Codex => "please USE_SHELL",
     };
-    let mut t2 = s.start_turn(prompt(tool_prompt)).await.unwrap();
-    let (ev2, r2) = drain(&mut t2).await;
+    let (t2, ev2, r2) = run(&mut s, prompt(tool_prompt), TURN).await;
     assert_eq!(r2.outcome, Outcome::Completed, "{kind}: {ev2:?}");
     let it = items(&ev2);
     match kind {
@@ -160,8 +124,7 @@ async fn plain_tool_and_resume(kind: ProviderKind) {
     cfg.resume_session_id = Some(session.clone());
     cfg.codex_thread_usage = s.codex_thread_usage();
     let mut s2 = ProviderSession::new(cfg);
-    let mut t3 = s2.start_turn(prompt("and again")).await.unwrap();
-    let (ev3, r3) = drain(&mut t3).await;
+    let (_t3, ev3, r3) = run(&mut s2, prompt("and again"), TURN).await;
     assert_eq!(r3.outcome, Outcome::Completed, "{kind}: {ev3:?}");
     assert_eq!(
         s2.session_id().as_deref(),
@@ -183,40 +146,30 @@ async fn interrupt_slow_turn(kind: ProviderKind) {
     // nothing before the message completes, so give its request time to
     // reach the mock).
     match kind {
-        ProviderKind::Claude => loop {
-            let ev = tokio::time::timeout(Duration::from_secs(60), t.events.recv())
-                .await
-                .expect("no output in time")
-                .expect("turn ended early");
-            assert!(
-                !matches!(ev, ProviderEvent::Finished(_)),
-                "finished early: {ev:?}"
-            );
-            if matches!(ev, ProviderEvent::TextDelta { .. }) {
-                break;
-            }
-        },
+        ProviderKind::Claude => {
+            read_until(&mut t, Duration::from_secs(60), |ev| {
+                matches!(ev, ProviderEvent::TextDelta { .. })
+            })
+            .await;
+        }
         ProviderKind::Codex => {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            while e.openai.requests().is_empty() {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "codex never called the model"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            eventually(
+                "codex to call the model",
+                Duration::from_secs(60),
+                async || !e.openai.requests().is_empty(),
+            )
+            .await;
         }
     }
     t.interrupter().interrupt().await;
-    let (ev, r) = drain(&mut t).await;
+    let (ev, r) = drain(&mut t, TURN).await;
     assert_eq!(r.outcome, Outcome::Interrupted, "{kind}: {ev:?}");
     if kind == ProviderKind::Codex {
         assert!(!process::group_alive(t.pgid), "codex's group is gone");
     }
     // The chat stays usable, in the same session.
     let session = s.session_id();
-    let mut t2 = s.start_turn(prompt("hello")).await.unwrap();
-    let (ev2, r2) = drain(&mut t2).await;
+    let (_t2, ev2, r2) = run(&mut s, prompt("hello"), TURN).await;
     assert_eq!(r2.outcome, Outcome::Completed, "{kind}: {ev2:?}");
     assert!(answer(&ev2).contains("Hello from mock"));
     assert_eq!(s.session_id(), session);
@@ -253,8 +206,7 @@ async fn unknown_session_starts_fresh(kind: ProviderKind) {
     // A well-formed id that no session on this machine has.
     cfg.resume_session_id = Some("01a20078-a686-7092-9ef4-b1cd29baafc8".into());
     let mut s = ProviderSession::new(cfg);
-    let mut t = s.start_turn(prompt("hello")).await.unwrap();
-    let (ev, r) = drain(&mut t).await;
+    let (_t, ev, r) = run(&mut s, prompt("hello"), TURN).await;
     assert_eq!(r.outcome, Outcome::Completed, "{kind}: {ev:?}");
     assert!(answer(&ev).contains("Hello from mock"));
     assert!(items(&ev).iter().any(|i| i.kind == ItemKind::System));
@@ -291,8 +243,7 @@ async fn turn_options(kind: ProviderKind) {
         }),
         ..TurnInput::default()
     };
-    let mut t = s.start_turn(input).await.unwrap();
-    let (ev, r) = drain(&mut t).await;
+    let (_t, ev, r) = run(&mut s, input, TURN).await;
     assert_eq!(r.outcome, Outcome::Completed, "{kind}: {ev:?}");
     let requests = match kind {
         ProviderKind::Claude => e.anthropic.requests(),
@@ -351,8 +302,7 @@ async fn codex_app_server_turns() {
     };
 
     // Plain turn: streamed text, keyed like the final message.
-    let mut t1 = s.start_turn(prompt("hello there")).await.unwrap();
-    let (ev1, r1) = drain(&mut t1).await;
+    let (t1, ev1, r1) = run(&mut s, prompt("hello there"), TURN).await;
     assert_eq!(r1.outcome, Outcome::Completed, "{ev1:?}");
     assert_eq!(replicas_engine::providers::codex_transport(), "app-server");
     let d = deltas(&ev1);
@@ -373,8 +323,7 @@ async fn codex_app_server_turns() {
     let thread = s.session_id().expect("thread id");
 
     // Tool turn in the same process.
-    let mut t2 = s.start_turn(prompt("please USE_SHELL")).await.unwrap();
-    let (ev2, r2) = drain(&mut t2).await;
+    let (t2, ev2, r2) = run(&mut s, prompt("please USE_SHELL"), TURN).await;
     assert_eq!(r2.outcome, Outcome::Completed, "{ev2:?}");
     assert_eq!(t1.pgid, t2.pgid, "one long-lived app-server");
     let cmd = items(&ev2)
@@ -391,22 +340,16 @@ async fn codex_app_server_turns() {
     // Interrupt mid-stream after three deltas; the same process answers next.
     let mut t3 = s.start_turn(prompt("tell a SLOW story")).await.unwrap();
     let mut seen = 0;
-    while seen < 3 {
-        let ev = tokio::time::timeout(Duration::from_secs(60), t3.events.recv())
-            .await
-            .expect("no delta in time")
-            .expect("turn ended early");
-        assert!(!matches!(ev, ProviderEvent::Finished(_)), "{ev:?}");
-        if matches!(ev, ProviderEvent::TextDelta { .. }) {
-            seen += 1;
-        }
-    }
+    read_until(&mut t3, Duration::from_secs(60), |ev| {
+        seen += matches!(ev, ProviderEvent::TextDelta { .. }) as usize;
+        seen == 3
+    })
+    .await;
     t3.interrupter().interrupt().await;
-    let (ev3, r3) = drain(&mut t3).await;
+    let (ev3, r3) = drain(&mut t3, TURN).await;
     assert_eq!(r3.outcome, Outcome::Interrupted, "{ev3:?}");
     assert!(process::group_alive(t3.pgid), "the app-server stays");
-    let mut t4 = s.start_turn(prompt("hello")).await.unwrap();
-    let (ev4, r4) = drain(&mut t4).await;
+    let (t4, ev4, r4) = run(&mut s, prompt("hello"), TURN).await;
     assert_eq!(r4.outcome, Outcome::Completed, "{ev4:?}");
     assert!(answer(&ev4).contains("Hello from mock"), "{ev4:?}");
     assert_eq!(t4.pgid, t1.pgid);
@@ -417,8 +360,7 @@ async fn codex_app_server_turns() {
         plan_mode: true,
         ..TurnInput::default()
     };
-    let mut t5 = s.start_turn(plan).await.unwrap();
-    let (ev5, r5) = drain(&mut t5).await;
+    let (_t5, ev5, r5) = run(&mut s, plan, TURN).await;
     assert_eq!(r5.outcome, Outcome::Completed, "{ev5:?}");
     assert!(!e.workspace.join("mock_patch.txt").exists(), "{ev5:?}");
     s.shutdown().await;
@@ -429,8 +371,7 @@ async fn codex_app_server_turns() {
     cfg.resume_session_id = Some(thread.clone());
     cfg.codex_thread_usage = s.codex_thread_usage();
     let mut s2 = ProviderSession::new(cfg);
-    let mut t6 = s2.start_turn(prompt("and again")).await.unwrap();
-    let (ev6, r6) = drain(&mut t6).await;
+    let (_t6, ev6, r6) = run(&mut s2, prompt("and again"), TURN).await;
     assert_eq!(r6.outcome, Outcome::Completed, "{ev6:?}");
     assert_eq!(s2.session_id().as_deref(), Some(thread.as_str()));
     assert!(

@@ -2,29 +2,23 @@
 //! git repositories built in the temp home before the engine starts, and a
 //! fake `gh` that records how often it is asked.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{sh, EngineSpec, SseEvent, TestEngine};
+use crate::common::{eventually, find, script, sh, EngineSpec, SseEvent, TestEngine};
 use serde_json::Value;
 
 const TOKEN: &str = "ghs_TOPSECRET0123456789";
 
 /// A `gh` that answers one PR URL and appends each call to `gh-calls.log`.
 fn fake_gh(home: &Path) -> String {
-    let path = home.join("gh");
-    std::fs::write(
-        &path,
-        format!(
-            "#!/bin/sh\necho \"$@\" >> {}\necho '{{\"url\":\"https://github.com/acme/api/pull/7\"}}'\n",
+    script(
+        &home.join("gh"),
+        &format!(
+            "echo \"$@\" >> {}\necho '{{\"url\":\"https://github.com/acme/api/pull/7\"}}'\n",
             home.join("gh-calls.log").display()
         ),
     )
-    .unwrap();
-    sh(home, "chmod 755 gh");
-    path.display().to_string()
 }
 
 fn gh_calls(home: &Path) -> usize {
@@ -51,21 +45,11 @@ fn api_repo(ws: &Path) {
 }
 
 fn repo<'a>(body: &'a Value, name: &str) -> &'a Value {
-    body["repos"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == name)
-        .unwrap_or_else(|| panic!("no repo {name} in {body}"))
+    find(&body["repos"], "name", name)
 }
 
 fn file<'a>(repo: &'a Value, path: &str) -> &'a Value {
-    repo["gitDiff"]["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"] == path)
-        .unwrap_or_else(|| panic!("no file {path} in {repo}"))
+    find(&repo["gitDiff"]["files"], "path", path)
 }
 
 #[tokio::test]
@@ -380,19 +364,16 @@ async fn a_branch_named_like_an_option_reaches_gh_after_double_dash() {
          && git symbolic-ref HEAD 'refs/heads/--repo=evil/x' && echo b >> a.txt",
     );
     // Records its argv, one argument a line, a blank line after each call.
-    let gh = spec.home.join("gh");
     let argv_log = spec.home.join("gh-argv.log");
-    std::fs::write(
-        &gh,
-        format!(
-            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done >> {log}\necho >> {log}\n\
+    let gh = script(
+        &spec.home.join("gh"),
+        &format!(
+            "for a in \"$@\"; do printf '%s\\n' \"$a\"; done >> {log}\necho >> {log}\n\
              echo '{{\"url\":\"https://github.com/acme/api/pull/7\"}}'\n",
             log = argv_log.display()
         ),
-    )
-    .unwrap();
-    sh(&spec.home, "chmod 755 gh");
-    let e = TestEngine::start_spec(spec.with("GH_BIN", gh.display().to_string()), guard).await;
+    );
+    let e = TestEngine::start_spec(spec.with("GH_BIN", gh), guard).await;
 
     let body = e.get_json("/repos?includeDiffs=true", 200).await;
     let r = repo(&body, "api");
@@ -424,12 +405,12 @@ async fn a_repo_cloned_while_running_is_discovered_and_edits_show_at_once() {
     assert_eq!(first["repos"].as_array().unwrap().len(), 1);
     sh(&ws, "git clone -q api web");
     // (`api`'s discovery at start may come first.)
-    loop {
-        let ev = events.wait_type("repo.discovered").await.json();
-        if ev["payload"]["repo"]["name"] == "web" {
-            break;
-        }
-    }
+    events
+        .wait_for(Duration::from_secs(30), |ev: &SseEvent| {
+            ev.event.as_deref() == Some("repo.discovered")
+                && ev.json()["payload"]["repo"]["name"] == "web"
+        })
+        .await;
     assert_eq!(e.get_json("/status", 200).await["repos"]["count"], 2);
 
     // Cached twice over, then an in-place append to a tracked file.
@@ -437,17 +418,13 @@ async fn a_repo_cloned_while_running_is_discovered_and_edits_show_at_once() {
     assert_eq!(repo(&clean, "web")["isDirty"], false);
     assert_eq!(e.get_json("/repos", 200).await, clean);
     sh(&ws.join("web"), "echo more >> a.txt");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually("the edit to show", Duration::from_secs(20), async || {
         let now = e.get_json("/repos", 200).await;
-        if repo(&now, "web")["isDirty"] == true {
-            break;
+        match repo(&now, "web")["isDirty"] == true {
+            true => Ok(()),
+            false => Err(now.to_string()),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "edit never showed: {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     e.shutdown().await;
 }

@@ -1,9 +1,10 @@
 //! System routes, auth, error shapes and boot validation, through the real
 //! binary on an ephemeral port.
 
-mod common;
+use std::time::Duration;
 
-use common::{EngineSpec, TestEngine, SECRET};
+use crate::common::inproc::InProc;
+use crate::common::{eventually, EngineSpec, TestEngine, SECRET};
 use serde_json::Value;
 
 #[tokio::test]
@@ -19,22 +20,18 @@ async fn health_is_public_and_follows_the_readiness_file() {
 
     // Seen within the recheck interval (250 ms) of appearing.
     std::fs::write(e.home().join("ready"), "done").unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let res = loop {
+    let res = eventually("/health 200", Duration::from_secs(10), async || {
         let res = plain.get(e.url("/health")).send().await.unwrap();
-        if res.status() == 200 || std::time::Instant::now() > deadline {
-            break res;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
-    assert_eq!(res.status(), 200);
+        (res.status() == 200).then_some(res)
+    })
+    .await;
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["status"], "ok");
     assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
 
     // Readiness flips once: remembered even if the file goes away.
     std::fs::remove_file(e.home().join("ready")).unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         plain.get(e.url("/health")).send().await.unwrap().status(),
         200
@@ -170,7 +167,7 @@ async fn boot(env: &[(&str, &str)], remove: &[&str]) -> (Option<i32>, String) {
         spec = spec.with(k, *v);
     }
     let out = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
+        Duration::from_secs(20),
         spec.command(&[])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -327,7 +324,7 @@ async fn summary_changes_publish_engine_status_changed() {
         .post_json("/chats", serde_json::json!({"provider": "codex"}), 201)
         .await;
     let (ev, _) = events
-        .wait_for(std::time::Duration::from_secs(10), |ev| {
+        .wait_for(Duration::from_secs(10), |ev| {
             ev.json()["payload"]["status"]["chats"]["total"] == 1
         })
         .await;
@@ -340,7 +337,7 @@ async fn summary_changes_publish_engine_status_changed() {
     let res = e.delete(&format!("/chats/{id}")).send().await.unwrap();
     assert_eq!(res.status(), 200);
     events
-        .wait_for(std::time::Duration::from_secs(10), |ev| {
+        .wait_for(Duration::from_secs(10), |ev| {
             ev.json()["payload"]["status"]["chats"]["total"] == 0
         })
         .await;
@@ -497,26 +494,26 @@ mod raw {
 async fn half_sent_headers_and_idle_keep_alive_connections_are_closed() {
     use tokio::io::AsyncWriteExt;
     let home = tempfile::tempdir().unwrap();
-    let e = common::inproc::InProc::start(home.path(), |c| {
-        c.header_read_timeout = std::time::Duration::from_millis(300);
+    let e = InProc::start(home.path(), |c| {
+        c.header_read_timeout = Duration::from_millis(300);
     })
     .await;
-    let addr = e.base.trim_start_matches("http://").to_owned();
+    let addr = e.addr().to_owned();
 
     let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
     half.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: ")
         .await
         .unwrap();
-    assert!(raw::closed_within(&mut half, std::time::Duration::from_secs(10)).await);
+    assert!(raw::closed_within(&mut half, Duration::from_secs(10)).await);
 
     let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let head = raw::health(&mut idle).await.expect("answered");
     assert!(head.starts_with("HTTP/1.1 "), "{head}");
-    assert!(raw::closed_within(&mut idle, std::time::Duration::from_secs(10)).await);
+    assert!(raw::closed_within(&mut idle, Duration::from_secs(10)).await);
 
     // An event stream is not idle: it outlives the timeout.
     let mut events = e.events("").await;
-    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
     e.state.bus.publish(
         None,
         replicas_engine::events::EventKind::Error {
@@ -535,12 +532,12 @@ async fn half_sent_headers_and_idle_keep_alive_connections_are_closed() {
 #[tokio::test]
 async fn connections_beyond_the_cap_are_closed_at_once() {
     let home = tempfile::tempdir().unwrap();
-    let e = common::inproc::InProc::start(home.path(), |c| {
+    let e = InProc::start(home.path(), |c| {
         c.max_connections = 3;
-        c.header_read_timeout = std::time::Duration::from_secs(120);
+        c.header_read_timeout = Duration::from_secs(120);
     })
     .await;
-    let addr = e.base.trim_start_matches("http://").to_owned();
+    let addr = e.addr().to_owned();
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -552,22 +549,18 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
         raw::health(&mut over).await.is_none(),
         "served beyond the cap"
     );
-    assert!(raw::closed_within(&mut over, std::time::Duration::from_secs(10)).await);
+    assert!(raw::closed_within(&mut over, Duration::from_secs(10)).await);
     // Those within the cap still answer.
     for s in &mut held {
         assert!(raw::health(s).await.is_some());
     }
     // A slot frees up when one of them goes.
     drop(held.pop());
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
+    eventually("a slot to free", Duration::from_secs(20), async || {
         let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        if raw::health(&mut s).await.is_some() {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no slot freed");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        raw::health(&mut s).await.is_some()
+    })
+    .await;
     drop(held);
     e.stop().await;
 }
@@ -592,7 +585,7 @@ async fn only_an_explicit_env_file_is_read() {
     let file = spec.home.join("engine.env");
     std::fs::write(&file, "PORT=not-a-port\n").unwrap();
     let out = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
+        Duration::from_secs(20),
         spec.without("PORT")
             .command(&["--env-file", file.to_str().unwrap()])
             .output(),

@@ -1,7 +1,6 @@
-//! Upstream (engine → backend) against a mock backend written here: an axum
-//! server on 127.0.0.1:0 that records every request and can be told, per
-//! endpoint, to answer normally, fail with a status, hang, or send garbage
-//! — for the next N requests or from now on.
+//! Upstream (engine → backend) against the mock backend
+//! (`common::backend`), told per endpoint to answer normally, fail with a
+//! status, hang, or send garbage — for the next N requests or from now on.
 //!
 //! Through the real server: headers, credential files and modes, health and
 //! status, error events, webhooks of those events with retries, replay after
@@ -9,210 +8,25 @@
 //! to directly, since chat routes live elsewhere): webhook type filtering
 //! and order under failures, refresh coalescing, no torn credential files.
 
-#[allow(unused_imports)] // not every test file uses every harness export
-mod common;
-
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use common::{EngineSpec, TestEngine, SECRET};
+use crate::common::backend::{Backend, Behavior, Request, CLAUDE, CODEX, GITHUB, WEBHOOK};
+use crate::common::{eventually, EngineSpec, TestEngine, SECRET};
 use serde_json::{json, Value};
-
-const WEBHOOK: &str = "/v1/engine/webhook";
-const GITHUB: &str = "/v1/engine/github/refresh-token";
-const CLAUDE: &str = "/v1/engine/claude/refresh-credentials";
-const CODEX: &str = "/v1/engine/codex/refresh-credentials";
-
-// ---------------------------------------------------------------- mock backend
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Behavior {
-    Normal,
-    Status(u16),
-    /// A status with `Retry-After: <seconds>`.
-    RetryAfter(u16, u64),
-    Hang,
-    Garbage,
-}
-
-#[derive(Clone, Debug)]
-struct Recorded {
-    path: String,
-    authorization: Option<String>,
-    workspace_id: Option<String>,
-    body: Value,
-    /// What the mock answered (0 = hung).
-    answered: u16,
-    /// When it arrived.
-    at: std::time::Instant,
-}
-
-#[derive(Default)]
-struct MockState {
-    requests: Vec<Recorded>,
-    /// Per path: behaviours for the next requests, then the default.
-    next: HashMap<String, VecDeque<Behavior>>,
-    default: HashMap<String, Behavior>,
-    counter: u64,
-}
-
-#[derive(Clone, Default)]
-struct Mock {
-    state: Arc<Mutex<MockState>>,
-}
-
-impl Mock {
-    async fn start() -> (Self, String) {
-        let mock = Self::default();
-        let app = axum::Router::new().fallback({
-            let mock = mock.clone();
-            move |uri: Uri, headers: HeaderMap, body: Bytes| {
-                let mock = mock.clone();
-                async move { mock.handle(uri, headers, body).await }
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (mock, url)
-    }
-
-    /// From now on, `path` behaves like this.
-    fn set(&self, path: &str, b: Behavior) {
-        self.state.lock().unwrap().default.insert(path.into(), b);
-    }
-
-    /// The next `n` requests to `path` behave like this.
-    fn fail_next(&self, path: &str, n: usize, b: Behavior) {
-        self.state
-            .lock()
-            .unwrap()
-            .next
-            .entry(path.into())
-            .or_default()
-            .extend(std::iter::repeat_n(b, n));
-    }
-
-    fn requests(&self, path: &str) -> Vec<Recorded> {
-        self.state
-            .lock()
-            .unwrap()
-            .requests
-            .iter()
-            .filter(|r| r.path == path)
-            .cloned()
-            .collect()
-    }
-
-    /// Events the backend accepted (2xx) through the webhook, in order.
-    fn delivered(&self) -> Vec<Value> {
-        self.requests(WEBHOOK)
-            .into_iter()
-            .filter(|r| r.answered == 200)
-            .map(|r| r.body["event"].clone())
-            .collect()
-    }
-
-    fn delivered_ids(&self) -> Vec<u64> {
-        self.delivered()
-            .iter()
-            .map(|e| e["id"].as_str().unwrap().parse().unwrap())
-            .collect()
-    }
-
-    async fn handle(&self, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
-        let path = uri.path().to_owned();
-        let header = |k: &str| {
-            headers
-                .get(k)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let (behavior, n) = {
-            let mut st = self.state.lock().unwrap();
-            let b = st
-                .next
-                .get_mut(&path)
-                .and_then(VecDeque::pop_front)
-                .unwrap_or_else(|| st.default.get(&path).copied().unwrap_or(Behavior::Normal));
-            st.counter += 1;
-            let answered = match b {
-                Behavior::Normal | Behavior::Garbage => 200,
-                Behavior::Status(s) | Behavior::RetryAfter(s, _) => s,
-                Behavior::Hang => 0,
-            };
-            st.requests.push(Recorded {
-                path: path.clone(),
-                authorization: header("authorization"),
-                workspace_id: header("x-workspace-id"),
-                body: serde_json::from_slice(&body).unwrap_or(Value::Null),
-                answered,
-                at: std::time::Instant::now(),
-            });
-            (b, st.counter)
-        };
-        match behavior {
-            Behavior::Hang => std::future::pending().await,
-            Behavior::Status(s) => (StatusCode::from_u16(s).unwrap(), "nope").into_response(),
-            Behavior::RetryAfter(s, secs) => (
-                StatusCode::from_u16(s).unwrap(),
-                [("retry-after", secs.to_string())],
-                "slow down",
-            )
-                .into_response(),
-            Behavior::Garbage => (StatusCode::OK, "<html>surprise</html>").into_response(),
-            Behavior::Normal => {
-                let expires = chrono::Utc::now() + chrono::Duration::hours(1);
-                let body = match path.as_str() {
-                    GITHUB => {
-                        json!({"token": format!("ghs_token{n}"), "expiresAt": expires.to_rfc3339()})
-                    }
-                    CLAUDE => json!({"credentials": {"claudeAiOauth": {
-                        "accessToken": format!("sk-ant-oat-{n}"), "refreshToken": format!("sk-ant-ort-{n}"),
-                        "expiresAt": expires.timestamp_millis(), "scopes": ["user:inference"],
-                        // Padding so a torn write would be likely to show.
-                        "padding": "p".repeat(64 * 1024)}}}),
-                    CODEX => {
-                        json!({"auth": {"tokens": {"access_token": format!("at-{n}"), "refresh_token": format!("rt-{n}")},
-                        "last_refresh": chrono::Utc::now().to_rfc3339()}})
-                    }
-                    _ => json!({"ok": true}),
-                };
-                axum::Json(body).into_response()
-            }
-        }
-    }
-}
 
 // ---------------------------------------------------------------- helpers
 
-async fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A spec pointing at the mock, with fast retries and a short timeout.
-fn spec_for(url: &str) -> (EngineSpec, Arc<tempfile::TempDir>) {
-    let (spec, guard) = EngineSpec::new();
+async fn spec_with_backend() -> (EngineSpec, Backend) {
+    let (spec, mock) = EngineSpec::new().0.with_backend().await;
     let spec = spec
-        .with("MONOLITH_URL", url)
         .with("REPLICAS_UPSTREAM_TIMEOUT_MS", "400")
         .with("REPLICAS_UPSTREAM_RETRY_BASE_MS", "20");
-    (spec, guard)
+    (spec, mock)
 }
 
 async fn health(e: &TestEngine) -> (u16, Value) {
@@ -221,18 +35,23 @@ async fn health(e: &TestEngine) -> (u16, Value) {
 }
 
 async fn wait_health(e: &TestEngine, what: &str, pred: impl Fn(u16, &Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually(what, Duration::from_secs(20), async || {
         let (code, body) = health(e).await;
-        if pred(code, &body) {
-            return body;
+        match pred(code, &body) {
+            true => Ok(body),
+            false => Err(format!("{code} {body}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}; last: {code} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
+}
+
+/// The request carries the secret and the workspace id.
+fn assert_signed(r: &Request) {
+    assert_eq!(
+        r.authorization.as_deref(),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    assert_eq!(r.workspace_id.as_deref(), Some("ws_test"));
 }
 
 fn mode(p: &Path) -> u32 {
@@ -270,8 +89,7 @@ async fn without_monolith_url_everything_is_disabled() {
 
 #[tokio::test]
 async fn refresh_writes_credential_files_merging_what_was_there() {
-    let (mock, url) = Mock::start().await;
-    let (spec, guard) = spec_for(&url);
+    let (spec, mock) = spec_with_backend().await;
     let home = spec.home.clone();
     // Files the user (or the CLIs) already had.
     std::fs::write(
@@ -292,7 +110,7 @@ async fn refresh_writes_credential_files_merging_what_was_there() {
     )
     .unwrap();
 
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
     let body = wait_health(&e, "three successes", |code, b| {
         code == 200
             && ["github", "claude", "codex"]
@@ -334,13 +152,7 @@ async fn refresh_writes_credential_files_merging_what_was_there() {
     for path in [GITHUB, CLAUDE, CODEX] {
         let reqs = mock.requests(path);
         assert!(!reqs.is_empty(), "{path}");
-        for r in reqs {
-            assert_eq!(
-                r.authorization.as_deref(),
-                Some(format!("Bearer {SECRET}").as_str())
-            );
-            assert_eq!(r.workspace_id.as_deref(), Some("ws_test"));
-        }
+        reqs.iter().for_each(assert_signed);
     }
 
     let git = std::fs::read_to_string(home.join(".git-credentials")).unwrap();
@@ -383,12 +195,11 @@ async fn refresh_writes_credential_files_merging_what_was_there() {
 
 #[tokio::test]
 async fn failing_backend_makes_managers_failing_publishes_one_error_each_and_recovers() {
-    let (mock, url) = Mock::start().await;
+    let (spec, mock) = spec_with_backend().await;
     mock.set(GITHUB, Behavior::Garbage);
     mock.set(CLAUDE, Behavior::Status(500));
     mock.set(CODEX, Behavior::Hang);
-    let (spec, guard) = spec_for(&url);
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
 
     let body = wait_health(&e, "all failing twice", |code, b| {
         code == 503
@@ -398,27 +209,14 @@ async fn failing_backend_makes_managers_failing_publishes_one_error_each_and_rec
     })
     .await;
     assert_eq!(body["healthy"], false);
-    assert!(
-        body["managers"]["github"]["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("not JSON"),
-        "{body}"
-    );
-    assert!(
-        body["managers"]["claude"]["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("500"),
-        "{body}"
-    );
-    assert!(
-        body["managers"]["codex"]["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("timed out"),
-        "{body}"
-    );
+    for (m, why) in [
+        ("github", "not JSON"),
+        ("claude", "500"),
+        ("codex", "timed out"),
+    ] {
+        let error = body["managers"][m]["lastError"].as_str().unwrap();
+        assert!(error.contains(why), "{body}");
+    }
     assert!(body["managers"]["github"]["lastSuccessAt"].is_null());
     assert_eq!(
         e.get_json("/status", 200).await["tokenRefresh"]["claude"],
@@ -439,17 +237,13 @@ async fn failing_backend_makes_managers_failing_publishes_one_error_each_and_rec
     assert_eq!(sources, ["claude", "codex", "github"]);
 
     // Those events reached the backend as webhooks, with the headers.
-    let delivered = eventually("3 error webhooks", Duration::from_secs(10), || {
+    let delivered = eventually("3 error webhooks", Duration::from_secs(10), async || {
         let d = mock.delivered();
         (d.len() >= 3).then_some(d)
     })
     .await;
     for r in mock.requests(WEBHOOK) {
-        assert_eq!(
-            r.authorization.as_deref(),
-            Some(format!("Bearer {SECRET}").as_str())
-        );
-        assert_eq!(r.workspace_id.as_deref(), Some("ws_test"));
+        assert_signed(&r);
         assert_eq!(r.body["workspaceId"], "ws_test");
     }
     assert!(delivered
@@ -482,23 +276,26 @@ async fn failing_backend_makes_managers_failing_publishes_one_error_each_and_rec
 
 #[tokio::test]
 async fn webhooks_retry_survive_kill9_and_arrive_in_order() {
-    let (mock, url) = Mock::start().await;
+    let (spec, mock) = spec_with_backend().await;
     // Three error events (one per manager) while the webhook endpoint is down.
     for p in [GITHUB, CLAUDE, CODEX] {
         mock.set(p, Behavior::Status(500));
     }
     mock.set(WEBHOOK, Behavior::Status(503));
-    let (spec, guard) = spec_for(&url);
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
     let outbox = e.home().join(".replicas/engine/webhook-outbox.jsonl");
-    eventually("3 events in the outbox", Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&outbox).ok()?;
-        (text.lines().count() == 3).then_some(())
-    })
+    eventually(
+        "3 events in the outbox",
+        Duration::from_secs(10),
+        async || {
+            let text = std::fs::read_to_string(&outbox).ok()?;
+            (text.lines().count() == 3).then_some(())
+        },
+    )
     .await;
     // The sender keeps retrying the first one.
-    eventually("retries", Duration::from_secs(10), || {
-        (mock.requests(WEBHOOK).len() >= 3).then_some(())
+    eventually("retries", Duration::from_secs(10), async || {
+        mock.requests(WEBHOOK).len() >= 3
     })
     .await;
     let first_ids: Vec<u64> = std::fs::read_to_string(&outbox)
@@ -532,12 +329,13 @@ async fn webhooks_retry_survive_kill9_and_arrive_in_order() {
     }
     // (Flip the mock only once the engine is dead, so the first process
     // cannot deliver anything.)
-    let guard = e._home_guard.clone();
-    let spec = e.kill9().await;
-    mock.set(WEBHOOK, Behavior::Normal);
-    mock.fail_next(WEBHOOK, 3, Behavior::Status(502));
-    let e = TestEngine::start_spec(spec, guard.unwrap()).await;
-    let ids = eventually("replayed webhooks", Duration::from_secs(15), || {
+    let e = e
+        .restart_with(true, |_| {
+            mock.set(WEBHOOK, Behavior::Normal);
+            mock.fail_next(WEBHOOK, 3, Behavior::Status(502));
+        })
+        .await;
+    let ids = eventually("replayed webhooks", Duration::from_secs(15), async || {
         let ids = mock.delivered_ids();
         (ids.len() >= 3).then_some(ids)
     })
@@ -557,7 +355,7 @@ async fn webhooks_retry_survive_kill9_and_arrive_in_order() {
     let ids = eventually(
         "events after a rejected one",
         Duration::from_secs(15),
-        || {
+        async || {
             let ids = mock.delivered_ids();
             (ids.len() >= 5).then_some(ids)
         },
@@ -585,14 +383,13 @@ async fn webhooks_retry_survive_kill9_and_arrive_in_order() {
 
 #[tokio::test]
 async fn outbox_bound_drops_the_oldest_and_says_so() {
-    let (mock, url) = Mock::start().await;
+    let (spec, mock) = spec_with_backend().await;
     for p in [GITHUB, CLAUDE, CODEX] {
         mock.set(p, Behavior::Status(500));
     }
     mock.set(WEBHOOK, Behavior::Status(503));
-    let (spec, guard) = spec_for(&url);
     let spec = spec.with("REPLICAS_WEBHOOK_OUTBOX_MAX_EVENTS", "2");
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
     let mut sse = e.events("since=0&types=error").await;
     let (overflow, before) = sse
         .wait_for(Duration::from_secs(15), |ev| {
@@ -613,7 +410,7 @@ async fn outbox_bound_drops_the_oldest_and_says_so() {
 
     // The backend comes back: only the newest two arrive, in order.
     mock.set(WEBHOOK, Behavior::Normal);
-    let ids = eventually("the two retained", Duration::from_secs(10), || {
+    let ids = eventually("the two retained", Duration::from_secs(10), async || {
         let ids = mock.delivered_ids();
         (ids.len() >= 2).then_some(ids)
     })
@@ -676,26 +473,10 @@ mod library {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_listed_types_in_id_order_despite_failures() {
-        let (mock, url) = Mock::start().await;
+        let (mock, url) = Backend::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let bus = EventBus::open(&dir.path().join("events.jsonl"), 1 << 30).unwrap();
-        let (outbox, _) = Outbox::open(OutboxConfig {
-            file: dir.path().join("outbox.jsonl"),
-            cursor_file: dir.path().join("cursor.json"),
-            max_events: 100_000,
-            max_bytes: 1 << 30,
-        })
-        .unwrap();
         let shutdown = CancellationToken::new();
-        let hooks = Webhooks::start(
-            client(&url),
-            "ws_lib".into(),
-            bus.clone(),
-            Arc::new(outbox),
-            Duration::from_millis(5),
-            Duration::from_millis(250),
-            shutdown.clone(),
-        );
+        let (bus, hooks) = pipeline(dir.path(), &url, Duration::from_millis(250), &shutdown);
 
         let kinds = [
             "chat.created",
@@ -726,14 +507,14 @@ mod library {
         }
         // More failures mid-stream.
         for n in [60, 120] {
-            eventually("progress", Duration::from_secs(10), || {
-                (mock.delivered_ids().len() >= n).then_some(())
+            eventually("progress", Duration::from_secs(10), async || {
+                mock.delivered_ids().len() >= n
             })
             .await;
             mock.fail_next(WEBHOOK, 2, Behavior::Status(503));
             mock.fail_next(WEBHOOK, 1, Behavior::Hang);
         }
-        let got = eventually("every webhook", Duration::from_secs(20), || {
+        let got = eventually("every webhook", Duration::from_secs(20), async || {
             let ids = mock.delivered_ids();
             (ids.len() >= expected.len()).then_some(ids)
         })
@@ -746,8 +527,8 @@ mod library {
         let first = &mock.delivered()[0];
         assert_eq!(first["type"], "chat.created");
         assert_eq!(first["chatId"], "c_1");
-        eventually("drained", Duration::from_secs(5), || {
-            (hooks.pending() == 0).then_some(())
+        eventually("drained", Duration::from_secs(5), async || {
+            hooks.pending() == 0
         })
         .await;
         assert_eq!(hooks.delivered_through(), *expected.last().unwrap());
@@ -790,7 +571,7 @@ mod library {
     }
 
     /// Text deltas the backend got, concatenated per item, and the ids.
-    fn delivered_text(mock: &Mock) -> (HashMap<String, String>, Vec<u64>) {
+    fn delivered_text(mock: &Backend) -> (HashMap<String, String>, Vec<u64>) {
         let mut text: HashMap<String, String> = HashMap::new();
         let mut ids = Vec::new();
         for ev in mock.delivered() {
@@ -805,7 +586,7 @@ mod library {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn streamed_text_deltas_coalesce_into_few_posts_and_lose_nothing() {
-        let (mock, url) = Mock::start().await;
+        let (mock, url) = Backend::start().await;
         let dir = tempfile::tempdir().unwrap();
         let shutdown = CancellationToken::new();
         let (bus, hooks) = pipeline(dir.path(), &url, Duration::from_millis(200), &shutdown);
@@ -830,8 +611,8 @@ mod library {
         }
         let last = bus.publish(Some("c_1"), chat("error", 1)).id;
 
-        eventually("the last event", Duration::from_secs(20), || {
-            mock.delivered_ids().contains(&last).then_some(())
+        eventually("the last event", Duration::from_secs(20), async || {
+            mock.delivered_ids().contains(&last)
         })
         .await;
         let (text, ids) = delivered_text(&mock);
@@ -858,8 +639,8 @@ mod library {
         // The journal keeps every delta.
         let journal = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
         assert_eq!(journal.lines().count() as u64, last);
-        eventually("drained", Duration::from_secs(5), || {
-            (hooks.pending() == 0).then_some(())
+        eventually("drained", Duration::from_secs(5), async || {
+            hooks.pending() == 0
         })
         .await;
         shutdown.cancel();
@@ -867,7 +648,7 @@ mod library {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn coalescing_off_sends_every_delta_and_a_restart_resends_the_undelivered() {
-        let (mock, url) = Mock::start().await;
+        let (mock, url) = Backend::start().await;
         let dir = tempfile::tempdir().unwrap();
         // Backend down: the deltas wait in the outbox when the engine stops.
         mock.set(WEBHOOK, Behavior::Status(503));
@@ -879,8 +660,8 @@ mod library {
             want.push_str(&t);
             bus.publish(Some("c_1"), text_delta("i_x", &t));
         }
-        eventually("a failed attempt", Duration::from_secs(10), || {
-            (!mock.requests(WEBHOOK).is_empty()).then_some(())
+        eventually("a failed attempt", Duration::from_secs(10), async || {
+            !mock.requests(WEBHOOK).is_empty()
         })
         .await;
         shutdown.cancel();
@@ -892,15 +673,15 @@ mod library {
         mock.set(WEBHOOK, Behavior::Normal);
         let shutdown = CancellationToken::new();
         let (_bus, hooks) = pipeline(dir.path(), &url, Duration::ZERO, &shutdown);
-        eventually("all 50", Duration::from_secs(10), || {
-            (mock.delivered().len() >= 50).then_some(())
+        eventually("all 50", Duration::from_secs(10), async || {
+            mock.delivered().len() >= 50
         })
         .await;
         let (text, ids) = delivered_text(&mock);
         assert_eq!(ids, (1..=50).collect::<Vec<u64>>());
         assert_eq!(text["i_x"], want);
-        eventually("drained", Duration::from_secs(5), || {
-            (hooks.pending() == 0).then_some(())
+        eventually("drained", Duration::from_secs(5), async || {
+            hooks.pending() == 0
         })
         .await;
         shutdown.cancel();
@@ -908,7 +689,7 @@ mod library {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn outbox_file_stays_bounded_while_the_backend_is_down() {
-        let (mock, url) = Mock::start().await;
+        let (mock, url) = Backend::start().await;
         mock.set(WEBHOOK, Behavior::Status(503));
         let dir = tempfile::tempdir().unwrap();
         let bus = EventBus::open(&dir.path().join("events.jsonl"), 1 << 30).unwrap();
@@ -939,8 +720,8 @@ mod library {
         }
         // The collector has seen everything once the cursor (advanced by
         // drops) passes the last id minus what the outbox keeps.
-        eventually("collector caught up", Duration::from_secs(20), || {
-            (hooks.delivered_through() + 100 >= last).then_some(())
+        eventually("collector caught up", Duration::from_secs(20), async || {
+            hooks.delivered_through() + 100 >= last
         })
         .await;
         assert_eq!(hooks.pending(), 100);
@@ -956,7 +737,7 @@ mod library {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_refreshes_coalesce_and_never_tear_the_file() {
-        let (mock, url) = Mock::start().await;
+        let (mock, url) = Backend::start().await;
         let home = tempfile::tempdir().unwrap();
         let paths = Paths::new(home.path());
         let bus = EventBus::open(&paths.events_file, 1 << 30).unwrap();
@@ -970,8 +751,8 @@ mod library {
             shutdown.clone(),
         );
         let file = paths.claude_credentials_file.clone();
-        eventually("first refresh", Duration::from_secs(10), || {
-            file.exists().then_some(())
+        eventually("first refresh", Duration::from_secs(10), async || {
+            file.exists()
         })
         .await;
 
@@ -1016,8 +797,8 @@ mod library {
             for t in tasks {
                 t.await.unwrap();
             }
-            eventually("a requested refresh", Duration::from_secs(10), || {
-                (mock.requests(CLAUDE).len() > before).then_some(())
+            eventually("a requested refresh", Duration::from_secs(10), async || {
+                mock.requests(CLAUDE).len() > before
             })
             .await;
         }
@@ -1037,23 +818,26 @@ mod library {
 /// would be milliseconds; then it is delivered, once, in order.
 #[tokio::test]
 async fn webhooks_retry_408_and_429_honouring_retry_after() {
-    let (mock, url) = Mock::start().await;
+    let (spec, mock) = spec_with_backend().await;
     for p in [GITHUB, CLAUDE, CODEX] {
         mock.set(p, Behavior::Status(404));
     }
     mock.fail_next(WEBHOOK, 1, Behavior::Status(408));
     mock.fail_next(WEBHOOK, 1, Behavior::RetryAfter(429, 2));
-    let (spec, guard) = spec_for(&url);
-    let e = TestEngine::start_spec(spec, guard).await;
+    let e = TestEngine::start_with(spec).await;
     let chat = e
         .post_json("/chats", json!({"provider": "claude"}), 201)
         .await;
-    eventually("chat.created delivered", Duration::from_secs(30), || {
-        mock.delivered()
-            .iter()
-            .any(|ev| ev["type"] == "chat.created")
-            .then_some(())
-    })
+    eventually(
+        "chat.created delivered",
+        Duration::from_secs(30),
+        async || {
+            mock.delivered()
+                .iter()
+                .any(|ev| ev["type"] == "chat.created")
+                .then_some(())
+        },
+    )
     .await;
     let tries = mock.requests(WEBHOOK);
     let answered: Vec<u16> = tries.iter().take(3).map(|r| r.answered).collect();

@@ -67,6 +67,8 @@ impl MockServer {
             .join(script);
         let log = dir.join(format!("{script}.log.jsonl"));
         let mut child = Command::new("python3")
+            // No __pycache__ of mock_http.py in the checkout.
+            .arg("-B")
             .arg(&path)
             .arg("0")
             .env("MOCK_LOG", &log)

@@ -9,7 +9,7 @@ use replicas_engine::config::Config;
 use replicas_engine::server;
 use tokio_util::sync::CancellationToken;
 
-use super::{SseStream, SECRET};
+use super::{secret_client, SseStream, SECRET};
 
 pub struct InProc {
     pub state: AppState,
@@ -28,18 +28,22 @@ impl InProc {
             .await
             .unwrap();
         let server = tokio::spawn(server::run(state.clone(), listener));
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert("x-replicas-engine-secret", SECRET.parse().unwrap());
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .build()
-            .unwrap();
         Self {
             state,
             base,
-            client,
+            client: secret_client(),
             server,
         }
+    }
+
+    /// A request to `path` with the secret.
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(format!("{}{path}", self.base))
+    }
+
+    /// The `host:port` it listens on, for raw TCP clients.
+    pub fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
     }
 
     pub async fn events(&self, query: &str) -> SseStream {
@@ -47,7 +51,7 @@ impl InProc {
     }
 
     pub async fn events_with(&self, query: &str, last_event_id: Option<&str>) -> SseStream {
-        let mut req = self.client.get(format!("{}/events?{query}", self.base));
+        let mut req = self.get(&format!("/events?{query}"));
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);
         }

@@ -1,13 +1,23 @@
-//! Test harness: [`TestEngine`] runs the real `replicas-engine` binary on an
-//! ephemeral port against a temp home, with a client that sends the secret,
-//! an SSE reader that waits on events (never on time), and `shutdown()` that
-//! proves a clean exit. Restart and `kill -9` reuse the same home.
-
-#![allow(dead_code)]
+//! The world the integration tests run in. [`EngineSpec`] builds it: a temp
+//! home with `workspaces/` and the readiness file, the engine's environment
+//! (`with`/`without`), the fake CLIs of `tests/fixtures/bin`
+//! ([`EngineSpec::fake_clis`]), git repos ([`git_repo`]) and a mock backend
+//! ([`backend::Backend`], then `with("MONOLITH_URL", url)`).
+//! [`TestEngine`] runs the real `replicas-engine` binary on an ephemeral port
+//! against that home, with a client that sends the secret, an SSE reader
+//! that waits on events ([`sse`]), and `shutdown()` that proves a clean exit;
+//! restart and `kill -9` reuse the same home. [`inproc::InProc`] runs the
+//! same engine inside the test process; [`e2e`] drives the real CLIs.
+//! Every wait that cannot be an event is [`eventually`].
+//!
+//! The tests are one crate (`tests/main.rs`), so a helper here that no test
+//! uses is a dead-code warning.
 
 pub mod backend;
+pub mod chat;
 pub mod e2e;
 pub mod inproc;
+pub mod provider;
 pub mod sse;
 
 use std::collections::HashMap;
@@ -19,7 +29,6 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-#[allow(unused_imports)]
 pub use sse::{SseEvent, SseStream};
 
 pub const SECRET: &str = "test-secret-0123456789";
@@ -30,13 +39,12 @@ pub struct EngineSpec {
     pub home: PathBuf,
     pub env: HashMap<String, String>,
     /// Keeps the temp home alive as long as any copy of the spec lives
-    /// (across kill -9 and restarts).
-    pub home_guard: Option<Arc<tempfile::TempDir>>,
+    /// (across kill -9 and restarts), so as long as any engine started
+    /// from it.
+    _home: Arc<tempfile::TempDir>,
 }
 
 pub struct TestEngine {
-    /// Keeps the temp home alive for the engine's lifetime.
-    pub _home_guard: Option<Arc<tempfile::TempDir>>,
     pub spec: EngineSpec,
     pub base: String,
     pub client: reqwest::Client,
@@ -47,38 +55,51 @@ pub struct TestEngine {
 impl EngineSpec {
     /// A fresh temp home with an empty `workspaces/` and the readiness file
     /// present (so `/health` is 200 unless a test removes it).
+    /// The spec also holds the returned guard: the home lives as long as
+    /// either does.
     pub fn new() -> (Self, Arc<tempfile::TempDir>) {
         let dir = Arc::new(tempfile::tempdir().expect("temp home"));
         let home = dir.path().to_path_buf();
         std::fs::create_dir_all(home.join("workspaces")).unwrap();
         std::fs::write(home.join("ready"), "").unwrap();
-        let mut env = HashMap::new();
-        env.insert("REPLICAS_ENGINE_SECRET".into(), SECRET.into());
-        env.insert("WORKSPACE_HOME".into(), home.display().to_string());
-        env.insert("HOME".into(), home.display().to_string());
-        env.insert("HOST".into(), "127.0.0.1".into());
-        env.insert("PORT".into(), "0".into());
-        env.insert("WORKSPACE_ID".into(), "ws_test".into());
-        env.insert(
-            "REPLICAS_READY_FILE".into(),
-            home.join("ready").display().to_string(),
-        );
-        env.insert("PATH".into(), std::env::var("PATH").unwrap_or_default());
-        env.insert("RUST_LOG".into(), "info,replicas_engine=debug".into());
-        // The fake CLIs read FAKE_* knobs (FAKE_ARGS_FILE, FAKE_PID_FILE);
-        // children see only the allow-list plus what is named here.
-        env.insert("REPLICAS_CHILD_ENV".into(), "FAKE_*".into());
-        // Most chat tests drive `fake-codex exec` and its failure knobs; the
-        // app-server tests (the production default) ask for it by name.
-        env.insert("REPLICAS_CODEX_TRANSPORT".into(), "exec".into());
-        (
-            Self {
-                home,
-                env,
-                home_guard: Some(dir.clone()),
-            },
-            dir,
-        )
+        let spec = Self {
+            home: home.clone(),
+            env: HashMap::new(),
+            _home: dir.clone(),
+        };
+        let spec = spec
+            .with("REPLICAS_ENGINE_SECRET", SECRET)
+            .with("WORKSPACE_HOME", home.display().to_string())
+            .with("HOME", home.display().to_string())
+            .with("HOST", "127.0.0.1")
+            .with("PORT", "0")
+            .with("WORKSPACE_ID", "ws_test")
+            .with(
+                "REPLICAS_READY_FILE",
+                home.join("ready").display().to_string(),
+            )
+            .with("PATH", std::env::var("PATH").unwrap_or_default())
+            .with("RUST_LOG", "info,replicas_engine=debug")
+            // The fake CLIs read FAKE_* knobs (FAKE_ARGS_FILE, FAKE_PID_FILE);
+            // children see only the allow-list plus what is named here.
+            .with("REPLICAS_CHILD_ENV", "FAKE_*")
+            // Most chat tests drive `fake-codex exec` and its failure knobs;
+            // the app-server tests (the production default) ask for it by name.
+            .with("REPLICAS_CODEX_TRANSPORT", "exec");
+        (spec, dir)
+    }
+
+    /// The fake `claude` and `codex` of `tests/fixtures/bin`; they record
+    /// their argv in `<home>/args.jsonl` ([`chat::last_argv`]) and
+    /// `FAKE_LINGER`'s child pid in `<home>/linger.pid`.
+    pub fn fake_clis(self) -> Self {
+        let fake = |name: &str| format!("{}/tests/fixtures/bin/{name}", env!("CARGO_MANIFEST_DIR"));
+        let args = self.home.join("args.jsonl").display().to_string();
+        let pid = self.home.join("linger.pid").display().to_string();
+        self.with("CLAUDE_BIN", fake("fake-claude"))
+            .with("CODEX_BIN", fake("fake-codex"))
+            .with("FAKE_ARGS_FILE", args)
+            .with("FAKE_PID_FILE", pid)
     }
 
     pub fn with(mut self, k: &str, v: impl Into<String>) -> Self {
@@ -110,18 +131,16 @@ impl EngineSpec {
 }
 
 impl TestEngine {
+    /// An engine on a fresh temp home.
     pub async fn start() -> Self {
-        let (spec, guard) = EngineSpec::new();
-        let mut e = Self::start_with(spec).await;
-        e._home_guard = Some(guard);
-        e
+        Self::start_with(EngineSpec::new().0).await
     }
 
-    /// Start with a spec from [`EngineSpec::new`]; keep its guard alive.
+    /// Start with a spec from [`EngineSpec::new`] and its guard (the spec
+    /// keeps the home alive by itself: the same as [`Self::start_with`]).
     pub async fn start_spec(spec: EngineSpec, guard: Arc<tempfile::TempDir>) -> Self {
-        let mut e = Self::start_with(spec).await;
-        e._home_guard = Some(guard);
-        e
+        drop(guard);
+        Self::start_with(spec).await
     }
 
     pub async fn start_with(spec: EngineSpec) -> Self {
@@ -170,17 +189,10 @@ impl TestEngine {
                 );
             }
         };
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert("x-replicas-engine-secret", SECRET.parse().unwrap());
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .build()
-            .unwrap();
         Self {
-            _home_guard: None,
             spec,
             base,
-            client,
+            client: secret_client(),
             child,
             logs,
         }
@@ -262,14 +274,12 @@ impl TestEngine {
     /// Graceful stop that must exit 0.
     pub async fn shutdown(self) -> EngineSpec {
         let logs = self.logs.clone();
-        let guard = self._home_guard.clone();
         let (status, spec) = self.terminate().await;
         assert!(
             status.success(),
             "engine exit {status:?}; log:\n{}",
             logs.lock().unwrap()
         );
-        drop(guard);
         spec
     }
 
@@ -288,23 +298,136 @@ impl TestEngine {
         self.spec.clone()
     }
 
+    /// Stop the engine (gracefully, or `kill -9` when `crash`), let `edit`
+    /// touch its home, start it again on the same home.
+    pub async fn restart_with(self, crash: bool, edit: impl FnOnce(&Path)) -> Self {
+        let spec = if crash {
+            self.kill9().await
+        } else {
+            self.shutdown().await
+        };
+        edit(&spec.home);
+        Self::start_with(spec).await
+    }
+
     /// Stop gracefully and start again on the same home.
     pub async fn restart(self) -> Self {
-        let guard = self._home_guard.clone();
-        let spec = self.shutdown().await;
-        let mut e = Self::start_with(spec).await;
-        e._home_guard = guard;
-        e
+        self.restart_with(false, |_| {}).await
     }
 
     /// `kill -9`, then start again on the same home.
     pub async fn crash_and_restart(self) -> Self {
-        let guard = self._home_guard.clone();
-        let spec = self.kill9().await;
-        let mut e = Self::start_with(spec).await;
-        e._home_guard = guard;
-        e
+        self.restart_with(true, |_| {}).await
     }
+}
+
+/// A client that sends the secret with every request.
+pub fn secret_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-replicas-engine-secret", SECRET.parse().unwrap());
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+/// What a check given to [`eventually`] answers: `true`, `Some(value)` or
+/// `Ok(value)` when the wait is over; `false`, `None` or `Err(why)` (shown
+/// if the wait times out) while it is not.
+pub trait Ready {
+    type Value;
+    fn ready(self) -> Result<Self::Value, String>;
+}
+
+impl Ready for bool {
+    type Value = ();
+    fn ready(self) -> Result<(), String> {
+        self.then_some(()).ok_or_else(String::new)
+    }
+}
+
+impl<T> Ready for Option<T> {
+    type Value = T;
+    fn ready(self) -> Result<T, String> {
+        self.ok_or_else(String::new)
+    }
+}
+
+impl<T> Ready for Result<T, String> {
+    type Value = T;
+    fn ready(self) -> Result<T, String> {
+        self
+    }
+}
+
+/// Run `check` every 20 ms until it is [`Ready`] and return its value;
+/// after `timeout`, fail the test naming `what` (and the last `Err`).
+/// For what has no event to wait on: files, processes, polled routes.
+pub async fn eventually<R: Ready>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> R,
+) -> R::Value {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let why = match check().await.ready() {
+            Ok(v) => return v,
+            Err(why) => why,
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}{}{why}",
+            if why.is_empty() { "" } else { "; last: " }
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The object in the JSON array `list` whose `key` is `value`.
+pub fn find<'a>(list: &'a serde_json::Value, key: &str, value: &str) -> &'a serde_json::Value {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not an array: {list}"))
+        .iter()
+        .find(|o| o[key] == value)
+        .unwrap_or_else(|| panic!("no {key} {value:?} in {list:#}"))
+}
+
+/// Whether `pid` is a live process (a zombie counts as gone).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            !matches!(state, Some("Z" | "X"))
+        }
+        Err(_) => false,
+    }
+}
+
+/// A committed git repo `name` under `ws` (branch `main`) holding `files`
+/// (path, content); returns its directory.
+pub fn git_repo(ws: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = ws.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (path, text) in files {
+        std::fs::write(dir.join(path), text).unwrap();
+    }
+    sh(
+        &dir,
+        "git init -q -b main && git add . && git commit -qm init",
+    );
+    dir
+}
+
+/// Write an executable shell script (`#!/bin/sh` and `body`) at `path`, a
+/// stand-in for a tool the engine runs; returns its path.
+pub fn script(path: &Path, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.display().to_string()
 }
 
 /// Run a shell command (for git fixtures); panics with its output on failure.
