@@ -9,6 +9,8 @@
 
 pub mod bus;
 pub mod journal;
+#[cfg(test)]
+mod wire_shapes;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
