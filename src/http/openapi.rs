@@ -25,11 +25,12 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use super::chats::{ChatList, CreateChat, Interrupt, SendMessage};
 use crate::app::AppState;
 use crate::chats::model::{ChatStatus, LastTurn, Outcome, ThinkingLevel, Usage};
-use crate::chats::{Chat, ChatCounts, MessagePreview as Message};
+use crate::chats::{Chat, ChatCounts, HistoryItem, MessagePreview as Message};
 use crate::events::ErrorBody;
 use crate::hooks::runner::CommandState;
 use crate::hooks::{CommandStatus as HookCommand, HooksStatus, RepoHooks};
 use crate::plans::{Plan, PlanMeta as PlanInfo, PlanSource};
+use crate::providers::ToolInfo as ToolCall;
 use crate::repos::git::FileChange as DiffFile;
 use crate::repos::{GitDiff, Repo};
 use crate::upstream::refresh::{Health as ManagerHealth, ManagerStatus};
@@ -106,9 +107,9 @@ impl Modify for SecretHeader {
 // Most schemas derive from the real domain types (`crate::chats::Chat`,
 // `crate::repos::Repo`, `crate::hooks::HooksStatus`, …), so the document
 // follows them. The structs below are the rest: bodies a service builds as
-// `serde_json::Value` (with `json!`), and types from `src/providers` that do
-// not derive `ToSchema` yet. Each says which; `tests::real_chat_matches_schema`
-// and friends check the derived ones against real values.
+// `serde_json::Value` (with `json!`). Each says which;
+// `tests::real_chat_matches_schema` and friends check the derived ones
+// against real values.
 
 /// Every error: `{"error":{"code","message"}}`. Built with `json!` in
 /// `http::error`.
@@ -176,39 +177,6 @@ pub struct Accepted {
     /// 0 when sent, else the 1-based queue position.
     pub position: usize,
     pub chat_id: String,
-}
-
-/// One normalized history item (replace by `id` when sent again). Mirrors
-/// `crate::chats::HistoryItem`, whose `kind` and `tool` are `src/providers`
-/// types without `ToSchema`.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct HistoryItem {
-    pub id: String,
-    pub turn_id: String,
-    pub ts: String,
-    /// `user_message`, `assistant_message`, `reasoning`, `tool_call`,
-    /// `tool_result`, `command`, `file_change`, `todo_list`, `error`, `system`.
-    pub kind: String,
-    /// Empty when the item has no text.
-    pub text: String,
-    pub tool: Option<ToolCall>,
-    /// The provider's line, only with `?raw=true`.
-    #[schema(required = false, value_type = Object)]
-    pub raw: Option<serde_json::Value>,
-}
-
-/// Mirrors `crate::providers::ToolInfo` (no `ToSchema` in `src/providers`).
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ToolCall {
-    pub name: String,
-    #[schema(value_type = Object)]
-    pub input: serde_json::Value,
-    pub output: Option<String>,
-    pub is_error: bool,
-    #[schema(required = false)]
-    pub exit_code: Option<i32>,
 }
 
 /// Built with `json!` in `http::chats::get_history`.
