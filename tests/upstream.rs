@@ -626,8 +626,12 @@ async fn outbox_bound_drops_the_oldest_and_says_so() {
 
 mod library {
     use super::*;
+    use replicas_engine::chats::{Chat, ChatRecord};
     use replicas_engine::config::{Paths, Secret};
     use replicas_engine::events::{EventBus, EventKind};
+    use replicas_engine::hooks::runner::CommandState;
+    use replicas_engine::hooks::{HookProgress, HooksStatus};
+    use replicas_engine::providers::ProviderKind;
     use replicas_engine::upstream::client::UpstreamClient;
     use replicas_engine::upstream::outbox::{Outbox, OutboxConfig};
     use replicas_engine::upstream::{TokenRefresh, Webhooks};
@@ -645,11 +649,40 @@ mod library {
         )
     }
 
+    /// A real wire chat with id `c_{i}`.
+    fn wire_chat(i: usize) -> Box<Chat> {
+        let record = ChatRecord {
+            id: format!("c_{i}"),
+            provider: ProviderKind::Claude,
+            title: "Claude chat".into(),
+            model: None,
+            cwd: "/w".into(),
+            provider_session_id: None,
+            created_at: "t".into(),
+            updated_at: "t".into(),
+            queue: vec![],
+            last_turn: None,
+            usage: Default::default(),
+            active_turn: None,
+            codex_thread_usage: None,
+        };
+        Box::new(record.view(false, true))
+    }
+
+    fn hooks_status() -> HooksStatus {
+        HooksStatus {
+            status: "completed".into(),
+            started_at: None,
+            finished_at: None,
+            log_path: "/l".into(),
+            repos: vec![],
+        }
+    }
+
     fn chat(kind: &str, i: usize) -> EventKind {
-        let v = json!({"id": format!("c_{i}")});
         match kind {
-            "chat.created" => EventKind::ChatCreated { chat: v },
-            "chat.updated" => EventKind::ChatUpdated { chat: v },
+            "chat.created" => EventKind::ChatCreated { chat: wire_chat(i) },
+            "chat.updated" => EventKind::ChatUpdated { chat: wire_chat(i) },
             "chat.deleted" => EventKind::ChatDeleted {},
             "chat.turn.started" => EventKind::TurnStarted {
                 turn_id: format!("t_{i}"),
@@ -659,9 +692,21 @@ mod library {
                 turn_id: "t".into(),
                 duration_ms: 1,
             },
-            "hooks.progress" => EventKind::HooksProgress(v),
-            "hooks.completed" => EventKind::HooksCompleted { status: v },
-            "hooks.failed" => EventKind::HooksFailed { status: v },
+            "hooks.progress" => EventKind::HooksProgress(HookProgress {
+                repo: "api".into(),
+                index: i,
+                command: "true".into(),
+                status: CommandState::Running,
+                exit_code: None,
+                timed_out: false,
+                duration_ms: None,
+            }),
+            "hooks.completed" => EventKind::HooksCompleted {
+                status: hooks_status(),
+            },
+            "hooks.failed" => EventKind::HooksFailed {
+                status: hooks_status(),
+            },
             "engine.ready" => EventKind::EngineReady {
                 version: "x".into(),
                 pid: 1,

@@ -123,6 +123,26 @@ impl Message {
     }
 }
 
+/// How an accepted message was taken (`chat.turn.accepted` and the answer
+/// to `POST /chats/:id/messages`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Its turn started at once.
+    Sent,
+    /// It waits in the chat's queue.
+    Queued,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Queued => "queued",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {

@@ -1,18 +1,24 @@
 //! The wire JSON of every event type, pinned: one event of each variant
-//! with a realistic payload (built from the real domain types where there
-//! is one), published through a real bus, compared with the shapes of
-//! `docs/API.md` written out literally. Changing how a payload is built or
-//! typed must leave this file's expectations alone.
+//! with a realistic payload (built from the real domain types), published
+//! through a real bus, compared with the shapes of `docs/API.md` written
+//! out literally. Changing how a payload is built or typed must leave this
+//! file's expectations alone.
+//!
+//! Two checks: equal as JSON (this held before the payloads were typed,
+//! when `chat`, `repo`, `status`, `usage`… were `serde_json::Value`s and
+//! their keys came out in alphabetical order), and equal byte for byte
+//! (keys in the order of the domain types, the order the REST endpoints
+//! answer with).
 
 use serde_json::Value;
 
 use super::*;
-use crate::chats::model::{ChatRecord, LastTurn, Message, Outcome, ThinkingLevel, Usage};
+use crate::chats::model::{ChatRecord, LastTurn, Message, ThinkingLevel};
 use crate::hooks::runner::CommandState;
-use crate::hooks::{CommandStatus, HooksStatus, RepoHooks};
+use crate::hooks::{CommandStatus, RepoHooks};
 use crate::providers::ProviderKind;
 use crate::repos::git::FileChange;
-use crate::repos::{GitDiff, Repo};
+use crate::repos::GitDiff;
 
 const TS: &str = "2026-11-21T23:00:00.123Z";
 
@@ -160,16 +166,15 @@ const HOOKS_STATUS: &str = r#"{"status":"failed","startedAt":"2026-11-21T23:00:0
   {"repo":"web","configFile":"replicas.json","status":"failed",
    "error":"replicas.json: expected a map at line 1 column 1","commands":[]}]}"#;
 
-fn engine_status() -> Value {
-    use crate::app::{AgentProcesses, EngineStatus, EventsState, HooksState};
-    use crate::app::{ProvidersState, RepoCount};
+fn engine_status() -> EngineStatus<'static> {
+    use crate::status::{AgentProcesses, EventsState, HooksState, ProvidersState, RepoCount};
     use crate::upstream::refresh::{Health, Summary};
-    serde_json::to_value(EngineStatus {
+    EngineStatus {
         version: "0.1.0",
-        started_at: TS,
+        started_at: TS.into(),
         uptime_ms: 123,
-        workspace_id: Some("ws_1"),
-        workspace_root: std::path::Path::new("/home/ubuntu/workspaces"),
+        workspace_id: Some("ws_1".into()),
+        workspace_root: std::path::Path::new("/home/ubuntu/workspaces").into(),
         chats: crate::chats::ChatCounts {
             total: 3,
             running: 1,
@@ -192,8 +197,7 @@ fn engine_status() -> Value {
             codex_transport: "app-server",
             agent_processes: AgentProcesses { live: 2, idle: 1 },
         },
-    })
-    .unwrap()
+    }
 }
 
 const ENGINE_STATUS: &str = r#"{"version":"0.1.0","startedAt":"2026-11-21T23:00:00.123Z",
@@ -206,8 +210,7 @@ const ENGINE_STATUS: &str = r#"{"version":"0.1.0","startedAt":"2026-11-21T23:00:
 /// Every variant (and the optional parts of some), with the chat it is
 /// published for and the envelope it must become (`ts` aside).
 fn cases() -> Vec<(Option<&'static str>, EventKind, String)> {
-    let v = |s: &str| -> Value { serde_json::from_str(s).unwrap() };
-    let provider_usage = crate::providers::Usage {
+    let provider_usage = Usage {
         input_tokens: 1200,
         output_tokens: 340,
         cached_input_tokens: 800,
@@ -226,35 +229,35 @@ fn cases() -> Vec<(Option<&'static str>, EventKind, String)> {
         (
             None,
             EventKind::EngineStatusChanged {
-                status: engine_status(),
+                status: Box::new(engine_status()),
             },
             format!(r#"{{"type":"engine.status.changed","payload":{{"status":{ENGINE_STATUS}}}}}"#),
         ),
         (
             None,
             EventKind::RepoDiscovered {
-                repo: serde_json::to_value(repo()).unwrap(),
+                repo: Box::new(repo()),
             },
             format!(r#"{{"type":"repo.discovered","payload":{{"repo":{REPO}}}}}"#),
         ),
         (
             None,
             EventKind::RepoStatusChanged {
-                repo: serde_json::to_value(repo()).unwrap(),
+                repo: Box::new(repo()),
             },
             format!(r#"{{"type":"repo.status.changed","payload":{{"repo":{REPO}}}}}"#),
         ),
         (
             Some("c_1"),
             EventKind::ChatCreated {
-                chat: serde_json::to_value(chat_record().view(false, false)).unwrap(),
+                chat: Box::new(chat_record().view(false, false)),
             },
             format!(r#"{{"chatId":"c_1","type":"chat.created","payload":{{"chat":{CHAT}}}}}"#),
         ),
         (
             Some("c_1"),
             EventKind::ChatUpdated {
-                chat: serde_json::to_value(chat_record().view(false, false)).unwrap(),
+                chat: Box::new(chat_record().view(false, false)),
             },
             format!(r#"{{"chatId":"c_1","type":"chat.updated","payload":{{"chat":{CHAT}}}}}"#),
         ),
@@ -266,8 +269,8 @@ fn cases() -> Vec<(Option<&'static str>, EventKind, String)> {
         (
             Some("c_1"),
             EventKind::TurnAccepted {
-                message: serde_json::to_value(message().preview()).unwrap(),
-                status: "queued".into(),
+                message: message().preview(),
+                status: Delivery::Queued,
                 position: 2,
             },
             r#"{"chatId":"c_1","type":"chat.turn.accepted","payload":{
@@ -280,19 +283,16 @@ fn cases() -> Vec<(Option<&'static str>, EventKind, String)> {
         (
             Some("c_1"),
             EventKind::TurnAccepted {
-                message: serde_json::to_value(
-                    Message {
-                        text: "é".repeat(300),
-                        plan_mode: false,
-                        model: None,
-                        images: 0,
-                        thinking_level: None,
-                        ..message()
-                    }
-                    .preview(),
-                )
-                .unwrap(),
-                status: "sent".into(),
+                message: Message {
+                    text: "é".repeat(300),
+                    plan_mode: false,
+                    model: None,
+                    images: 0,
+                    thinking_level: None,
+                    ..message()
+                }
+                .preview(),
+                status: Delivery::Sent,
                 position: 0,
             },
             format!(
@@ -334,8 +334,8 @@ fn cases() -> Vec<(Option<&'static str>, EventKind, String)> {
             Some("c_1"),
             EventKind::TurnCompleted {
                 turn_id: "t_1".into(),
-                outcome: "completed".into(),
-                usage: serde_json::to_value(provider_usage).unwrap(),
+                outcome: Outcome::Completed,
+                usage: provider_usage,
                 duration_ms: 4200,
                 error: None,
             },
@@ -348,8 +348,8 @@ fn cases() -> Vec<(Option<&'static str>, EventKind, String)> {
             Some("c_1"),
             EventKind::TurnCompleted {
                 turn_id: "t_1".into(),
-                outcome: "failed".into(),
-                usage: serde_json::to_value(crate::providers::Usage::default()).unwrap(),
+                outcome: Outcome::Failed,
+                usage: Usage::default(),
                 duration_ms: 300001,
                 error: Some(ErrorBody {
                     code: "timeout".into(),
@@ -373,37 +373,36 @@ fn cases() -> Vec<(Option<&'static str>, EventKind, String)> {
         (
             None,
             EventKind::HooksStarted {
-                status: serde_json::to_value(hooks_status()).unwrap(),
+                status: hooks_status(),
             },
             format!(r#"{{"type":"hooks.started","payload":{{"status":{HOOKS_STATUS}}}}}"#),
         ),
         (
             None,
-            // As `HookService::set_command` builds it.
-            EventKind::HooksProgress(serde_json::json!({
-                "repo": "api",
-                "index": 1,
-                "command": "npm run build",
-                "status": CommandState::TimedOut,
-                "exitCode": None::<i32>,
-                "timedOut": true,
-                "durationMs": Some(300000u64),
-            })),
+            EventKind::HooksProgress(HookProgress {
+                repo: "api".into(),
+                index: 1,
+                command: "npm run build".into(),
+                status: CommandState::TimedOut,
+                exit_code: None,
+                timed_out: true,
+                duration_ms: Some(300000),
+            }),
             r#"{"type":"hooks.progress","payload":{"repo":"api","index":1,"command":"npm run build",
               "status":"timed_out","exitCode":null,"timedOut":true,"durationMs":300000}}"#
                 .into(),
         ),
         (
             None,
-            EventKind::HooksProgress(serde_json::json!({
-                "repo": "api",
-                "index": 0,
-                "command": "npm ci",
-                "status": CommandState::Running,
-                "exitCode": None::<i32>,
-                "timedOut": false,
-                "durationMs": None::<u64>,
-            })),
+            EventKind::HooksProgress(HookProgress {
+                repo: "api".into(),
+                index: 0,
+                command: "npm ci".into(),
+                status: CommandState::Running,
+                exit_code: None,
+                timed_out: false,
+                duration_ms: None,
+            }),
             r#"{"type":"hooks.progress","payload":{"repo":"api","index":0,"command":"npm ci",
               "status":"running","exitCode":null,"timedOut":false,"durationMs":null}}"#
                 .into(),
@@ -411,21 +410,21 @@ fn cases() -> Vec<(Option<&'static str>, EventKind, String)> {
         (
             None,
             EventKind::HooksCompleted {
-                status: serde_json::to_value(hooks_status()).unwrap(),
+                status: hooks_status(),
             },
             format!(r#"{{"type":"hooks.completed","payload":{{"status":{HOOKS_STATUS}}}}}"#),
         ),
         (
             None,
             EventKind::HooksFailed {
-                status: serde_json::to_value(hooks_status()).unwrap(),
+                status: hooks_status(),
             },
             format!(r#"{{"type":"hooks.failed","payload":{{"status":{HOOKS_STATUS}}}}}"#),
         ),
         (
             None,
             EventKind::HooksStatus {
-                status: v(HOOKS_STATUS),
+                status: hooks_status(),
             },
             format!(r#"{{"type":"hooks.status","payload":{{"status":{HOOKS_STATUS}}}}}"#),
         ),
@@ -475,10 +474,34 @@ fn every_event_type_serializes_to_the_contract_shape() {
             got.as_object().unwrap().len(),
             5 - usize::from(chat_id.is_none())
         );
+        // Byte for byte.
+        let ts = &rest[7..ts_end - 1];
+        assert_eq!(
+            line,
+            format!(r#"{{"id":"{id}","ts":"{ts}",{}"#, &minified(&expected)[1..]),
+            "{name}"
+        );
         // The SSE frame names the type.
         assert!(published
             .frame
             .starts_with(format!("id: {id}\nevent: {name}\ndata: {{").as_bytes()));
     }
     assert_eq!(types.len(), 18, "one case per event type: {types:?}");
+}
+
+/// `json` without the whitespace outside its strings.
+fn minified(json: &str) -> String {
+    let (mut out, mut in_string, mut escaped) = (String::new(), false, false);
+    for c in json.chars() {
+        if in_string {
+            in_string = escaped || c != '"';
+            escaped = !escaped && c == '\\';
+        } else if c.is_whitespace() {
+            continue;
+        } else {
+            in_string = c == '"';
+        }
+        out.push(c);
+    }
+    out
 }
