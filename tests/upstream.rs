@@ -631,7 +631,6 @@ mod library {
     use replicas_engine::events::{EventBus, EventKind};
     use replicas_engine::hooks::runner::CommandState;
     use replicas_engine::hooks::{HookProgress, HooksStatus};
-    use replicas_engine::providers::ProviderKind;
     use replicas_engine::upstream::client::UpstreamClient;
     use replicas_engine::upstream::outbox::{Outbox, OutboxConfig};
     use replicas_engine::upstream::{TokenRefresh, Webhooks};
@@ -651,21 +650,12 @@ mod library {
 
     /// A real wire chat with id `c_{i}`.
     fn wire_chat(i: usize) -> Box<Chat> {
-        let record = ChatRecord {
-            id: format!("c_{i}"),
-            provider: ProviderKind::Claude,
-            title: "Claude chat".into(),
-            model: None,
-            cwd: "/w".into(),
-            provider_session_id: None,
-            created_at: "t".into(),
-            updated_at: "t".into(),
-            queue: vec![],
-            last_turn: None,
-            usage: Default::default(),
-            active_turn: None,
-            codex_thread_usage: None,
-        };
+        let record: ChatRecord = serde_json::from_value(json!({
+            "id": format!("c_{i}"), "provider": "claude", "title": "Claude chat", "model": null,
+            "cwd": "/w", "providerSessionId": null, "createdAt": "t", "updatedAt": "t",
+            "lastTurn": null,
+        }))
+        .unwrap();
         Box::new(record.view(false, true))
     }
 
