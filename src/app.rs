@@ -4,19 +4,21 @@
 //! `server`): `http::router` builds the router from an `AppState`, and
 //! `server::run` serves it.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::chats::{ChatDeps, ChatService};
 use crate::config::Config;
-use crate::events::{EventBus, EventKind};
+use crate::events::{EventBus, EventKind, EventType};
 use crate::hooks::HookService;
 use crate::repos::RepoService;
+use crate::status::{AgentProcesses, EngineStatus, EventsState, HooksState};
+use crate::status::{ProvidersState, RepoCount};
 use crate::upstream::Upstream;
 
 #[derive(Clone)]
@@ -114,11 +116,6 @@ impl AppState {
         Ok(state)
     }
 
-    /// The `/status` body; also the payload of `engine.status.changed`.
-    pub fn status(&self) -> Value {
-        serde_json::to_value(self.status_view()).unwrap_or(Value::Null)
-    }
-
     /// `/status` as a typed view that borrows what it can: serialized
     /// straight to the response, with no `Value` tree per call (the route
     /// is polled hard). Every figure is a maintained counter, not a scan.
@@ -126,10 +123,10 @@ impl AppState {
         let agents = self.chats.agent_processes();
         EngineStatus {
             version: env!("CARGO_PKG_VERSION"),
-            started_at: &self.started_at_ts,
+            started_at: Cow::Borrowed(&self.started_at_ts),
             uptime_ms: self.started.elapsed().as_millis() as u64,
-            workspace_id: self.config.workspace_id.as_deref(),
-            workspace_root: &self.config.workspaces_dir,
+            workspace_id: self.config.workspace_id.as_deref().map(Cow::Borrowed),
+            workspace_root: Cow::Borrowed(&self.config.workspaces_dir),
             chats: self.chats.counts(),
             repos: RepoCount {
                 count: self.repos.count(),
@@ -160,54 +157,6 @@ impl AppState {
     }
 }
 
-/// The `/status` body (`docs/API.md`); also the payload of
-/// `engine.status.changed`.
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EngineStatus<'a> {
-    pub version: &'static str,
-    pub started_at: &'a str,
-    pub uptime_ms: u64,
-    pub workspace_id: Option<&'a str>,
-    pub workspace_root: &'a std::path::Path,
-    pub chats: crate::chats::ChatCounts,
-    pub repos: RepoCount,
-    pub hooks: HooksState,
-    pub events: EventsState,
-    pub token_refresh: crate::upstream::refresh::Summary,
-    pub providers: ProvidersState,
-}
-
-#[derive(serde::Serialize)]
-pub struct RepoCount {
-    pub count: usize,
-}
-
-#[derive(serde::Serialize)]
-pub struct HooksState {
-    pub status: String,
-}
-
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EventsState {
-    pub last_event_id: String,
-    pub subscribers: usize,
-}
-
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProvidersState {
-    pub codex_transport: &'static str,
-    pub agent_processes: AgentProcesses,
-}
-
-#[derive(serde::Serialize)]
-pub struct AgentProcesses {
-    pub live: usize,
-    pub idle: usize,
-}
-
 /// How chats reach the other services: turns wait for start hooks, agents
 /// get the repo's `systemPrompt`, repos are re-checked after every turn (a
 /// turn may have switched branch or edited files), and an auth failure
@@ -232,44 +181,34 @@ fn chat_deps(
     }
 }
 
-/// The `/status` fields whose change is worth an event: everything but the
-/// ones that move all the time (uptime, event counters).
-fn status_summary(status: &Value) -> Value {
-    json!({
-        "chats": status["chats"],
-        "repos": status["repos"],
-        "hooks": status["hooks"],
-        "tokenRefresh": status["tokenRefresh"],
-    })
-}
-
 /// Publish `engine.status.changed` whenever a summary field of `/status`
 /// changes. Re-checked after the events that can change it and every few
 /// seconds (token refresh recovering has no event of its own).
 async fn watch_status(state: AppState) {
     use futures_util::StreamExt;
     const RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
-    let mut last = status_summary(&state.status());
+    let mut last = state.status_view().into_owned();
     let mut events = state.bus.subscribe_internal(None);
     loop {
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
             item = events.next() => match item {
                 Some(crate::events::SubscriptionItem::Event(ev))
-                    if matches!(ev.kind.as_str(), "chat.created" | "chat.updated" | "chat.deleted"
-                        | "repo.discovered" | "error") || ev.kind.starts_with("hooks.") => {}
+                    if EventType::from_name(&ev.kind).is_some_and(EventType::may_change_status) => {}
                 Some(_) => continue,
                 None => return,
             },
             _ = tokio::time::sleep(RECHECK) => {}
         }
-        let status = state.status();
-        let summary = status_summary(&status);
-        if summary != last {
-            last = summary;
-            state
-                .bus
-                .publish(None, EventKind::EngineStatusChanged { status });
+        let status = state.status_view();
+        if status.summary_differs(&last) {
+            last = status.into_owned();
+            state.bus.publish(
+                None,
+                EventKind::EngineStatusChanged {
+                    status: Box::new(last.clone()),
+                },
+            );
         }
     }
 }

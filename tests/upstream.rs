@@ -423,8 +423,11 @@ async fn outbox_bound_drops_the_oldest_and_says_so() {
 
 mod library {
     use super::*;
+    use replicas_engine::chats::{Chat, ChatRecord};
     use replicas_engine::config::{Paths, Secret};
     use replicas_engine::events::{EventBus, EventKind};
+    use replicas_engine::hooks::runner::CommandState;
+    use replicas_engine::hooks::{HookProgress, HooksStatus};
     use replicas_engine::upstream::client::UpstreamClient;
     use replicas_engine::upstream::outbox::{Outbox, OutboxConfig};
     use replicas_engine::upstream::{TokenRefresh, Webhooks};
@@ -442,11 +445,31 @@ mod library {
         )
     }
 
+    /// A real wire chat with id `c_{i}`.
+    fn wire_chat(i: usize) -> Box<Chat> {
+        let record: ChatRecord = serde_json::from_value(json!({
+            "id": format!("c_{i}"), "provider": "claude", "title": "Claude chat", "model": null,
+            "cwd": "/w", "providerSessionId": null, "createdAt": "t", "updatedAt": "t",
+            "lastTurn": null,
+        }))
+        .unwrap();
+        Box::new(record.view(false, true))
+    }
+
+    fn hooks_status() -> HooksStatus {
+        HooksStatus {
+            status: "completed".into(),
+            started_at: None,
+            finished_at: None,
+            log_path: "/l".into(),
+            repos: vec![],
+        }
+    }
+
     fn chat(kind: &str, i: usize) -> EventKind {
-        let v = json!({"id": format!("c_{i}")});
         match kind {
-            "chat.created" => EventKind::ChatCreated { chat: v },
-            "chat.updated" => EventKind::ChatUpdated { chat: v },
+            "chat.created" => EventKind::ChatCreated { chat: wire_chat(i) },
+            "chat.updated" => EventKind::ChatUpdated { chat: wire_chat(i) },
             "chat.deleted" => EventKind::ChatDeleted {},
             "chat.turn.started" => EventKind::TurnStarted {
                 turn_id: format!("t_{i}"),
@@ -456,9 +479,21 @@ mod library {
                 turn_id: "t".into(),
                 duration_ms: 1,
             },
-            "hooks.progress" => EventKind::HooksProgress(v),
-            "hooks.completed" => EventKind::HooksCompleted { status: v },
-            "hooks.failed" => EventKind::HooksFailed { status: v },
+            "hooks.progress" => EventKind::HooksProgress(HookProgress {
+                repo: "api".into(),
+                index: i,
+                command: "true".into(),
+                status: CommandState::Running,
+                exit_code: None,
+                timed_out: false,
+                duration_ms: None,
+            }),
+            "hooks.completed" => EventKind::HooksCompleted {
+                status: hooks_status(),
+            },
+            "hooks.failed" => EventKind::HooksFailed {
+                status: hooks_status(),
+            },
             "engine.ready" => EventKind::EngineReady {
                 version: "x".into(),
                 pid: 1,

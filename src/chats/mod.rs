@@ -46,8 +46,8 @@ use crate::util::{new_id, now_ts};
 
 pub use history::Page;
 pub use model::{
-    ActiveTurn, Chat, ChatRecord, ChatStatus, HistoryItem, LastTurn, Message, MessagePreview,
-    Outcome, ThinkingLevel, Usage,
+    ActiveTurn, Chat, ChatRecord, ChatStatus, Delivery, HistoryItem, LastTurn, Message,
+    MessagePreview, Outcome, ThinkingLevel, Usage,
 };
 
 /// How long an interrupt or delete waits for the turn's processes to end
@@ -141,11 +141,10 @@ pub struct NewMessage {
 }
 
 /// The answer to an accepted message.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Accepted {
-    /// `sent` (started at once) or `queued`.
-    pub status: &'static str,
+    pub status: Delivery,
     pub message_id: String,
     /// 0 when sent, else the 1-based queue position.
     pub position: usize,
@@ -196,7 +195,7 @@ fn decode_cursor(cursor: &str) -> Result<(String, String), ChatError> {
 }
 
 /// The `/status` summary.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ChatCounts {
     pub total: usize,
@@ -481,7 +480,7 @@ impl ChatService {
     }
 
     fn publish_updated(&self, slot: &Slot) {
-        let chat = serde_json::to_value(self.view(slot)).expect("chat serializes");
+        let chat = Box::new(self.view(slot));
         self.inner
             .bus
             .publish(Some(&slot.rec.id), EventKind::ChatUpdated { chat });
@@ -608,7 +607,7 @@ impl ChatService {
             self.inner.bus.publish(
                 Some(&id),
                 EventKind::ChatCreated {
-                    chat: serde_json::to_value(&chat).expect("chat serializes"),
+                    chat: Box::new(chat.clone()),
                 },
             );
             chat
@@ -761,17 +760,17 @@ impl ChatService {
                     pgid: None,
                     start_time: None,
                 });
-                ("sent", 0)
+                (Delivery::Sent, 0)
             } else {
                 slot.rec.queue.push(msg.clone());
-                ("queued", slot.rec.queue.len())
+                (Delivery::Queued, slot.rec.queue.len())
             };
             slot.rec.updated_at = now_ts();
             self.inner.bus.publish(
                 Some(id),
                 EventKind::TurnAccepted {
-                    message: serde_json::to_value(msg.preview()).expect("message serializes"),
-                    status: status.to_owned(),
+                    message: msg.preview(),
+                    status,
                     position,
                 },
             );
@@ -791,7 +790,7 @@ impl ChatService {
         // finished leaves nothing acknowledged.
         rt.wake.notify_one();
         self.persist().await?;
-        tracing::info!(message.id = %accepted.message_id, status = accepted.status, position = accepted.position, "message accepted");
+        tracing::info!(message.id = %accepted.message_id, status = accepted.status.as_str(), position = accepted.position, "message accepted");
         Ok(accepted)
     }
 
@@ -1147,7 +1146,7 @@ mod tests {
         };
         let a = svc.send(&chat.id, msg("one")).await.unwrap();
         let b = svc.send(&chat.id, msg("two")).await.unwrap();
-        assert_eq!((a.status, a.position, b.position), ("queued", 1, 2));
+        assert_eq!((a.status, a.position, b.position), (Delivery::Queued, 1, 2));
         let c = svc.get(&chat.id).unwrap();
         assert_eq!(c.status, ChatStatus::WaitingForHooks);
         assert!(c.processing);

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-pub use crate::providers::{ItemKind, ProviderKind, ToolInfo};
+pub use crate::providers::{ItemKind, ProviderKind, ToolInfo, Usage};
 
 /// Default title of a new chat.
 pub fn default_title(provider: ProviderKind) -> &'static str {
@@ -123,6 +123,26 @@ impl Message {
     }
 }
 
+/// How an accepted message was taken (`chat.turn.accepted` and the answer
+/// to `POST /chats/:id/messages`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Its turn started at once.
+    Sent,
+    /// It waits in the chat's queue.
+    Queued,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Queued => "queued",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
@@ -159,31 +179,6 @@ pub struct LastTurn {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     #[schema(required = false)]
     pub error: Option<crate::events::ErrorBody>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Usage {
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cached_input_tokens: u64,
-    /// USD summed over the turns that reported a cost; `null` (unknown)
-    /// until one did: Codex never reports one, so a Codex chat's cost is
-    /// unknown, not free.
-    #[serde(default)]
-    pub cost_usd: Option<f64>,
-}
-
-impl Usage {
-    /// Accumulate one turn's usage (a CLI that reports no cost adds none).
-    pub fn add(&mut self, turn: &crate::providers::Usage) {
-        self.input_tokens += turn.input_tokens;
-        self.output_tokens += turn.output_tokens;
-        self.cached_input_tokens += turn.cached_input_tokens;
-        if let Some(cost) = turn.cost_usd {
-            self.cost_usd = Some(self.cost_usd.unwrap_or(0.0) + cost);
-        }
-    }
 }
 
 /// The turn a chat is working on, persisted so a later engine can tell what
@@ -279,23 +274,27 @@ impl ChatRecord {
     }
 }
 
-/// One line of a chat's history file and one `chat.turn.delta` item.
-/// `raw` (the provider's original line) is stored but only served with
-/// `?raw=true`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One line of a chat's history file and one `chat.turn.delta` item
+/// (replace by `id` when sent again). `raw` (the provider's original line)
+/// is stored but only served with `?raw=true`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryItem {
     pub id: String,
     pub turn_id: String,
     pub ts: String,
     pub kind: ItemKind,
+    /// Empty when the item has no text.
     #[serde(default)]
+    #[schema(required = true)]
     pub text: String,
     #[serde(default)]
     pub tool: Option<ToolInfo>,
-    /// Last, so a line is the wire item plus `,"raw":…` (see
-    /// `ChatService::publish_item`).
+    /// The provider's line, only with `?raw=true`.
+    // Last, so a line is the wire item plus `,"raw":…` (see
+    // `ChatService::publish_item`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[schema(value_type = Object, required = false)]
     pub raw: Option<crate::events::RawJson>,
 }
 

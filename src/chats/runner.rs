@@ -280,8 +280,8 @@ impl ChatService {
             },
             _ => EventKind::TurnCompleted {
                 turn_id: turn.turn_id.clone(),
-                outcome: outcome.as_str().to_owned(),
-                usage: serde_json::to_value(result.usage).expect("usage serializes"),
+                outcome,
+                usage: result.usage,
                 duration_ms,
                 error,
             },

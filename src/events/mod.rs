@@ -9,46 +9,107 @@
 
 pub mod bus;
 pub mod journal;
+#[cfg(test)]
+mod wire_shapes;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use bus::{EventBus, Published, Subscription, SubscriptionItem};
 
-/// Every externally visible transition, with its payload. Serialized
-/// adjacently tagged: `"type": "<name>", "payload": {…}`.
-///
-/// Object-valued fields (`chat`, `repo`, `status`, `item`…) carry the same
-/// JSON the matching REST endpoint returns.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", content = "payload")]
-pub enum EventKind {
+use crate::chats::{Chat, Delivery, MessagePreview, Outcome, Usage};
+use crate::hooks::{HookProgress, HooksStatus};
+use crate::repos::Repo;
+use crate::status::EngineStatus;
+
+/// Declares [`EventKind`] and [`EventType`] from one list of variants, each
+/// with its doc, its wire name (`#[serde(rename)]`) and its payload, so a
+/// type's name is written once: adding an event type is one entry here (the
+/// compiler then asks whether it is a webhook and whether it can change
+/// `/status`, below). The name is matched as a `tt`: a `literal` fragment
+/// reaches the derives wrapped in an invisible group, which serde reads but
+/// utoipa does not.
+macro_rules! event_types {
+    ($( $(#[doc = $doc:tt])* #[serde(rename = $name:tt)] $variant:ident $payload:tt ),* $(,)?) => {
+        /// Every externally visible transition, with its payload. Serialized
+        /// adjacently tagged: `"type": "<name>", "payload": {…}`.
+        ///
+        /// Object-valued fields (`chat`, `repo`, `status`, `message`…) are
+        /// the domain types the matching REST endpoint serializes, so they
+        /// carry the same JSON.
+        #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+        #[serde(tag = "type", content = "payload")]
+        pub enum EventKind {
+            $( $(#[doc = $doc])* #[serde(rename = $name)] $variant $payload, )*
+        }
+
+        /// The type of an event without its payload: what a journal line,
+        /// an SSE frame or a webhook names in `type`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum EventType {
+            $( $(#[doc = $doc])* $variant, )*
+        }
+
+        impl EventType {
+            /// Every type, in declaration order.
+            pub const ALL: &'static [EventType] = &[$(Self::$variant),*];
+
+            /// The wire name, e.g. `chat.turn.completed`.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)*
+                }
+            }
+
+            /// The type a wire name stands for; `None` for a name this
+            /// engine never writes (`stream.reset` is stream-only).
+            pub fn from_name(name: &str) -> Option<Self> {
+                match name {
+                    $($name => Some(Self::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+
+        impl EventKind {
+            /// Its type, without the payload.
+            pub fn event_type(&self) -> EventType {
+                match self {
+                    $(Self::$variant { .. } => EventType::$variant,)*
+                }
+            }
+        }
+    };
+}
+
+event_types! {
     /// Once per start, after state is loaded.
     #[serde(rename = "engine.ready")]
     EngineReady { version: String, pid: u32 },
     /// A `/status` summary field changed; carries the whole `/status` body.
     #[serde(rename = "engine.status.changed")]
-    EngineStatusChanged { status: Value },
-    /// A repository was found under the workspace root at start.
+    EngineStatusChanged { status: Box<EngineStatus<'static>> },
+    /// A repository was found under the workspace root.
     #[serde(rename = "repo.discovered")]
-    RepoDiscovered { repo: Value },
+    RepoDiscovered { repo: Box<Repo> },
     /// A turn or hook changed a repo's branch, HEAD, dirtiness or diff stats.
     #[serde(rename = "repo.status.changed")]
-    RepoStatusChanged { repo: Value },
+    RepoStatusChanged { repo: Box<Repo> },
     /// A chat was created.
     #[serde(rename = "chat.created")]
-    ChatCreated { chat: Value },
+    ChatCreated { chat: Box<Chat> },
     /// A chat's title, status, queue or usage changed.
     #[serde(rename = "chat.updated")]
-    ChatUpdated { chat: Value },
+    ChatUpdated { chat: Box<Chat> },
     /// A chat was deleted (its id is in the envelope).
     #[serde(rename = "chat.deleted")]
     ChatDeleted {},
     /// A message was accepted: started at once (`sent`) or queued.
     #[serde(rename = "chat.turn.accepted")]
     TurnAccepted {
-        message: Value,
-        status: String,
+        message: MessagePreview,
+        status: Delivery,
+        /// 0 when sent, else the 1-based queue position.
         position: usize,
     },
     /// A turn's provider process started working on a message.
@@ -62,16 +123,20 @@ pub enum EventKind {
     /// One normalized history item, or a streamed text fragment.
     #[serde(rename = "chat.turn.delta")]
     TurnDelta(TurnDelta),
-    /// A turn finished, successfully or not.
+    /// A turn finished, successfully (`completed`) or not (`failed`); an
+    /// interrupted one is `chat.interrupted`.
     #[serde(rename = "chat.turn.completed")]
     TurnCompleted {
         #[serde(rename = "turnId")]
         turn_id: String,
-        outcome: String,
-        usage: Value,
+        outcome: Outcome,
+        /// This turn's.
+        usage: Usage,
         #[serde(rename = "durationMs")]
         duration_ms: u64,
-        #[serde(skip_serializing_if = "Option::is_none", default)]
+        /// When failed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[schema(required = false)]
         error: Option<ErrorBody>,
     },
     /// A running turn was stopped by an interrupt.
@@ -84,19 +149,19 @@ pub enum EventKind {
     },
     /// Start hooks began.
     #[serde(rename = "hooks.started")]
-    HooksStarted { status: Value },
+    HooksStarted { status: HooksStatus },
     /// One hook command changed state.
     #[serde(rename = "hooks.progress")]
-    HooksProgress(Value),
+    HooksProgress(HookProgress),
     /// Start hooks finished and every command succeeded.
     #[serde(rename = "hooks.completed")]
-    HooksCompleted { status: Value },
+    HooksCompleted { status: HooksStatus },
     /// Start hooks finished and some command failed or timed out.
     #[serde(rename = "hooks.failed")]
-    HooksFailed { status: Value },
+    HooksFailed { status: HooksStatus },
     /// A snapshot of the hooks status.
     #[serde(rename = "hooks.status")]
-    HooksStatus { status: Value },
+    HooksStatus { status: HooksStatus },
     /// An engine-level fault a client should surface.
     #[serde(rename = "error")]
     Error {
@@ -106,14 +171,48 @@ pub enum EventKind {
     },
 }
 
+impl EventType {
+    /// Sent to the backend as a webhook (`docs/API.md`, Upstream): chat
+    /// lifecycle, turns, the hooks' result and errors.
+    pub fn is_webhook(self) -> bool {
+        use EventType::*;
+        match self {
+            ChatCreated | ChatDeleted | TurnAccepted | TurnStarted | TurnDelta | TurnCompleted
+            | HooksCompleted | HooksFailed | Error => true,
+            EngineReady | EngineStatusChanged | RepoDiscovered | RepoStatusChanged
+            | ChatUpdated | ChatInterrupted | HooksStarted | HooksProgress | HooksStatus => false,
+        }
+    }
+
+    /// May change a summary field of `/status` (chats, repos, hooks, token
+    /// refresh): `engine.status.changed` is re-checked after it.
+    pub fn may_change_status(self) -> bool {
+        use EventType::*;
+        match self {
+            ChatCreated | ChatUpdated | ChatDeleted | RepoDiscovered | HooksStarted
+            | HooksProgress | HooksCompleted | HooksFailed | HooksStatus | Error => true,
+            EngineReady | EngineStatusChanged | RepoStatusChanged | TurnAccepted | TurnStarted
+            | TurnDelta | TurnCompleted | ChatInterrupted => false,
+        }
+    }
+}
+
+impl EventKind {
+    /// The wire type name, e.g. `chat.turn.completed`.
+    pub fn type_name(&self) -> &'static str {
+        self.event_type().name()
+    }
+}
+
 /// Payload of `chat.turn.delta`: either a whole item or a text fragment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum TurnDelta {
     Item {
         #[serde(rename = "turnId")]
         turn_id: String,
         /// The history item's JSON, serialized once by its producer.
+        #[schema(value_type = crate::chats::HistoryItem)]
         item: RawJson,
     },
     Text {
@@ -137,38 +236,16 @@ pub struct ErrorBody {
     pub message: String,
 }
 
-impl EventKind {
-    /// The wire type name, e.g. `chat.turn.completed`.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            Self::EngineReady { .. } => "engine.ready",
-            Self::EngineStatusChanged { .. } => "engine.status.changed",
-            Self::RepoDiscovered { .. } => "repo.discovered",
-            Self::RepoStatusChanged { .. } => "repo.status.changed",
-            Self::ChatCreated { .. } => "chat.created",
-            Self::ChatUpdated { .. } => "chat.updated",
-            Self::ChatDeleted {} => "chat.deleted",
-            Self::TurnAccepted { .. } => "chat.turn.accepted",
-            Self::TurnStarted { .. } => "chat.turn.started",
-            Self::TurnDelta(_) => "chat.turn.delta",
-            Self::TurnCompleted { .. } => "chat.turn.completed",
-            Self::ChatInterrupted { .. } => "chat.interrupted",
-            Self::HooksStarted { .. } => "hooks.started",
-            Self::HooksProgress(_) => "hooks.progress",
-            Self::HooksCompleted { .. } => "hooks.completed",
-            Self::HooksFailed { .. } => "hooks.failed",
-            Self::HooksStatus { .. } => "hooks.status",
-            Self::Error { .. } => "error",
-        }
-    }
-}
-
-/// The envelope as written to the journal and sent to clients.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The envelope as written to the journal, sent to clients and embedded in
+/// a webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct EngineEvent {
+    /// Decimal string of a strictly increasing integer.
     pub id: String,
     pub ts: String,
-    #[serde(rename = "chatId", skip_serializing_if = "Option::is_none", default)]
+    /// Present for chat events.
+    #[serde(rename = "chatId", skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
     pub chat_id: Option<String>,
     #[serde(flatten)]
     pub kind: EventKind,
@@ -257,8 +334,6 @@ mod tests {
             json!({"id":"7","ts":"2026-11-21T23:00:00.123Z","chatId":"c_1","type":"chat.turn.started",
                    "payload":{"turnId":"t_1","messageId":"m_1"}})
         );
-        let back: EngineEvent = serde_json::from_str(&line).unwrap();
-        assert_eq!(back, ev);
     }
 
     #[test]
@@ -292,5 +367,16 @@ mod tests {
             assert!(v.get("chatId").is_none());
             assert!(v["payload"].is_object(), "{v}");
         }
+    }
+
+    #[test]
+    fn type_names_are_unique_and_read_back() {
+        let mut names = std::collections::HashSet::new();
+        for &t in EventType::ALL {
+            assert!(names.insert(t.name()), "{} twice", t.name());
+            assert_eq!(EventType::from_name(t.name()), Some(t));
+        }
+        assert_eq!(EventType::from_name("stream.reset"), None);
+        assert_eq!(EventType::from_name("chat.turn.unknown"), None);
     }
 }

@@ -62,6 +62,21 @@ pub struct CommandStatus {
     pub duration_ms: Option<u64>,
 }
 
+/// The `hooks.progress` payload: one command's new state (as in
+/// `HooksStatus`), with its place.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HookProgress {
+    pub repo: String,
+    /// Index of the command in the repo's `commands`.
+    pub index: usize,
+    pub command: String,
+    pub status: CommandState,
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    pub duration_ms: Option<u64>,
+}
+
 /// What `engine-state.json` records about start hooks.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -177,7 +192,7 @@ impl HookService {
         inner.bus.publish(
             None,
             EventKind::HooksStarted {
-                status: self.status_value(),
+                status: self.status(),
             },
         );
         tracing::info!(repos = plan.len(), "start hooks running");
@@ -239,20 +254,15 @@ impl HookService {
             tracing::error!(error = %e, file = %inner.config.paths.engine_state_file.display(), "cannot record start hook completion");
         }
         inner.status.send_replace(status.clone());
-        let value = self.status_value();
-        let kind = if status.status == "failed" {
-            EventKind::HooksFailed { status: value }
-        } else {
-            EventKind::HooksCompleted { status: value }
-        };
         tracing::info!(status = %status.status, "start hooks finished");
+        let kind = if failed {
+            EventKind::HooksFailed { status }
+        } else {
+            EventKind::HooksCompleted { status }
+        };
         inner.bus.publish(None, kind);
         let _ = inner.done.send(true);
         true
-    }
-
-    fn status_value(&self) -> serde_json::Value {
-        serde_json::to_value(self.status()).unwrap_or_default()
     }
 
     fn set_repo(&self, idx: usize, state: &str) {
@@ -278,15 +288,15 @@ impl HookService {
             c.status = state;
             c.exit_code = exit_code;
             c.duration_ms = duration_ms;
-            event = Some(json!({
-                "repo": repo.repo,
-                "index": i,
-                "command": c.command,
-                "status": state,
-                "exitCode": exit_code,
-                "timedOut": state == CommandState::TimedOut,
-                "durationMs": duration_ms,
-            }));
+            event = Some(HookProgress {
+                repo: repo.repo.clone(),
+                index: i,
+                command: c.command.clone(),
+                status: state,
+                exit_code,
+                timed_out: state == CommandState::TimedOut,
+                duration_ms,
+            });
         });
         if let Some(payload) = event {
             self.inner

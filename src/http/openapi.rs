@@ -1,8 +1,9 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 document of this API, generated
 //! with `utoipa` from the handlers' own types: the request bodies and the
-//! domain types the handlers serialize (`Chat`, `Repo`, `HooksStatus`, …
-//! derive `ToSchema` where they are defined). Bodies and payloads a service
-//! builds as `serde_json::Value` are typed by the few schema structs below.
+//! domain types the handlers serialize and the events carry (`Chat`,
+//! `Repo`, `HooksStatus`, `EngineEvent`, … derive `ToSchema` where they are
+//! defined). The few bodies a handler builds with `json!` or by hand are
+//! described by the schema structs below.
 //!
 //! The operations are declared on stub functions below (the real handlers
 //! live in one file per resource); `tests::router_and_document_agree`
@@ -10,7 +11,8 @@
 //! `tests::document_is_valid_openapi` checks the document's structure, and
 //! `tests::real_chat_matches_schema` a real serialized chat against it.
 
-#![allow(dead_code)] // the schema structs are never built, only described
+// The operation stubs are never called: utoipa reads their attributes.
+#![allow(dead_code)]
 
 use std::sync::LazyLock;
 
@@ -25,13 +27,15 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use super::chats::{ChatList, CreateChat, Interrupt, SendMessage};
 use crate::app::AppState;
 use crate::chats::model::{ChatStatus, LastTurn, Outcome, ThinkingLevel, Usage};
-use crate::chats::{Chat, ChatCounts, MessagePreview as Message};
-use crate::events::ErrorBody;
+use crate::chats::{Accepted, Chat, ChatCounts, HistoryItem, MessagePreview as Message};
+use crate::events::{EngineEvent, ErrorBody, EventKind, TurnDelta};
 use crate::hooks::runner::CommandState;
-use crate::hooks::{CommandStatus as HookCommand, HooksStatus, RepoHooks};
+use crate::hooks::{CommandStatus as HookCommand, HookProgress, HooksStatus, RepoHooks};
 use crate::plans::{Plan, PlanMeta as PlanInfo, PlanSource};
+use crate::providers::ToolInfo as ToolCall;
 use crate::repos::git::FileChange as DiffFile;
 use crate::repos::{GitDiff, Repo};
+use crate::status::EngineStatus as Status;
 use crate::upstream::refresh::{Health as ManagerHealth, ManagerStatus};
 
 pub fn router() -> Router<AppState> {
@@ -76,7 +80,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
         RepoList, HooksStatus, RepoHooks, HookCommand, CommandState, HookProgress, EngineEvent,
         EventKind, TurnDelta, StreamReset, WebhookBody, Coalesced,
     )),
-    modifiers(&SecretHeader),
+    modifiers(&SecretHeader, &StreamResetType),
     security(("secret" = [])),
     tags(
         (name = "system"), (name = "events"), (name = "chats"),
@@ -101,14 +105,46 @@ impl Modify for SecretHeader {
     }
 }
 
+/// `stream.reset` among the `EventKind`s: a type a client meets on
+/// `GET /events`, but never published or persisted, so it is no variant of
+/// the real enum.
+struct StreamResetType;
+
+impl Modify for StreamResetType {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+        use utoipa::openapi::{Ref, RefOr};
+        let schemas = &mut openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .schemas;
+        if let Some(RefOr::T(Schema::OneOf(kinds))) = schemas.get_mut("EventKind") {
+            kinds.items.push(
+                ObjectBuilder::new()
+                    .description(Some("Stream-only (never persisted, no `id:` line)."))
+                    .property("payload", Ref::from_schema_name("StreamReset"))
+                    .required("payload")
+                    .property(
+                        "type",
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .enum_values(Some(["stream.reset"])),
+                    )
+                    .required("type")
+                    .into(),
+            );
+        }
+    }
+}
+
 // ------------------------------------------------------------------ schemas
 //
 // Most schemas derive from the real domain types (`crate::chats::Chat`,
-// `crate::repos::Repo`, `crate::hooks::HooksStatus`, …), so the document
-// follows them. The structs below are the rest: bodies a service builds as
-// `serde_json::Value` (with `json!`), and types from `src/providers` that do
-// not derive `ToSchema` yet. Each says which; `tests::real_chat_matches_schema`
-// and friends check the derived ones against real values.
+// `crate::repos::Repo`, `crate::events::EventKind`, …), so the document
+// follows them. The structs below describe the rest: bodies built with
+// `json!` or written as text, never from these structs;
+// `tests::handler_bodies_match_schemas` checks the handlers' ones against
+// real answers.
 
 /// Every error: `{"error":{"code","message"}}`. Built with `json!` in
 /// `http::error`.
@@ -125,33 +161,6 @@ pub struct Health {
     pub timestamp: String,
 }
 
-/// Built with `json!` in `AppState::status`.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Status {
-    pub version: String,
-    pub started_at: String,
-    pub uptime_ms: u64,
-    pub workspace_id: Option<String>,
-    pub workspace_root: String,
-    pub chats: ChatCounts,
-    /// `{"count": n}`
-    #[schema(value_type = Object)]
-    pub repos: serde_json::Value,
-    /// `{"status": "<HooksStatus.status>"}`
-    #[schema(value_type = Object)]
-    pub hooks: serde_json::Value,
-    /// `{"lastEventId": "N", "subscribers": n}`
-    #[schema(value_type = Object)]
-    pub events: serde_json::Value,
-    /// Manager name → `ok|failing|disabled`.
-    pub token_refresh: std::collections::BTreeMap<String, ManagerHealth>,
-    /// `{"codexTransport": "exec|app-server|pending", "agentProcesses":
-    /// {"live": n, "idle": n}}`
-    #[schema(value_type = Object)]
-    pub providers: serde_json::Value,
-}
-
 /// Built with `json!` in `http::token_refresh`.
 #[derive(Serialize, ToSchema)]
 pub struct TokenRefreshHealth {
@@ -164,51 +173,6 @@ pub struct TokenRefreshHealth {
 #[derive(Serialize, ToSchema)]
 pub struct Deleted {
     pub success: bool,
-}
-
-/// Built with `json!` in `ChatService::send`.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Accepted {
-    /// `sent` (started at once) or `queued`.
-    pub status: String,
-    pub message_id: String,
-    /// 0 when sent, else the 1-based queue position.
-    pub position: usize,
-    pub chat_id: String,
-}
-
-/// One normalized history item (replace by `id` when sent again). Mirrors
-/// `crate::chats::HistoryItem`, whose `kind` and `tool` are `src/providers`
-/// types without `ToSchema`.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct HistoryItem {
-    pub id: String,
-    pub turn_id: String,
-    pub ts: String,
-    /// `user_message`, `assistant_message`, `reasoning`, `tool_call`,
-    /// `tool_result`, `command`, `file_change`, `todo_list`, `error`, `system`.
-    pub kind: String,
-    /// Empty when the item has no text.
-    pub text: String,
-    pub tool: Option<ToolCall>,
-    /// The provider's line, only with `?raw=true`.
-    #[schema(required = false, value_type = Object)]
-    pub raw: Option<serde_json::Value>,
-}
-
-/// Mirrors `crate::providers::ToolInfo` (no `ToSchema` in `src/providers`).
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ToolCall {
-    pub name: String,
-    #[schema(value_type = Object)]
-    pub input: serde_json::Value,
-    pub output: Option<String>,
-    pub is_error: bool,
-    #[schema(required = false)]
-    pub exit_code: Option<i32>,
 }
 
 /// Built with `json!` in `http::chats::get_history`.
@@ -230,131 +194,6 @@ pub struct PlanList {
 #[derive(Serialize, ToSchema)]
 pub struct RepoList {
     pub repos: Vec<Repo>,
-}
-
-/// The `hooks.progress` payload, built with `json!` in
-/// `HookService::set_command`: a [`HookCommand`] with its place.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct HookProgress {
-    pub repo: String,
-    /// Index of the command in the repo's `commands`.
-    pub index: usize,
-    pub command: String,
-    pub status: CommandState,
-    pub exit_code: Option<i32>,
-    pub timed_out: bool,
-    pub duration_ms: Option<u64>,
-}
-
-/// One event: a journal line, an SSE `data:`, a webhook's `event`. Mirrors
-/// `crate::events::EngineEvent`, whose payloads are `serde_json::Value`.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct EngineEvent {
-    /// Decimal string of a strictly increasing integer.
-    pub id: String,
-    pub ts: String,
-    /// Present for chat events.
-    #[schema(required = false)]
-    pub chat_id: Option<String>,
-    #[serde(flatten)]
-    pub kind: EventKind,
-}
-
-/// `type` and its `payload`. Mirrors `crate::events::EventKind` with the
-/// `Value` payloads typed.
-#[derive(Serialize, ToSchema)]
-#[serde(tag = "type", content = "payload")]
-pub enum EventKind {
-    #[serde(rename = "engine.ready")]
-    EngineReady { version: String, pid: u32 },
-    #[serde(rename = "engine.status.changed")]
-    EngineStatusChanged { status: Status },
-    #[serde(rename = "repo.discovered")]
-    RepoDiscovered { repo: Repo },
-    #[serde(rename = "repo.status.changed")]
-    RepoStatusChanged { repo: Repo },
-    #[serde(rename = "chat.created")]
-    ChatCreated { chat: Chat },
-    #[serde(rename = "chat.updated")]
-    ChatUpdated { chat: Chat },
-    #[serde(rename = "chat.deleted")]
-    ChatDeleted {},
-    #[serde(rename = "chat.turn.accepted")]
-    TurnAccepted {
-        message: Message,
-        /// `sent` or `queued`.
-        status: String,
-        position: usize,
-    },
-    #[serde(rename = "chat.turn.started")]
-    TurnStarted {
-        #[serde(rename = "turnId")]
-        turn_id: String,
-        #[serde(rename = "messageId")]
-        message_id: String,
-    },
-    #[serde(rename = "chat.turn.delta")]
-    TurnDelta(TurnDelta),
-    #[serde(rename = "chat.turn.completed")]
-    TurnCompleted {
-        #[serde(rename = "turnId")]
-        turn_id: String,
-        /// `completed` or `failed`.
-        outcome: String,
-        usage: Usage,
-        #[serde(rename = "durationMs")]
-        duration_ms: u64,
-        #[schema(required = false)]
-        error: Option<ErrorBody>,
-    },
-    #[serde(rename = "chat.interrupted")]
-    ChatInterrupted {
-        #[serde(rename = "turnId")]
-        turn_id: String,
-        #[serde(rename = "durationMs")]
-        duration_ms: u64,
-    },
-    #[serde(rename = "hooks.started")]
-    HooksStarted { status: HooksStatus },
-    #[serde(rename = "hooks.progress")]
-    HooksProgress(HookProgress),
-    #[serde(rename = "hooks.completed")]
-    HooksCompleted { status: HooksStatus },
-    #[serde(rename = "hooks.failed")]
-    HooksFailed { status: HooksStatus },
-    #[serde(rename = "hooks.status")]
-    HooksStatus { status: HooksStatus },
-    #[serde(rename = "error")]
-    Error {
-        code: String,
-        message: String,
-        source: String,
-    },
-    /// Stream-only (never persisted, no `id:` line).
-    #[serde(rename = "stream.reset")]
-    StreamReset(StreamReset),
-}
-
-/// `chat.turn.delta`: a whole history item, or a streamed text fragment.
-/// Mirrors `crate::events::TurnDelta`, whose item is raw JSON text.
-#[derive(Serialize, ToSchema)]
-#[serde(untagged)]
-pub enum TurnDelta {
-    Item {
-        #[serde(rename = "turnId")]
-        turn_id: String,
-        item: HistoryItem,
-    },
-    Text {
-        #[serde(rename = "turnId")]
-        turn_id: String,
-        #[serde(rename = "itemId")]
-        item_id: String,
-        #[serde(rename = "textDelta")]
-        text_delta: String,
-    },
 }
 
 /// Built with `json!` in `http::events::reset_frame`.
@@ -881,8 +720,8 @@ mod tests {
         }
     }
 
-    /// Every event type the engine publishes is a variant of the document's
-    /// `EventKind`, with a payload schema.
+    /// Every event type the engine publishes, and `stream.reset`, is a
+    /// variant of the document's `EventKind`, with a payload schema.
     #[test]
     fn every_event_type_has_a_payload_schema() {
         let doc = doc();
@@ -903,86 +742,10 @@ mod tests {
         for k in kinds {
             assert!(k["properties"]["payload"].is_object(), "{k}");
         }
-        use crate::events::EventKind as Real;
-        let v = serde_json::Value::Null;
-        let real = [
-            Real::EngineReady {
-                version: String::new(),
-                pid: 0,
-            },
-            Real::EngineStatusChanged { status: v.clone() },
-            Real::RepoDiscovered { repo: v.clone() },
-            Real::RepoStatusChanged { repo: v.clone() },
-            Real::ChatCreated { chat: v.clone() },
-            Real::ChatUpdated { chat: v.clone() },
-            Real::ChatDeleted {},
-            Real::TurnAccepted {
-                message: v.clone(),
-                status: String::new(),
-                position: 0,
-            },
-            Real::TurnStarted {
-                turn_id: String::new(),
-                message_id: String::new(),
-            },
-            Real::TurnDelta(crate::events::TurnDelta::Text {
-                turn_id: String::new(),
-                item_id: String::new(),
-                text_delta: String::new(),
-            }),
-            Real::TurnCompleted {
-                turn_id: String::new(),
-                outcome: String::new(),
-                usage: v.clone(),
-                duration_ms: 0,
-                error: None,
-            },
-            Real::ChatInterrupted {
-                turn_id: String::new(),
-                duration_ms: 0,
-            },
-            Real::HooksStarted { status: v.clone() },
-            Real::HooksProgress(v.clone()),
-            Real::HooksCompleted { status: v.clone() },
-            Real::HooksFailed { status: v.clone() },
-            Real::HooksStatus { status: v.clone() },
-            Real::Error {
-                code: String::new(),
-                message: String::new(),
-                source: String::new(),
-            },
-        ];
-        // A new variant breaks this match: add it to `real` above and to
-        // the document's `EventKind`.
-        fn _every_variant_listed(k: &Real) {
-            match k {
-                Real::EngineReady { .. }
-                | Real::EngineStatusChanged { .. }
-                | Real::RepoDiscovered { .. }
-                | Real::RepoStatusChanged { .. }
-                | Real::ChatCreated { .. }
-                | Real::ChatUpdated { .. }
-                | Real::ChatDeleted {}
-                | Real::TurnAccepted { .. }
-                | Real::TurnStarted { .. }
-                | Real::TurnDelta(_)
-                | Real::TurnCompleted { .. }
-                | Real::ChatInterrupted { .. }
-                | Real::HooksStarted { .. }
-                | Real::HooksProgress(_)
-                | Real::HooksCompleted { .. }
-                | Real::HooksFailed { .. }
-                | Real::HooksStatus { .. }
-                | Real::Error { .. } => {}
-            }
+        for t in crate::events::EventType::ALL {
+            assert!(documented.contains(t.name()), "{} has no schema", t.name());
         }
-        for kind in real {
-            assert!(
-                documented.contains(kind.type_name()),
-                "{} has no schema",
-                kind.type_name()
-            );
-        }
+        assert_eq!(documented.len(), crate::events::EventType::ALL.len() + 1);
         assert!(documented.contains("stream.reset"));
     }
 }

@@ -191,7 +191,7 @@ pub fn items(events: &[ProviderEvent]) -> Vec<&NormalizedItem> {
 }
 
 /// The kind of a history item (wire names in snake_case).
-#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ItemKind {
     UserMessage,
@@ -241,15 +241,18 @@ impl NormalizedItem {
 }
 
 /// A tool call, command or file change.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = ToolCall)]
 pub struct ToolInfo {
     pub name: String,
+    #[schema(value_type = Object)]
     pub input: Value,
     pub output: Option<String>,
     pub is_error: bool,
     /// Exit code of a command, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
     pub exit_code: Option<i32>,
 }
 
@@ -275,16 +278,33 @@ pub enum Outcome {
     Interrupted,
 }
 
-/// Tokens and cost of one turn. `input_tokens` includes cached input
-/// (`cached_input_tokens` is the part served from cache), as OpenAI counts.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq)]
+/// Tokens and cost: of one turn (what a CLI reports, `chat.turn.completed`)
+/// or summed over a chat's turns (`Chat.usage`, see `add`).
+/// `input_tokens` includes cached input (`cached_input_tokens` is the part
+/// served from cache), as OpenAI counts.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cached_input_tokens: u64,
-    /// USD, when the CLI reports it (Claude does; Codex does not).
+    /// USD, when the CLI reports it (Claude does; Codex does not); summed
+    /// over the turns that reported a cost, `null` (unknown) until one did:
+    /// a Codex chat's cost is unknown, not free.
+    #[serde(default)]
     pub cost_usd: Option<f64>,
+}
+
+impl Usage {
+    /// Accumulate one turn's usage (a CLI that reports no cost adds none).
+    pub fn add(&mut self, turn: &Usage) {
+        self.input_tokens += turn.input_tokens;
+        self.output_tokens += turn.output_tokens;
+        self.cached_input_tokens += turn.cached_input_tokens;
+        if let Some(cost) = turn.cost_usd {
+            self.cost_usd = Some(self.cost_usd.unwrap_or(0.0) + cost);
+        }
+    }
 }
 
 /// Why a turn could not be started.

@@ -204,10 +204,10 @@ impl RepoService {
             let fp = fingerprint(&repo);
             let kind = match previous.get(&repo.name) {
                 None => Some(EventKind::RepoDiscovered {
-                    repo: to_value(&repo),
+                    repo: Box::new(repo.clone()),
                 }),
                 Some(old) if *old != fp => Some(EventKind::RepoStatusChanged {
-                    repo: to_value(&repo),
+                    repo: Box::new(repo.clone()),
                 }),
                 Some(_) => None,
             };
@@ -618,10 +618,6 @@ fn assemble_diff(
         full_diff,
         files,
     }
-}
-
-fn to_value(repo: &Repo) -> serde_json::Value {
-    serde_json::to_value(repo).unwrap_or(serde_json::Value::Null)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Webhook delivery: every event of a [webhook type](is_webhook_type) is
+//! Webhook delivery: every event of a [webhook type](EventType::is_webhook) is
 //! POSTed to `{MONOLITH_URL}/v1/engine/webhook` as
 //! `{"workspaceId": …, "event": EngineEvent}`, at least once and in id order.
 //!
@@ -40,7 +40,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::UpstreamClient;
 use super::outbox::Outbox;
-use crate::events::{EngineEvent, EventBus, EventKind, Published, SubscriptionItem, TurnDelta};
+use crate::events::{
+    EngineEvent, EventBus, EventKind, EventType, Published, SubscriptionItem, TurnDelta,
+};
 
 pub const WEBHOOK_PATH: &str = "/v1/engine/webhook";
 
@@ -52,12 +54,9 @@ pub const OVERFLOW_REPORT_INTERVAL: Duration = Duration::from_secs(60);
 /// only means duplicates.
 const CURSOR_PERSIST_INTERVAL: Duration = Duration::from_millis(250);
 
-/// The event types the backend receives.
-pub fn is_webhook_type(kind: &str) -> bool {
-    matches!(
-        kind,
-        "chat.created" | "chat.deleted" | "hooks.completed" | "hooks.failed" | "error"
-    ) || kind.starts_with("chat.turn.")
+/// Whether the backend receives events of this wire type.
+fn is_webhook_type(kind: &str) -> bool {
+    EventType::from_name(kind).is_some_and(EventType::is_webhook)
 }
 
 /// The webhook body, built from the stored envelope without re-parsing it.
@@ -343,7 +342,7 @@ struct TextDeltaPayload {
 /// A text delta's envelope, or `None` for any other event (item deltas
 /// included).
 fn text_delta(ev: &Published) -> Option<(TextDeltaEnvelope, String, String)> {
-    if ev.kind != "chat.turn.delta" {
+    if ev.kind != EventType::TurnDelta.name() {
         return None;
     }
     let mut env: TextDeltaEnvelope = serde_json::from_str(ev.json()).ok()?;

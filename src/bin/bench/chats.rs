@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
+use replicas_engine::events::EventType;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -234,9 +235,9 @@ async fn collect_turn(
             .await
             .context("no event for 120 s")?
             .context("event stream ended")?;
-        match frame.event.as_str() {
-            "chat.turn.started" => run.started_at = frame.at,
-            "chat.turn.delta" => {
+        match EventType::from_name(&frame.event) {
+            Some(EventType::TurnStarted) => run.started_at = frame.at,
+            Some(EventType::TurnDelta) => {
                 // Cheap: find the stamp without parsing the JSON.
                 if let Some(i) = frame.data.find("\"t=") {
                     let digits: String = frame.data[i + 3..]
@@ -254,7 +255,7 @@ async fn collect_turn(
                     }
                 }
             }
-            "chat.turn.completed" => {
+            Some(EventType::TurnCompleted) => {
                 let v: Value = serde_json::from_str(&frame.data)?;
                 if v["payload"]["outcome"] != "completed" {
                     bail!("turn did not complete: {}", frame.data);

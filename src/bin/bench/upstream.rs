@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use replicas_engine::chats::{Outcome, Usage};
 use replicas_engine::config::{Paths, Secret};
-use replicas_engine::events::{EngineEvent, EventBus, EventKind, TurnDelta};
+use replicas_engine::events::{EngineEvent, EventBus, EventKind, EventType, TurnDelta};
 use replicas_engine::upstream::client::UpstreamClient;
 use replicas_engine::upstream::outbox::{Outbox, OutboxConfig};
 use replicas_engine::upstream::Webhooks;
@@ -75,7 +76,7 @@ fn handle(c: &Counter, uri: Uri, body: Bytes) -> Response {
         .as_str()
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(0);
-    if v["event"]["type"] != "chat.turn.delta" {
+    if v["event"]["type"] != EventType::TurnDelta.name() {
         *c.other_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
     let prev = c.max_id.fetch_max(id, Ordering::Relaxed);
@@ -102,8 +103,13 @@ async fn wait_delivered(c: &Counter, n: u64, timeout: Duration) -> anyhow::Resul
 fn turn_completed(i: u64) -> EventKind {
     EventKind::TurnCompleted {
         turn_id: format!("t_{i:08}"),
-        outcome: "completed".into(),
-        usage: json!({"inputTokens": 1200, "outputTokens": 340, "cachedInputTokens": 800, "costUsd": 0.0123}),
+        outcome: Outcome::Completed,
+        usage: Usage {
+            input_tokens: 1200,
+            output_tokens: 340,
+            cached_input_tokens: 800,
+            cost_usd: Some(0.0123),
+        },
         duration_ms: 4200,
         error: None,
     }
