@@ -412,6 +412,11 @@ async fn run_turn(
             false,
         );
     }
+    // The images are gone before the chat reads idle: a client that sees
+    // the turn end finds no attachment left behind.
+    if msg.images > 0 {
+        inner.attachments.remove(&msg.id);
+    }
     let duration_ms = started.elapsed().as_millis() as u64;
     let thread_usage = session.as_ref().and_then(|s| s.codex_thread_usage());
     svc.finish_turn(id, &turn, &result, thread_usage, duration_ms);
@@ -420,9 +425,6 @@ async fn run_turn(
     // writes the final state after any in flight.
     svc.persist_in_background();
     rt.turns_done.send_modify(|n| *n += 1);
-    if msg.images > 0 {
-        inner.attachments.remove(&msg.id);
-    }
     tracing::info!(outcome = ?result.outcome, duration_ms, "turn finished");
     (inner.deps.after_turn)(&ctx.cwd);
 }
