@@ -2,10 +2,11 @@
 //! an agent CLI through [`crate::providers`].
 //!
 //! [`ChatService`] is a cheap-to-clone handle. Its state is one map of chat
-//! records under one lock; every change marks its chat dirty and bumps a
-//! version, and the changed chats are committed to `chats.db` ([`store`])
-//! before the caller is answered, so nothing a client got a 2xx for is lost
-//! by a `kill -9`. Events describing a change
+//! records under one lock; every change goes through one method
+//! ([`mutate`]), which marks the chat dirty, bumps a version and publishes
+//! `chat.updated`, and the changed chats are committed to `chats.db`
+//! ([`store`]) before the caller is answered, so nothing a client got a 2xx
+//! for is lost by a `kill -9`. Events describing a change
 //! are published while the lock is held, so their order is the order of the
 //! changes. History lives in per-chat JSONL files ([`history`]).
 //!
@@ -25,6 +26,7 @@
 
 pub mod history;
 pub mod model;
+mod mutate;
 mod runner;
 pub mod store;
 
@@ -43,6 +45,7 @@ use crate::config::Config;
 use crate::events::{EventBus, EventKind};
 use crate::providers::{Image, ProviderKind};
 use crate::util::{new_id, now_ts};
+use mutate::Persist;
 
 pub use history::Page;
 pub use model::{
@@ -741,19 +744,16 @@ impl ChatService {
                 .map_err(ChatError::Persist)?;
         }
         let hooks_done = self.hooks_done();
-        let (accepted, rt) = {
-            let mut st = self.state();
-            let Some(slot) = st.chats.get_mut(id).filter(|s| !s.deleting) else {
-                self.inner.attachments.remove(&msg.id);
+        let accept = self.mutate(id, Persist::Await, |chat| {
+            if chat.deleting {
                 return Err(ChatError::NotFound(id.to_owned()));
-            };
-            let idle = slot.rec.active_turn.is_none() && slot.rec.queue.is_empty() && hooks_done;
-            if !idle && slot.rec.queue.len() >= max_queued {
-                self.inner.attachments.remove(&msg.id);
+            }
+            let idle = chat.rec.active_turn.is_none() && chat.rec.queue.is_empty() && hooks_done;
+            if !idle && chat.rec.queue.len() >= max_queued {
                 return Err(ChatError::QueueFull { max: max_queued });
             }
             let (status, position) = if idle {
-                slot.rec.active_turn = Some(ActiveTurn {
+                chat.rec.active_turn = Some(ActiveTurn {
                     turn_id: new_id("t"),
                     message: msg.clone(),
                     started_at: now_ts(),
@@ -762,10 +762,10 @@ impl ChatService {
                 });
                 (Delivery::Sent, 0)
             } else {
-                slot.rec.queue.push(msg.clone());
-                (Delivery::Queued, slot.rec.queue.len())
+                chat.rec.queue.push(msg.clone());
+                (Delivery::Queued, chat.rec.queue.len())
             };
-            slot.rec.updated_at = now_ts();
+            chat.changed();
             self.inner.bus.publish(
                 Some(id),
                 EventKind::TurnAccepted {
@@ -774,22 +774,25 @@ impl ChatService {
                     position,
                 },
             );
-            self.publish_updated(slot);
-            let rt = slot.rt.clone();
-            st.touch(id);
-            let accepted = Accepted {
+            // A `sent` turn may start while this request writes chats.db:
+            // the runner does not persist it again, and a crash before the
+            // write finished leaves nothing acknowledged.
+            chat.rt.wake.notify_one();
+            Ok(Accepted {
                 status,
                 message_id: msg.id.clone(),
                 position,
                 chat_id: id.to_owned(),
-            };
-            (accepted, rt)
+            })
+        });
+        let accepted = match accept.await {
+            Err(e @ (ChatError::NotFound(_) | ChatError::QueueFull { .. })) => {
+                // Not accepted: its images go.
+                self.inner.attachments.remove(&msg.id);
+                return Err(e);
+            }
+            other => other?,
         };
-        // A `sent` turn may start while this request writes chats.json: the
-        // runner does not persist it again, and a crash before the write
-        // finished leaves nothing acknowledged.
-        rt.wake.notify_one();
-        self.persist().await?;
         tracing::info!(message.id = %accepted.message_id, status = accepted.status.as_str(), position = accepted.position, "message accepted");
         Ok(accepted)
     }
@@ -799,40 +802,35 @@ impl ChatService {
     /// ended (bounded by [`STOP_WAIT`]). A no-op on an idle chat.
     #[tracing::instrument(skip_all, fields(chat.id = %id))]
     pub async fn interrupt(&self, id: &str, clear_queue: bool) -> Result<Chat, ChatError> {
-        let (rt, running, dropped, mut done) = {
-            let mut st = self.state();
-            let Some(slot) = st.chats.get_mut(id).filter(|s| !s.deleting) else {
-                return Err(ChatError::NotFound(id.to_owned()));
-            };
-            let dropped = if clear_queue {
-                std::mem::take(&mut slot.rec.queue)
-            } else {
-                Vec::new()
-            };
-            // Subscribed under the lock: the runner records the end of this
-            // turn under the same lock and signals after, so it cannot slip by.
-            let done = slot.rt.turns_done.subscribe();
-            let running = slot.rec.active_turn.as_ref().map(|t| t.turn_id.clone());
-            if running.is_some() && slot.interrupting.is_none() {
-                slot.interrupting = Some("user");
-            }
-            let changed = running.is_some() || !dropped.is_empty();
-            if changed {
-                slot.rec.updated_at = now_ts();
-                self.publish_updated(slot);
-            }
-            let rt = slot.rt.clone();
-            if changed {
-                st.touch(id);
-            }
-            (rt, running, dropped, done)
-        };
-        for m in &dropped {
-            self.inner.attachments.remove(&m.id);
-        }
-        self.persist().await?;
+        let (rt, running, dropped, mut done) = self
+            .mutate(id, Persist::Await, |chat| {
+                if chat.deleting {
+                    return Err(ChatError::NotFound(id.to_owned()));
+                }
+                let dropped = if clear_queue {
+                    std::mem::take(&mut chat.rec.queue)
+                } else {
+                    Vec::new()
+                };
+                // Subscribed under the lock: the runner records the end of
+                // this turn under the same lock and signals after, so it
+                // cannot slip by.
+                let done = chat.rt.turns_done.subscribe();
+                let running = chat.rec.active_turn.as_ref().map(|t| t.turn_id.clone());
+                if running.is_some() && chat.interrupting.is_none() {
+                    chat.interrupting = Some("user");
+                }
+                if running.is_some() || !dropped.is_empty() {
+                    chat.changed();
+                }
+                for m in &dropped {
+                    self.inner.attachments.remove(&m.id);
+                }
+                Ok((chat.rt.clone(), running, dropped.len(), done))
+            })
+            .await?;
         if let Some(turn_id) = running {
-            tracing::info!(turn.id = %turn_id, clear_queue, dropped = dropped.len(), "interrupting the running turn");
+            tracing::info!(turn.id = %turn_id, clear_queue, dropped, "interrupting the running turn");
             rt.interrupt.notify_one();
             let ended = async {
                 while done.changed().await.is_ok() {
@@ -857,22 +855,23 @@ impl ChatService {
     /// session, remove its history, emit `chat.deleted`.
     #[tracing::instrument(skip_all, fields(chat.id = %id))]
     pub async fn delete(&self, id: &str) -> Result<(), ChatError> {
-        let rt = {
-            let mut st = self.state();
-            let Some(slot) = st.chats.get_mut(id).filter(|s| !s.deleting) else {
-                return Err(ChatError::NotFound(id.to_owned()));
-            };
-            slot.deleting = true;
-            if slot.rec.active_turn.is_some() {
-                slot.interrupting = Some("deleted");
-            }
-            for m in std::mem::take(&mut slot.rec.queue) {
-                self.inner.attachments.remove(&m.id);
-            }
-            let rt = slot.rt.clone();
-            st.recount(id);
-            rt
-        };
+        let rt = self
+            .mutate(id, Persist::Await, |chat| {
+                if chat.deleting {
+                    return Err(ChatError::NotFound(id.to_owned()));
+                }
+                // Nothing is stored yet: the chat's row is deleted below,
+                // once its runner stopped.
+                chat.deleting = true;
+                if chat.rec.active_turn.is_some() {
+                    chat.interrupting = Some("deleted");
+                }
+                for m in std::mem::take(&mut chat.rec.queue) {
+                    self.inner.attachments.remove(&m.id);
+                }
+                Ok(chat.rt.clone())
+            })
+            .await?;
         rt.stop.cancel();
         rt.interrupt.notify_one();
         if tokio::time::timeout(STOP_WAIT, rt.exited.cancelled())

@@ -17,16 +17,13 @@ use crate::providers::{self, ProviderEvent, ProviderSession, SessionConfig, Turn
 use crate::util::{new_id, now_ts};
 
 use super::model::{ActiveTurn, HistoryItem, ItemKind, LastTurn, Outcome};
+use super::mutate::Persist;
 use super::{ChatService, Runtime};
 
 enum Next {
-    /// Run this turn; `taken` when it was just taken off the queue (a
-    /// change to persist first), not when a `sent` answer put it in place
-    /// (already persisted by that request).
-    Start {
-        turn: ActiveTurn,
-        taken: bool,
-    },
+    /// Run this turn: one a `sent` answer put in place, or one just taken
+    /// off the queue (persisted before [`ChatService::take_next`] returns).
+    Start(ActiveTurn),
     Wait,
     Gone,
 }
@@ -51,14 +48,9 @@ pub(super) async fn drive(svc: ChatService, id: String, rt: Arc<Runtime>) {
             break;
         }
         let hooks_done = hooks_gone || *hooks.borrow_and_update();
-        match svc.take_next(&id, hooks_done) {
+        match svc.take_next(&id, hooks_done).await {
             Next::Gone => break,
-            Next::Start { turn, taken } => {
-                if taken {
-                    svc.persist_logged().await;
-                }
-                run_turn(&svc, &id, &rt, turn, &mut session).await;
-            }
+            Next::Start(turn) => run_turn(&svc, &id, &rt, turn, &mut session).await,
             Next::Wait => {
                 tokio::select! {
                     _ = rt.wake.notified() => {}
@@ -82,40 +74,36 @@ pub(super) async fn drive(svc: ChatService, id: String, rt: Arc<Runtime>) {
 impl ChatService {
     /// The turn to run next, if any: the one a `sent` answer put in place,
     /// else the head of the queue once hooks are done.
-    fn take_next(&self, id: &str, hooks_done: bool) -> Next {
+    async fn take_next(&self, id: &str, hooks_done: bool) -> Next {
         let shutting_down = self.inner.shutdown.is_cancelled();
-        let mut st = self.state();
-        let Some(slot) = st.chats.get_mut(id) else {
-            return Next::Gone;
-        };
-        if slot.deleting {
-            return Next::Gone;
-        }
-        if shutting_down {
-            return Next::Wait;
-        }
-        if let Some(t) = &slot.rec.active_turn {
-            return Next::Start {
-                turn: t.clone(),
-                taken: false,
+        self.mutate(id, Persist::AwaitLogged, |chat| {
+            if chat.deleting {
+                return Ok(Next::Gone);
+            }
+            if shutting_down {
+                return Ok(Next::Wait);
+            }
+            if let Some(t) = &chat.rec.active_turn {
+                return Ok(Next::Start(t.clone()));
+            }
+            if !hooks_done || chat.rec.queue.is_empty() {
+                return Ok(Next::Wait);
+            }
+            let message = chat.rec.queue.remove(0);
+            let turn = ActiveTurn {
+                turn_id: new_id("t"),
+                message,
+                started_at: now_ts(),
+                pgid: None,
+                start_time: None,
             };
-        }
-        if !hooks_done || slot.rec.queue.is_empty() {
-            return Next::Wait;
-        }
-        let message = slot.rec.queue.remove(0);
-        let turn = ActiveTurn {
-            turn_id: new_id("t"),
-            message,
-            started_at: now_ts(),
-            pgid: None,
-            start_time: None,
-        };
-        slot.rec.active_turn = Some(turn.clone());
-        slot.rec.updated_at = now_ts();
-        self.publish_updated(slot);
-        st.touch(id);
-        Next::Start { turn, taken: true }
+            chat.rec.active_turn = Some(turn.clone());
+            chat.changed();
+            Ok(Next::Start(turn))
+        })
+        .await
+        // An error only says there is no such chat.
+        .unwrap_or(Next::Gone)
     }
 
     fn turn_context(&self, id: &str) -> Option<TurnContext> {
@@ -136,48 +124,50 @@ impl ChatService {
     }
 
     /// Mark the turn as stopping for `reason` unless someone already did.
-    fn mark_interrupting(&self, id: &str, reason: &'static str) {
-        let mut st = self.state();
-        if let Some(slot) = st.chats.get_mut(id) {
-            if slot.interrupting.is_none() {
-                slot.interrupting = Some(reason);
-                if !slot.deleting {
-                    self.publish_updated(slot);
+    async fn mark_interrupting(&self, id: &str, reason: &'static str) {
+        let _ = self
+            .mutate(id, Persist::Background, |chat| {
+                if chat.interrupting.is_none() {
+                    chat.interrupting = Some(reason);
+                    chat.shown();
                 }
-            }
-        }
+                Ok(())
+            })
+            .await;
     }
 
     /// Record the spawned process group so a later engine can end it.
-    fn record_process(&self, id: &str, turn_id: &str, pgid: u32, start_time: Option<u64>) {
-        let mut st = self.state();
-        if let Some(t) = st
-            .chats
-            .get_mut(id)
-            .and_then(|s| s.rec.active_turn.as_mut())
-            .filter(|t| t.turn_id == turn_id)
-        {
-            t.pgid = Some(pgid);
-            t.start_time = start_time;
-            st.touch(id);
-        }
+    /// Written in the background: the first lines need not wait for the
+    /// fsync; until it lands a crash leaves the turn looking unstarted (requeued), and its
+    /// process dies with the engine (parent-death signal).
+    async fn record_process(&self, id: &str, turn_id: &str, pgid: u32, start_time: Option<u64>) {
+        let _ = self
+            .mutate(id, Persist::Background, |chat| {
+                if let Some(t) = chat
+                    .rec
+                    .active_turn
+                    .as_mut()
+                    .filter(|t| t.turn_id == turn_id)
+                {
+                    t.pgid = Some(pgid);
+                    t.start_time = start_time;
+                    chat.stored();
+                }
+                Ok(())
+            })
+            .await;
     }
 
-    fn record_session_id(&self, id: &str, session_id: &str) -> bool {
-        let mut st = self.state();
-        let Some(slot) = st.chats.get_mut(id) else {
-            return false;
-        };
-        if slot.rec.provider_session_id.as_deref() == Some(session_id) {
-            return false;
-        }
-        slot.rec.provider_session_id = Some(session_id.to_owned());
-        slot.rec.updated_at = now_ts();
-        if !slot.deleting {
-            self.publish_updated(slot);
-        }
-        st.touch(id);
-        true
+    async fn record_session_id(&self, id: &str, session_id: &str) {
+        let _ = self
+            .mutate(id, Persist::AwaitLogged, |chat| {
+                if chat.rec.provider_session_id.as_deref() != Some(session_id) {
+                    chat.rec.provider_session_id = Some(session_id.to_owned());
+                    chat.changed();
+                }
+                Ok(())
+            })
+            .await;
     }
 
     fn append_history(&self, id: &str, item: &HistoryItem) {
@@ -230,8 +220,10 @@ impl ChatService {
     }
 
     /// Record how a turn ended: `lastTurn`, usage, events. The caller has
-    /// observed the provider's `Finished` (processes gone).
-    fn finish_turn(
+    /// observed the provider's `Finished` (processes gone). Written in the
+    /// background so the next message starts without waiting for the
+    /// fsync.
+    async fn finish_turn(
         &self,
         id: &str,
         turn: &ActiveTurn,
@@ -239,10 +231,6 @@ impl ChatService {
         thread_usage: Option<providers::Usage>,
         duration_ms: u64,
     ) {
-        let mut st = self.state();
-        let Some(slot) = st.chats.get_mut(id) else {
-            return;
-        };
         let (outcome, error) = match &result.outcome {
             providers::Outcome::Completed => (Outcome::Completed, None),
             providers::Outcome::Failed { code, message } => (
@@ -254,25 +242,6 @@ impl ChatService {
             ),
             providers::Outcome::Interrupted => (Outcome::Interrupted, None),
         };
-        let reason = match outcome {
-            Outcome::Interrupted => Some(slot.interrupting.unwrap_or("provider").to_owned()),
-            _ => None,
-        };
-        let now = now_ts();
-        slot.rec.active_turn = None;
-        slot.interrupting = None;
-        slot.rec.usage.add(&result.usage);
-        if thread_usage.is_some() {
-            slot.rec.codex_thread_usage = thread_usage;
-        }
-        slot.rec.updated_at = now.clone();
-        slot.rec.last_turn = Some(LastTurn {
-            turn_id: turn.turn_id.clone(),
-            outcome,
-            finished_at: now,
-            reason,
-            error: error.clone(),
-        });
         let kind = match outcome {
             Outcome::Interrupted => EventKind::ChatInterrupted {
                 turn_id: turn.turn_id.clone(),
@@ -283,19 +252,41 @@ impl ChatService {
                 outcome,
                 usage: result.usage,
                 duration_ms,
-                error,
+                error: error.clone(),
             },
         };
-        self.inner.bus.publish(Some(id), kind);
-        crate::metrics::turn_finished(
-            slot.rec.provider.as_str(),
-            outcome.as_str(),
-            std::time::Duration::from_millis(duration_ms),
-        );
-        if !slot.deleting {
-            self.publish_updated(slot);
-        }
-        st.touch(id);
+        let _ = self
+            .mutate(id, Persist::Background, |chat| {
+                let reason = match outcome {
+                    Outcome::Interrupted => {
+                        Some(chat.interrupting.unwrap_or("provider").to_owned())
+                    }
+                    _ => None,
+                };
+                let now = now_ts();
+                chat.rec.active_turn = None;
+                chat.interrupting = None;
+                chat.rec.usage.add(&result.usage);
+                if thread_usage.is_some() {
+                    chat.rec.codex_thread_usage = thread_usage;
+                }
+                chat.changed_at(now.clone());
+                chat.rec.last_turn = Some(LastTurn {
+                    turn_id: turn.turn_id.clone(),
+                    outcome,
+                    finished_at: now,
+                    reason,
+                    error,
+                });
+                self.inner.bus.publish(Some(id), kind);
+                crate::metrics::turn_finished(
+                    chat.rec.provider.as_str(),
+                    outcome.as_str(),
+                    std::time::Duration::from_millis(duration_ms),
+                );
+                Ok(())
+            })
+            .await;
     }
 }
 
@@ -337,7 +328,7 @@ async fn run_turn(
     let result = if svc.interrupt_reason(id).is_some() || rt.stop.is_cancelled() {
         // Interrupted (or deleted) before its process was spawned.
         if svc.interrupt_reason(id).is_none() {
-            svc.mark_interrupting(id, "engine_shutdown");
+            svc.mark_interrupting(id, "engine_shutdown").await;
         }
         providers::TurnResult {
             outcome: providers::Outcome::Interrupted,
@@ -419,11 +410,8 @@ async fn run_turn(
     }
     let duration_ms = started.elapsed().as_millis() as u64;
     let thread_usage = session.as_ref().and_then(|s| s.codex_thread_usage());
-    svc.finish_turn(id, &turn, &result, thread_usage, duration_ms);
-    // Written in the background so the next message starts without waiting
-    // for the fsync; writes stay ordered (the persist lock) and shutdown
-    // writes the final state after any in flight.
-    svc.persist_in_background();
+    svc.finish_turn(id, &turn, &result, thread_usage, duration_ms)
+        .await;
     rt.turns_done.send_modify(|n| *n += 1);
     tracing::info!(outcome = ?result.outcome, duration_ms, "turn finished");
     (inner.deps.after_turn)(&ctx.cwd);
@@ -440,11 +428,8 @@ async fn stream_turn(
     mut running: providers::RunningTurn,
 ) -> providers::TurnResult {
     let inner = &svc.inner;
-    svc.record_process(id, &turn.turn_id, running.pgid, running.start_time);
-    // Not awaited: the first lines need not wait for the fsync; until it
-    // lands a crash leaves the turn looking unstarted (requeued), and its
-    // process dies with the engine (parent-death signal).
-    svc.persist_in_background();
+    svc.record_process(id, &turn.turn_id, running.pgid, running.start_time)
+        .await;
     let interrupter = running.interrupter();
     let mut stopping = false;
     // History lines are waiting for the queue to run dry.
@@ -501,11 +486,7 @@ async fn stream_turn(
                         }),
                     );
                 }
-                Some(ProviderEvent::SessionId(sid)) => {
-                    if svc.record_session_id(id, &sid) {
-                        svc.persist_logged().await;
-                    }
-                }
+                Some(ProviderEvent::SessionId(sid)) => svc.record_session_id(id, &sid).await,
                 Some(ProviderEvent::AuthFailure { message }) => {
                     tracing::warn!(provider = ctx.provider.as_str(), "provider reported an authentication failure");
                     inner.bus.publish(
@@ -528,7 +509,7 @@ async fn stream_turn(
                 }
             }
             _ = rt.stop.cancelled(), if !stopping => {
-                svc.mark_interrupting(id, "engine_shutdown");
+                svc.mark_interrupting(id, "engine_shutdown").await;
                 stopping = true;
                 let i = interrupter.clone();
                 tokio::spawn(async move { i.interrupt().await });
