@@ -111,7 +111,12 @@ FILES (under $WORKSPACE_HOME):
   .claude/.bedrock-credentials.json
                                   read only: AWS credentials for Claude on Bedrock, read at each claude start";
 
-/// Every path the engine reads or writes, derived from the workspace home.
+/// Every path the engine reads or writes, derived from the workspace home
+/// (the ready file and the workspace root are settings of their own). A
+/// file's companions sit beside it and are named where it is opened:
+/// `event-ids.json` and `events.1.jsonl` beside the journal, `-wal`/`-shm`
+/// beside `chats.db`, `.migrated`/`.corrupt-*` beside `chats.json`, and the
+/// temp files of atomic writes.
 #[derive(Debug, Clone)]
 pub struct Paths {
     pub home: PathBuf,
@@ -125,6 +130,11 @@ pub struct Paths {
     pub chats_file: PathBuf,
     /// `~/.replicas/engine/chats.db`: chats, queues, running turns (SQLite).
     pub chats_db: PathBuf,
+    /// `~/.replicas/engine/history/`: one `<chatId>.jsonl` per chat.
+    pub history_dir: PathBuf,
+    /// `~/.replicas/engine/attachments/`: one `<messageId>.json` of images
+    /// per message, until its turn ended.
+    pub attachments_dir: PathBuf,
     pub engine_state_file: PathBuf,
     pub start_hooks_log: PathBuf,
     pub claude_plans_dir: PathBuf,
@@ -150,6 +160,8 @@ impl Paths {
             events_file: engine_dir.join("events.jsonl"),
             chats_file: engine_dir.join("chats.json"),
             chats_db: engine_dir.join("chats.db"),
+            history_dir: engine_dir.join("history"),
+            attachments_dir: engine_dir.join("attachments"),
             engine_state_file: replicas_dir.join("engine-state.json"),
             start_hooks_log: replicas_dir.join("startHooks.log"),
             claude_plans_dir: home.join(".claude").join("plans"),
@@ -574,6 +586,13 @@ mod tests {
         assert_eq!(
             c.paths.claude_bedrock_credentials_file,
             PathBuf::from("/home/u/.claude/.bedrock-credentials.json")
+        );
+        assert_eq!(
+            (&c.paths.history_dir, &c.paths.attachments_dir),
+            (
+                &PathBuf::from("/home/u/.replicas/engine/history"),
+                &PathBuf::from("/home/u/.replicas/engine/attachments")
+            )
         );
     }
 

@@ -321,11 +321,10 @@ impl ChatService {
     /// chat. A database that cannot be used is an error: the engine must not
     /// start empty over it.
     pub fn new(config: Arc<Config>, bus: EventBus, deps: ChatDeps) -> Result<Self, store::DbError> {
-        let engine_dir = &config.paths.engine_dir;
         let (db, opened) = store::ChatDb::open(&config.paths.chats_db, &config.paths.chats_file)?;
         let inner = Arc::new(Inner {
-            history: history::HistoryStore::new(engine_dir.join("history")),
-            attachments: store::Attachments::new(engine_dir.join("attachments")),
+            history: history::HistoryStore::new(config.paths.history_dir.clone()),
+            attachments: store::Attachments::new(config.paths.attachments_dir.clone()),
             config: config.clone(),
             bus,
             deps,

@@ -72,7 +72,8 @@ pub(crate) fn home_with_events(n: usize) -> anyhow::Result<tempfile::TempDir> {
     let home = tempfile::tempdir()?;
     std::fs::create_dir_all(home.path().join("workspaces"))?;
     if n > 0 {
-        let bus = EventBus::open(&home.path().join(".replicas/engine/events.jsonl"), 1 << 40)?;
+        let events_file = replicas_engine::config::Paths::new(home.path()).events_file;
+        let bus = EventBus::open(&events_file, 1 << 40)?;
         for i in 0..n {
             bus.publish(
                 Some("c_0123456789abcdef"),
