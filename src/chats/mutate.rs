@@ -4,8 +4,9 @@
 //! bumps the version, marks the chat for the next write, brings the counts
 //! up to date and publishes `chat.updated` — still under the lock, so
 //! events come in the order of the changes — and writes `chats.db` when
-//! [`Persist`] says. Creating and deleting a chat (adding and removing its
-//! slot) are the only other writers of the registry.
+//! [`Persist`] says. Loading the chats at start, creating a chat and
+//! removing a deleted one (adding and removing slots) are the only other
+//! writers of the registry.
 
 use std::ops::{Deref, DerefMut};
 
@@ -135,7 +136,8 @@ impl ChatService {
         if stored {
             st.touch(id);
         } else {
-            // `deleting` and the queue count without being stored.
+            // Counts can change without a write: a delete hides the chat
+            // and drops its queue before its row goes.
             st.recount(id);
         }
         Ok((out, stored))
