@@ -37,6 +37,8 @@ pub struct AppState {
     pub hooks: HookService,
     /// `/health`: ready once the readiness file was seen.
     pub readiness: Arc<crate::readiness::Readiness>,
+    /// `/status`'s last body, reused while its figures are unchanged.
+    status_cache: Arc<std::sync::Mutex<Option<StatusCache>>>,
 }
 
 impl AppState {
@@ -83,6 +85,7 @@ impl AppState {
             started_at_ts: crate::util::ts(started_at).into(),
             started: Instant::now(),
             shutdown,
+            status_cache: Arc::default(),
         };
         state.bus.publish(
             None,
@@ -157,6 +160,108 @@ impl AppState {
                 },
             },
         }
+    }
+}
+
+impl AppState {
+    /// The `/status` body as bytes. The route is polled hard and serde's
+    /// string escaping was most of its cost, so the last body is kept and
+    /// reused while every figure but `uptimeMs` is unchanged (compared field
+    /// by field against the fresh view); only the uptime is written anew.
+    pub fn status_json(&self) -> serde_json::Result<Vec<u8>> {
+        let view = self.status_view();
+        let mut cache = self.status_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.as_ref().filter(|c| c.key.matches(&view)) {
+            return Ok(c.body(view.uptime_ms));
+        }
+        let mut body = Vec::with_capacity(cache.as_ref().map_or(512, |c| c.bytes.len() + 32));
+        serde_json::to_writer(&mut body, &view)?;
+        *cache = StatusCache::new(&view, &body);
+        Ok(body)
+    }
+}
+
+/// A serialized `/status` and the figures it was made from.
+struct StatusCache {
+    key: StatusKey,
+    /// The body without the uptime digits, which go at `uptime_at`.
+    bytes: Vec<u8>,
+    uptime_at: usize,
+}
+
+impl StatusCache {
+    const UPTIME: &'static [u8] = b",\"uptimeMs\":";
+
+    /// `None` if the body does not have the expected shape (then nothing is
+    /// cached).
+    fn new(view: &EngineStatus<'_>, body: &[u8]) -> Option<Self> {
+        let at = body
+            .windows(Self::UPTIME.len())
+            .position(|w| w == Self::UPTIME)?
+            + Self::UPTIME.len();
+        let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+        let mut bytes = body[..at].to_vec();
+        bytes.extend_from_slice(&body[at + digits..]);
+        Some(Self {
+            key: StatusKey::of(view),
+            bytes,
+            uptime_at: at,
+        })
+    }
+
+    fn body(&self, uptime_ms: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.bytes.len() + 20);
+        out.extend_from_slice(&self.bytes[..self.uptime_at]);
+        out.extend_from_slice(itoa::Buffer::new().format(uptime_ms).as_bytes());
+        out.extend_from_slice(&self.bytes[self.uptime_at..]);
+        out
+    }
+}
+
+/// Every `/status` figure but the uptime (the rest of the body is fixed
+/// for the life of the state).
+#[derive(PartialEq)]
+struct StatusKey {
+    chats: (usize, usize, usize),
+    repos: usize,
+    hooks: String,
+    last_event_id: String,
+    subscribers: usize,
+    token_refresh: crate::upstream::refresh::Summary,
+    codex_transport: &'static str,
+    agents: (usize, usize),
+}
+
+impl StatusKey {
+    fn of(v: &EngineStatus<'_>) -> Self {
+        Self {
+            chats: (v.chats.total, v.chats.running, v.chats.queued_messages),
+            repos: v.repos.count,
+            hooks: v.hooks.status.clone(),
+            last_event_id: v.events.last_event_id.clone(),
+            subscribers: v.events.subscribers,
+            token_refresh: v.token_refresh.clone(),
+            codex_transport: v.providers.codex_transport,
+            agents: (
+                v.providers.agent_processes.live,
+                v.providers.agent_processes.idle,
+            ),
+        }
+    }
+
+    fn matches(&self, v: &EngineStatus<'_>) -> bool {
+        self.chats == (v.chats.total, v.chats.running, v.chats.queued_messages)
+            && self.repos == v.repos.count
+            && self.hooks == v.hooks.status
+            && self.last_event_id == v.events.last_event_id
+            && self.subscribers == v.events.subscribers
+            && self.token_refresh == v.token_refresh
+            && self.codex_transport == v.providers.codex_transport
+            && self.agents
+                == (
+                    v.providers.agent_processes.live,
+                    v.providers.agent_processes.idle,
+                )
     }
 }
 
@@ -259,7 +364,7 @@ pub struct Limits {
 /// accepting; each connection finishes its in-flight response, then closes).
 pub async fn serve(
     listener: TcpListener,
-    app: axum::Router,
+    app: crate::http::App,
     limits: Limits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -391,5 +496,40 @@ async fn watch_status(state: AppState) {
                 .bus
                 .publish(None, EventKind::EngineStatusChanged { status });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reused `/status` body is the serialized view, whatever changed
+    /// since the last one (here: a new event, which moves `lastEventId`).
+    #[tokio::test]
+    async fn status_json_is_the_serialized_view() {
+        let home = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::for_home(home.path(), "s3cret");
+        let state = AppState::build(config, Default::default()).await.unwrap();
+        let same = |state: &AppState| {
+            let mut cached: Value = serde_json::from_slice(&state.status_json().unwrap()).unwrap();
+            let mut fresh = state.status();
+            assert!(cached["uptimeMs"].as_u64().unwrap() <= fresh["uptimeMs"].as_u64().unwrap());
+            cached["uptimeMs"] = 0.into();
+            fresh["uptimeMs"] = 0.into();
+            assert_eq!(cached, fresh);
+            cached
+        };
+        let first = same(&state);
+        let again = same(&state);
+        assert_eq!(first, again);
+        state.bus.publish(
+            None,
+            EventKind::EngineReady {
+                version: "x".into(),
+                pid: 1,
+            },
+        );
+        let after = same(&state);
+        assert_ne!(first["events"], after["events"]);
     }
 }

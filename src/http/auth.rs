@@ -2,11 +2,12 @@
 //! constant-time over fixed-size SHA-256 digests, so neither the content nor
 //! the length of the secret shows in the timing. It runs before method
 //! routing: a wrong method on a protected route is 401 without the secret,
-//! never a 405 whose `Allow` header maps the API. The reason for a rejection is logged at debug and the
-//! client always gets the same 401, which never echoes what it sent.
+//! never a 405 whose `Allow` header maps the API. The check runs in the
+//! request layer ([`super::request`]); the reason for a rejection is logged
+//! at debug and the client always gets the same 401, which never echoes
+//! what it sent.
 
-use axum::extract::Request;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
@@ -32,7 +33,8 @@ fn digest_matches(given: &[u8], expected: &[u8; 32]) -> bool {
     bool::from(sha256(given).ct_eq(expected))
 }
 
-fn unauthorized() -> Response {
+/// The one 401 answer, whatever was wrong.
+pub fn unauthorized() -> Response {
     ApiError::new(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
@@ -41,72 +43,33 @@ fn unauthorized() -> Response {
     .into_response()
 }
 
-/// The secret check as a plain tower layer (not `middleware::from_fn`: no
-/// per-request state clone, service clone or boxed future; it runs on every
-/// protected request). Constant-time compare; the same 401 for every
-/// failure, the reason at debug.
+/// The secret as the request layer ([`super::request`]) checks it: its
+/// SHA-256, made once, so each request hashes only what the client sent and
+/// the compare takes the same time whatever the length of either.
 #[derive(Clone)]
-pub struct RequireSecretLayer {
-    /// SHA-256 of the secret: the compare takes the same time whatever
-    /// the length of what the client sent.
-    expected: [u8; 32],
+pub struct ExpectedSecret {
+    digest: [u8; 32],
 }
 
-impl RequireSecretLayer {
+impl ExpectedSecret {
     pub fn new(state: &AppState) -> Self {
         Self {
-            expected: sha256(state.config.secret.expose().as_bytes()),
+            digest: sha256(state.config.secret.expose().as_bytes()),
         }
     }
-}
 
-impl<S> tower::Layer<S> for RequireSecretLayer {
-    type Service = RequireSecret<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        RequireSecret {
-            inner,
-            expected: self.expected,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct RequireSecret<S> {
-    inner: S,
-    expected: [u8; 32],
-}
-
-impl<S> tower::Service<Request> for RequireSecret<S>
-where
-    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>,
-{
-    type Response = Response;
-    type Error = std::convert::Infallible;
-    type Future = futures_util::future::Either<
-        S::Future,
-        std::future::Ready<Result<Response, std::convert::Infallible>>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        use futures_util::future::Either;
-        match req.headers().get(SECRET_HEADER) {
-            Some(given) if digest_matches(given.as_bytes(), &self.expected) => {
-                Either::Left(self.inner.call(req))
-            }
+    /// Whether the request carries the secret. Constant-time compare; the
+    /// reason for a rejection is logged at debug.
+    pub fn admits(&self, headers: &HeaderMap) -> bool {
+        match headers.get(SECRET_HEADER) {
+            Some(given) if digest_matches(given.as_bytes(), &self.digest) => true,
             Some(_) => {
                 tracing::debug!("rejected: wrong secret");
-                Either::Right(std::future::ready(Ok(unauthorized())))
+                false
             }
             None => {
                 tracing::debug!("rejected: no secret header");
-                Either::Right(std::future::ready(Ok(unauthorized())))
+                false
             }
         }
     }
