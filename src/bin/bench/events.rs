@@ -406,7 +406,17 @@ async fn pin_all(pid: u32, cpus: &str) {
 /// connect, the peak while they stream (sampled every 50 ms), and 10 s
 /// after they all left (target: <= 2x idle).
 async fn fanout(subscribers: usize, rate: u64, secs: u64) -> anyhow::Result<()> {
-    let mut host = tokio::process::Command::new(std::env::current_exe()?)
+    // Started pinned (not pinned afterwards), so its runtime sizes itself
+    // to the one core it has, as the engine's does under `taskset`.
+    let two_cores = std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    let mut host = if two_cores {
+        let mut c = tokio::process::Command::new("taskset");
+        c.args(["-c", "0"]).arg(std::env::current_exe()?);
+        c
+    } else {
+        tokio::process::Command::new(std::env::current_exe()?)
+    };
+    let mut host = host
         .arg("__engine-host")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())
@@ -415,7 +425,6 @@ async fn fanout(subscribers: usize, rate: u64, secs: u64) -> anyhow::Result<()> 
         .spawn()?;
     let host_pid = host.id().context("engine host pid")?;
     let me = std::process::id();
-    pin_all(host_pid, "0").await;
     pin_all(me, "1").await;
     let mut out = BufReader::new(host.stdout.take().unwrap()).lines();
     let mut stdin = host.stdin.take().unwrap();
