@@ -328,6 +328,13 @@ pub async fn engine_host() -> anyhow::Result<()> {
     // 1,024 connections).
     config.max_subscribers = 4096;
     config.max_connections = 4096;
+    // REPLICAS_SSE_COALESCE_MS from the bench's environment, to compare.
+    if let Some(ms) = std::env::var("REPLICAS_SSE_COALESCE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.sse_coalesce = Duration::from_millis(ms);
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let state = replicas_engine::app::AppState::build(config, Default::default()).await?;
     println!("LISTENING {}", listener.local_addr()?);
