@@ -18,7 +18,7 @@ use crate::events::{EventBus, EventKind, EventType};
 use crate::hooks::HookService;
 use crate::repos::RepoService;
 use crate::status::{AgentProcesses, EngineStatus, EventsState, HooksState};
-use crate::status::{ProvidersState, RepoCount};
+use crate::status::{ProvidersState, RepoCount, StatusCache};
 use crate::upstream::Upstream;
 
 #[derive(Clone)]
@@ -39,6 +39,8 @@ pub struct AppState {
     pub hooks: HookService,
     /// `/health`: ready once the readiness file was seen.
     pub readiness: Arc<crate::readiness::Readiness>,
+    /// `/status`'s last body, reused while its figures are unchanged.
+    status_cache: Arc<StatusCache>,
 }
 
 impl AppState {
@@ -85,6 +87,7 @@ impl AppState {
             started_at_ts: crate::util::ts(started_at).into(),
             started: Instant::now(),
             shutdown,
+            status_cache: Arc::default(),
         };
         state.bus.publish(
             None,
@@ -157,6 +160,14 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// The `/status` body as bytes, through [`StatusCache`]: the route is
+    /// polled hard and serializing was most of its cost.
+    pub fn status_json(&self) -> serde_json::Result<Vec<u8>> {
+        self.status_cache.body(self.status_view())
+    }
+}
+
 /// How chats reach the other services: turns wait for start hooks, agents
 /// get the repo's `systemPrompt`, repos are re-checked after every turn (a
 /// turn may have switched branch or edited files), and an auth failure
@@ -210,5 +221,41 @@ async fn watch_status(state: AppState) {
                 },
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reused `/status` body is the serialized view, whatever changed
+    /// since the last one (here: a new event, which moves `lastEventId`).
+    #[tokio::test]
+    async fn status_json_is_the_serialized_view() {
+        let home = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::for_home(home.path(), "s3cret");
+        let state = AppState::build(config, Default::default()).await.unwrap();
+        let same = |state: &AppState| {
+            let mut cached: serde_json::Value =
+                serde_json::from_slice(&state.status_json().unwrap()).unwrap();
+            let mut fresh = serde_json::to_value(state.status_view()).unwrap();
+            assert!(cached["uptimeMs"].as_u64().unwrap() <= fresh["uptimeMs"].as_u64().unwrap());
+            cached["uptimeMs"] = 0.into();
+            fresh["uptimeMs"] = 0.into();
+            assert_eq!(cached, fresh);
+            cached
+        };
+        let first = same(&state);
+        let again = same(&state);
+        assert_eq!(first, again);
+        state.bus.publish(
+            None,
+            EventKind::EngineReady {
+                version: "x".into(),
+                pid: 1,
+            },
+        );
+        let after = same(&state);
+        assert_ne!(first["events"], after["events"]);
     }
 }

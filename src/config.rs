@@ -70,6 +70,8 @@ ENVIRONMENT (plus the file given with --env-file; the process environment wins):
                             a provider turn that runs longer fails. Default 3600.
   REPLICAS_SSE_KEEPALIVE_SECS
                             keepalive comment interval on /events. Default 15.
+  REPLICAS_SSE_COALESCE_MS
+                            least time between two writes to one /events stream while events keep coming (what arrives meanwhile goes in the next write); 0 = a write per wakeup. Default 5.
   REPLICAS_PROVIDER_IDLE_SECS
                             an agent process kept between turns is stopped after this long idle (the next message resumes its session). Default 600.
   REPLICAS_CODEX_TRANSPORT  app-server (default): one long-lived `codex app-server` per chat (streamed
@@ -204,6 +206,9 @@ pub struct Config {
     /// Drive Codex through `codex app-server` (else `codex exec --json`).
     pub codex_app_server: bool,
     pub sse_keepalive: Duration,
+    /// Least time between two writes to one `/events` stream while events
+    /// keep coming (zero: one write per wakeup).
+    pub sse_coalesce: Duration,
     /// Time a connection has to send a request head (also the keep-alive
     /// idle timeout).
     pub header_read_timeout: Duration,
@@ -395,6 +400,11 @@ impl Config {
                 "REPLICAS_SSE_KEEPALIVE_SECS",
                 get("REPLICAS_SSE_KEEPALIVE_SECS"),
                 15,
+            )?),
+            sse_coalesce: Duration::from_millis(parse_num_or_zero(
+                "REPLICAS_SSE_COALESCE_MS",
+                get("REPLICAS_SSE_COALESCE_MS"),
+                5,
             )?),
             header_read_timeout: Duration::from_millis(parse_num(
                 "REPLICAS_HEADER_READ_TIMEOUT_MS",
@@ -626,6 +636,22 @@ mod tests {
             assert!(err(&[("REPLICAS_ENGINE_SECRET", "s"), (var, "many")]).starts_with(var));
         }
         assert_eq!(c.webhook_coalesce, Duration::from_millis(250));
+        assert_eq!(c.sse_coalesce, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn sse_coalescing_can_be_switched_off_but_not_garbled() {
+        let c = Config::from_vars(&vars(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_SSE_COALESCE_MS", "0"),
+        ]))
+        .unwrap();
+        assert_eq!(c.sse_coalesce, Duration::ZERO);
+        assert!(err(&[
+            ("REPLICAS_ENGINE_SECRET", "s"),
+            ("REPLICAS_SSE_COALESCE_MS", "soon")
+        ])
+        .starts_with("REPLICAS_SSE_COALESCE_MS:"));
     }
 
     #[test]

@@ -283,25 +283,49 @@ pub const UNMATCHED_ROUTE: &str = "unmatched";
 /// One answered request. `route` is the matched template, `None` when no
 /// route matched (all such requests share [`UNMATCHED_ROUTE`]).
 pub fn http_request(method: &str, route: Option<&str>, status: u16, elapsed: Duration) {
-    let m = &*METRICS;
-    let method = method_label(method);
-    let route: Cow<'static, str> = match route {
-        Some(r) => Cow::Owned(r.to_owned()),
-        None => Cow::Borrowed(UNMATCHED_ROUTE),
-    };
-    m.http_duration
-        .get_or_create(&RouteLabels {
-            method,
-            route: route.clone(),
-        })
-        .observe(elapsed.as_secs_f64());
-    m.http_requests
-        .get_or_create(&HttpLabels {
-            method,
-            route,
-            status,
-        })
-        .inc();
+    HttpSeries::new(method, route, status).record(elapsed);
+}
+
+/// The two `replicas_http_*` series of one method, route and status,
+/// resolved once: recording through it is two atomic updates, with no
+/// label hashing or copy of the route (the request layer keeps the ones
+/// its route has used).
+#[derive(Clone)]
+pub struct HttpSeries {
+    requests: Counter,
+    duration: Histogram,
+}
+
+impl HttpSeries {
+    pub fn new(method: &str, route: Option<&str>, status: u16) -> Self {
+        let m = &*METRICS;
+        let method = method_label(method);
+        let route: Cow<'static, str> = match route {
+            Some(r) => Cow::Owned(r.to_owned()),
+            None => Cow::Borrowed(UNMATCHED_ROUTE),
+        };
+        let duration = m
+            .http_duration
+            .get_or_create(&RouteLabels {
+                method,
+                route: route.clone(),
+            })
+            .clone();
+        let requests = m
+            .http_requests
+            .get_or_create(&HttpLabels {
+                method,
+                route,
+                status,
+            })
+            .clone();
+        Self { requests, duration }
+    }
+
+    pub fn record(&self, elapsed: Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+        self.requests.inc();
+    }
 }
 
 /// An event was published.

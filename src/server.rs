@@ -63,7 +63,7 @@ pub struct Limits {
 /// accepting; each connection finishes its in-flight response, then closes).
 pub async fn serve(
     listener: TcpListener,
-    app: axum::Router,
+    app: crate::http::App,
     limits: Limits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {

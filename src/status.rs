@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 use std::path::Path;
+use std::sync::Mutex;
 
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -98,4 +99,58 @@ pub struct AgentProcesses {
     pub live: usize,
     /// The idle ones among them.
     pub idle: usize,
+}
+
+/// The last serialized `/status`, reused while every figure but `uptimeMs`
+/// is unchanged (compared field by field against the fresh view); only the
+/// uptime digits are written anew.
+#[derive(Default)]
+pub struct StatusCache(Mutex<Option<Cached>>);
+
+struct Cached {
+    /// The view the body was made from, with `uptime_ms` 0.
+    key: EngineStatus<'static>,
+    /// The body without the uptime digits, which go at `uptime_at`.
+    bytes: Vec<u8>,
+    uptime_at: usize,
+}
+
+impl StatusCache {
+    const UPTIME: &'static [u8] = b",\"uptimeMs\":";
+
+    /// `view` as JSON bytes.
+    pub fn body(&self, mut view: EngineStatus<'_>) -> serde_json::Result<Vec<u8>> {
+        let uptime = std::mem::take(&mut view.uptime_ms);
+        let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.as_ref().filter(|c| c.key == view) {
+            let mut out = Vec::with_capacity(c.bytes.len() + 20);
+            out.extend_from_slice(&c.bytes[..c.uptime_at]);
+            out.extend_from_slice(itoa::Buffer::new().format(uptime).as_bytes());
+            out.extend_from_slice(&c.bytes[c.uptime_at..]);
+            return Ok(out);
+        }
+        view.uptime_ms = uptime;
+        let mut body = Vec::with_capacity(cache.as_ref().map_or(512, |c| c.bytes.len() + 32));
+        serde_json::to_writer(&mut body, &view)?;
+        view.uptime_ms = 0;
+        *cache = Self::cached(view.into_owned(), &body);
+        Ok(body)
+    }
+
+    /// `None` if the body does not have the expected shape (then nothing is
+    /// cached).
+    fn cached(key: EngineStatus<'static>, body: &[u8]) -> Option<Cached> {
+        let at = body
+            .windows(Self::UPTIME.len())
+            .position(|w| w == Self::UPTIME)?
+            + Self::UPTIME.len();
+        let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+        let mut bytes = body[..at].to_vec();
+        bytes.extend_from_slice(&body[at + digits..]);
+        Some(Cached {
+            key,
+            bytes,
+            uptime_at: at,
+        })
+    }
 }

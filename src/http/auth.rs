@@ -1,38 +1,67 @@
 //! Shared-secret auth for every route but `/health`. The comparison is
-//! constant-time over fixed-size SHA-256 digests, so neither the content nor
-//! the length of the secret shows in the timing. It runs before method
+//! constant-time and its work depends only on the length of what the client
+//! sent: the expected secret is kept zero-padded to [`PADDED`] bytes and the
+//! client's value is compared against as many of those bytes as it has,
+//! plus the two lengths, all without an early exit; so neither the content
+//! nor the length of the secret shows in the timing (a secret longer than
+//! `PADDED` is padded to its own length). It runs before method
 //! routing: a wrong method on a protected route is 401 without the secret,
-//! never a 405 whose `Allow` header maps the API. The reason for a rejection is logged at debug and the
-//! client always gets the same 401, which never echoes what it sent.
+//! never a 405 whose `Allow` header maps the API. The check runs in the
+//! request layer ([`super::request`]); the reason for a rejection is logged
+//! at debug and the client always gets the same 401, which never echoes
+//! what it sent.
 
-use axum::extract::Request;
-use axum::http::StatusCode;
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use crate::app::AppState;
 
-pub const SECRET_HEADER: &str = "x-replicas-engine-secret";
+pub const SECRET_HEADER: HeaderName = HeaderName::from_static("x-replicas-engine-secret");
 
-/// Constant-time equality of `given` and `expected`, whatever their lengths:
-/// both are hashed to fixed-size SHA-256 digests first.
+/// What the expected secret is padded to. A header value longer than this
+/// (or than the secret) is rejected without a compare; that depends only on
+/// what the client sent.
+pub const PADDED: usize = 4096;
+
+/// Constant-time equality of `given` and `expected`, whatever their lengths.
 pub fn secret_matches(given: &[u8], expected: &[u8]) -> bool {
-    digest_matches(given, &sha256(expected))
+    Padded::new(expected).matches(given)
 }
 
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+/// The secret, zero-padded: comparing a value costs the same whatever the
+/// secret's content and length (and hashing the client's value per request,
+/// as before, cost a tenth of a `/status`).
+#[derive(Clone)]
+struct Padded {
+    bytes: Arc<[u8]>,
+    len: u64,
 }
 
-fn digest_matches(given: &[u8], expected: &[u8; 32]) -> bool {
-    bool::from(sha256(given).ct_eq(expected))
+impl Padded {
+    fn new(secret: &[u8]) -> Self {
+        let mut bytes = vec![0u8; PADDED.max(secret.len())];
+        bytes[..secret.len()].copy_from_slice(secret);
+        Self {
+            bytes: bytes.into(),
+            len: secret.len() as u64,
+        }
+    }
+
+    fn matches(&self, given: &[u8]) -> bool {
+        let Some(expected) = self.bytes.get(..given.len()) else {
+            return false;
+        };
+        // `&`, not `&&`: both compares always run.
+        bool::from(given.ct_eq(expected) & (given.len() as u64).ct_eq(&self.len))
+    }
 }
 
-fn unauthorized() -> Response {
+/// The one 401 answer, whatever was wrong.
+pub fn unauthorized() -> Response {
     ApiError::new(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
@@ -41,72 +70,31 @@ fn unauthorized() -> Response {
     .into_response()
 }
 
-/// The secret check as a plain tower layer (not `middleware::from_fn`: no
-/// per-request state clone, service clone or boxed future; it runs on every
-/// protected request). Constant-time compare; the same 401 for every
-/// failure, the reason at debug.
+/// The secret as the request layer ([`super::request`]) checks it.
 #[derive(Clone)]
-pub struct RequireSecretLayer {
-    /// SHA-256 of the secret: the compare takes the same time whatever
-    /// the length of what the client sent.
-    expected: [u8; 32],
+pub struct ExpectedSecret {
+    secret: Padded,
 }
 
-impl RequireSecretLayer {
+impl ExpectedSecret {
     pub fn new(state: &AppState) -> Self {
         Self {
-            expected: sha256(state.config.secret.expose().as_bytes()),
+            secret: Padded::new(state.config.secret.expose().as_bytes()),
         }
     }
-}
 
-impl<S> tower::Layer<S> for RequireSecretLayer {
-    type Service = RequireSecret<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        RequireSecret {
-            inner,
-            expected: self.expected,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct RequireSecret<S> {
-    inner: S,
-    expected: [u8; 32],
-}
-
-impl<S> tower::Service<Request> for RequireSecret<S>
-where
-    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>,
-{
-    type Response = Response;
-    type Error = std::convert::Infallible;
-    type Future = futures_util::future::Either<
-        S::Future,
-        std::future::Ready<Result<Response, std::convert::Infallible>>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        use futures_util::future::Either;
-        match req.headers().get(SECRET_HEADER) {
-            Some(given) if digest_matches(given.as_bytes(), &self.expected) => {
-                Either::Left(self.inner.call(req))
-            }
+    /// Whether the request carries the secret. Constant-time compare; the
+    /// reason for a rejection is logged at debug.
+    pub fn admits(&self, headers: &HeaderMap) -> bool {
+        match headers.get(SECRET_HEADER) {
+            Some(given) if self.secret.matches(given.as_bytes()) => true,
             Some(_) => {
                 tracing::debug!("rejected: wrong secret");
-                Either::Right(std::future::ready(Ok(unauthorized())))
+                false
             }
             None => {
                 tracing::debug!("rejected: no secret header");
-                Either::Right(std::future::ready(Ok(unauthorized())))
+                false
             }
         }
     }
@@ -125,9 +113,15 @@ mod tests {
             b"s3cre",
             b"s3cret ",
             b"S3cret",
+            b"s3cret\0",
             &[0u8; 1024],
+            &[b's'; super::PADDED + 1],
         ] {
             assert!(!secret_matches(wrong, b"s3cret"), "{wrong:?}");
         }
+        // A secret longer than the padding.
+        let long = vec![b'k'; super::PADDED + 10];
+        assert!(secret_matches(&long, &long));
+        assert!(!secret_matches(&long[1..], &long));
     }
 }

@@ -117,7 +117,7 @@ impl From<tokio::task::JoinError> for ApiError {
     }
 }
 
-/// The answer to a handler that panicked (`CatchPanicLayer`): logged once
+/// The answer to a handler that panicked (caught by the request layer): logged once
 /// here, inside the request span; the client gets the generic 500.
 pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     let detail = panic

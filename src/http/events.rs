@@ -111,16 +111,7 @@ async fn stream_events(
     // Whatever is already waiting goes out as one chunk: a subscriber that
     // fell behind catches up with a few large writes instead of one write
     // per event (under fan-out to many clients, syscalls are the cost).
-    let events = events.ready_chunks(256).map(|frames| {
-        if frames.len() == 1 {
-            return frames.into_iter().next().unwrap_or_default();
-        }
-        let mut buf = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
-        for f in &frames {
-            buf.extend_from_slice(f);
-        }
-        buf.freeze()
-    });
+    let events = Coalesce::new(events, state.config.sse_coalesce);
     let every = state.config.sse_keepalive;
     let keepalive = IntervalStream::new(tokio::time::interval_at(
         tokio::time::Instant::now() + every,
@@ -144,6 +135,142 @@ async fn stream_events(
         .into_response())
 }
 
+/// What one coalesced chunk holds at most.
+const COALESCE_BYTES: usize = 64 * 1024;
+
+pin_project_lite::pin_project! {
+    /// Frames that are ready at once, joined into one chunk (one write, one
+    /// chunked-encoding header). A lone frame goes out as it is (a
+    /// refcount bump, no copy); the buffer is allocated only when a second
+    /// frame is waiting (`ready_chunks` allocated a 256-slot `Vec` per
+    /// wakeup per subscriber, the largest allocation cost of a fan-out).
+    /// Writes to one stream are at least `gap` apart
+    /// (`REPLICAS_SSE_COALESCE_MS`) while events keep coming: what arrives
+    /// meanwhile goes in the next write, and the first event after a quiet
+    /// spell goes at once. While it waits the stream is not polled, so the
+    /// bus does not wake it per event (under fan-out, write syscalls per
+    /// subscriber per event were two thirds of the engine's CPU: loopback
+    /// TCP delivers to the client on the writer's core).
+    struct Coalesce<S> {
+        #[pin]
+        inner: S,
+        done: bool,
+        gap: std::time::Duration,
+        held: Option<Held>,
+        last_write: Option<tokio::time::Instant>,
+        waiting: bool,
+        timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+/// Frames taken from the stream, not yet written.
+enum Held {
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Held {
+    fn len(&self) -> usize {
+        match self {
+            Held::One(b) => b.len(),
+            Held::Many(b) => b.len(),
+        }
+    }
+
+    fn push(self, frame: Bytes) -> Self {
+        match self {
+            Held::One(first) => {
+                let mut b = BytesMut::with_capacity((first.len() + frame.len()) * 4);
+                b.extend_from_slice(&first);
+                b.extend_from_slice(&frame);
+                Held::Many(b)
+            }
+            Held::Many(mut b) => {
+                b.extend_from_slice(&frame);
+                Held::Many(b)
+            }
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Held::One(b) => b,
+            Held::Many(b) => b.freeze(),
+        }
+    }
+}
+
+impl<S> Coalesce<S> {
+    fn new(inner: S, gap: std::time::Duration) -> Self {
+        Self {
+            inner,
+            done: false,
+            gap,
+            held: None,
+            last_write: None,
+            waiting: false,
+            timer: None,
+        }
+    }
+}
+
+impl<S: futures_util::Stream<Item = Bytes>> futures_util::Stream for Coalesce<S> {
+    type Item = Bytes;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Bytes>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let mut this = self.project();
+        loop {
+            if *this.waiting {
+                let timer = this.timer.as_mut().expect("armed");
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                *this.waiting = false;
+            }
+            while !*this.done && this.held.as_ref().map_or(0, Held::len) < COALESCE_BYTES {
+                match this.inner.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(frame)) => {
+                        *this.held = Some(match this.held.take() {
+                            None => Held::One(frame),
+                            Some(held) => held.push(frame),
+                        });
+                    }
+                    Poll::Ready(None) => *this.done = true,
+                    // The inner stream registered the waker: woken for more.
+                    Poll::Pending => break,
+                }
+            }
+            let Some(held) = this.held.take() else {
+                return if *this.done {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Pending
+                };
+            };
+            let now = tokio::time::Instant::now();
+            let due = this.last_write.map(|t| t + *this.gap);
+            if let Some(due) =
+                due.filter(|&d| d > now && !*this.done && held.len() < COALESCE_BYTES)
+            {
+                *this.held = Some(held);
+                match this.timer.as_mut() {
+                    Some(t) => t.as_mut().reset(due),
+                    None => *this.timer = Some(Box::pin(tokio::time::sleep_until(due))),
+                }
+                *this.waiting = true;
+                continue;
+            }
+            *this.last_write = Some(now);
+            return Poll::Ready(Some(held.into_bytes()));
+        }
+    }
+}
+
 /// `stream.reset` is stream-only: no `id:` line (the client's position stays
 /// where it was), never persisted.
 fn reset_frame(oldest: u64) -> Bytes {
@@ -161,6 +288,36 @@ mod tests {
 
     fn ev(kind: &str, chat: Option<&str>) -> Published {
         Published::new(1, kind.into(), chat.map(Into::into), "{}")
+    }
+
+    /// The first frame goes at once; frames that follow within the gap go
+    /// together when it has passed; with no gap, each goes as it comes.
+    #[tokio::test]
+    async fn coalesce_holds_frames_for_the_gap_only() {
+        use std::time::Duration;
+        use tokio::time::Instant;
+        for gap in [Duration::from_millis(200), Duration::ZERO] {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+            let mut s = Coalesce::new(
+                tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+                gap,
+            );
+            let t0 = Instant::now();
+            tx.send(Bytes::from_static(b"a")).unwrap();
+            assert_eq!(s.next().await.unwrap(), "a");
+            assert!(t0.elapsed() < Duration::from_millis(100));
+            tx.send(Bytes::from_static(b"b")).unwrap();
+            tx.send(Bytes::from_static(b"c")).unwrap();
+            let bc = s.next().await.unwrap();
+            if gap.is_zero() {
+                assert_eq!(bc, "bc", "both were ready at once");
+            } else {
+                assert_eq!(bc, "bc");
+                assert!(t0.elapsed() >= gap, "held for the gap");
+            }
+            drop(tx);
+            assert!(s.next().await.is_none());
+        }
     }
 
     #[test]

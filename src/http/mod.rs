@@ -1,26 +1,18 @@
 //! The HTTP surface. Each resource owns its router; this file merges them
 //! and applies the layers in one place.
 //!
-//! Layer order, outermost first:
-//! 1. `DefaultBodyLimit` — body cap for every extractor (413);
-//! 2. [`request::RequestLayer`] (route layer, and around the 404 fallback)
-//!    — `X-Request-Id` (kept if the client sent one, echoed), a DEBUG span
-//!    with method, matched route and request id (never headers: they carry
-//!    the secret), the one log line of an internal error, the error shape
-//!    for error responses without a JSON body, and the per-request metrics
-//!    (`replicas_http_*`, unless `REPLICAS_HTTP_METRICS=0`) by method,
-//!    route template and status, so 401s, 404s and 413s count too. One
-//!    hand-written layer because it runs on every request;
-//! 3. `CatchPanic` — a panicking handler answers `500` in the error shape
-//!    (logged with its request id by the layer above); the engine keeps
-//!    serving;
-//! 4. auth — on the protected sub-router only, as a `layer` so it also wraps
-//!    each route's method fallback: a wrong method without the secret is
-//!    401, not a 405.
+//! Layers: one hand-written [`request::RequestLayer`] (request id, span,
+//! panics, auth on the protected routes, internal-error log, metrics, error
+//! shape) with `DefaultBodyLimit` (the body cap for every extractor, 413)
+//! inside it, applied once to each route (`Router::layer`, so it also wraps
+//! each route's method fallback: a wrong method without the secret is 401,
+//! not a 405) and around the 404 fallback. One layer because axum boxes and
+//! clones every layer per route per request.
 //!
-//! Around all of it, [`error::drop_stray_allow`]: axum's method router adds
-//! `Allow` to whatever its fallback answered, the 401 included; only a 405
-//! keeps it.
+//! Around the router, [`error::drop_stray_allow`] ([`App`]): axum's method
+//! router adds `Allow` to whatever its fallback answered, the 401 included;
+//! only a 405 keeps it. A plain response map, not another router: no extra
+//! routing hop.
 
 pub mod auth;
 pub mod chats;
@@ -37,21 +29,34 @@ pub mod token_refresh;
 
 use axum::extract::DefaultBodyLimit;
 use axum::handler::HandlerWithoutStateExt;
+use axum::response::Response;
 use axum::Router;
 use tower::Layer;
-use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::app::AppState;
 use error::ApiError;
 use request::RequestLayer;
 
-pub fn router(state: AppState) -> Router {
+/// The engine's HTTP service: the router, with [`error::drop_stray_allow`]
+/// on every response.
+pub type App = tower::util::MapResponse<Router, fn(Response) -> Response>;
+
+pub fn router(state: AppState) -> App {
     with_routes(state, Router::new())
 }
 
 /// The full router with `extra` routes added to the protected part (tests
 /// use it to exercise the layers with a route of their own).
-fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
+fn with_routes(state: AppState, extra: Router<AppState>) -> App {
+    let public = RequestLayer {
+        metrics: state.config.http_metrics,
+        auth: None,
+    };
+    let protected = RequestLayer {
+        auth: Some(auth::ExpectedSecret::new(&state)),
+        ..public.clone()
+    };
+    let body_limit = DefaultBodyLimit::max(state.config.max_body_bytes);
     let protected = Router::new()
         .merge(system::router())
         .merge(events::router())
@@ -63,27 +68,13 @@ fn with_routes(state: AppState, extra: Router<AppState>) -> Router {
         .merge(metrics::router())
         .merge(openapi::router())
         .merge(extra)
-        .layer(auth::RequireSecretLayer::new(&state));
-
-    let body_limit = state.config.max_body_bytes;
-    let request = RequestLayer {
-        metrics: state.config.http_metrics,
-    };
+        .layer((protected, body_limit));
     let app = Router::new()
-        .merge(system::public_router())
+        .merge(system::public_router().layer((public.clone(), body_limit)))
         .merge(protected)
-        .route_layer(CatchPanicLayer::custom(error::panic_response))
-        // Outermost on the routes: runs before auth, so a 401 has its
-        // request id, is counted, and the error log has its route.
-        .route_layer(request)
-        .fallback_service(request.layer(not_found.into_service()))
-        .layer(DefaultBodyLimit::max(body_limit))
+        .fallback_service(public.layer(not_found.into_service()))
         .with_state(state);
-    // `Router::layer` wraps each route *inside* its method router, which
-    // adds `Allow` afterwards; this wraps the whole router.
-    Router::new()
-        .fallback_service(app)
-        .layer(tower::util::MapResponseLayer::new(error::drop_stray_allow))
+    tower::util::MapResponse::new(app, error::drop_stray_allow as fn(Response) -> Response)
 }
 
 /// Unknown routes: 404 in the error shape. Reached before auth, and says
@@ -111,7 +102,7 @@ mod tests {
         Json(json!({ "message": e.message }))
     }
 
-    async fn app(max_body: usize) -> (Router, tempfile::TempDir) {
+    async fn app(max_body: usize) -> (App, tempfile::TempDir) {
         let home = tempfile::tempdir().unwrap();
         let mut config = crate::config::Config::for_home(home.path(), "s3cret");
         config.max_body_bytes = max_body;
@@ -126,7 +117,7 @@ mod tests {
     }
 
     async fn call(
-        app: &Router,
+        app: &App,
         method: Method,
         uri: &str,
         ctype: Option<&str>,

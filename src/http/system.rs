@@ -28,16 +28,19 @@ async fn get_health(State(state): State<AppState>) -> Response {
     };
     // Written by hand: this route is polled hard and a `Value` map per call
     // is most of its cost.
-    let body = format!(
-        r#"{{"status":"{status}","timestamp":"{}"}}"#,
-        crate::util::now_ts()
-    );
+    let mut body = String::with_capacity(64);
+    body.push_str(r#"{"status":""#);
+    body.push_str(status);
+    body.push_str(r#"","timestamp":""#);
+    crate::util::push_now_ts(&mut body);
+    body.push_str(r#""}"#);
     (code, [(CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// Serialized straight from the borrowed view (no `Value` tree per call).
+/// Serialized from the borrowed view (no `Value` tree per call), reused
+/// while unchanged ([`AppState::status_json`]).
 async fn get_status(State(state): State<AppState>) -> Response {
-    match serde_json::to_vec(&state.status_view()) {
+    match state.status_json() {
         Ok(body) => ([(CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => super::error::ApiError::internal(e).into_response(),
     }

@@ -329,6 +329,13 @@ pub async fn engine_host() -> anyhow::Result<()> {
     // 1,024 connections).
     config.max_subscribers = 4096;
     config.max_connections = 4096;
+    // REPLICAS_SSE_COALESCE_MS from the bench's environment, to compare.
+    if let Some(ms) = std::env::var("REPLICAS_SSE_COALESCE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.sse_coalesce = Duration::from_millis(ms);
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let state = replicas_engine::app::AppState::build(config, Default::default()).await?;
     println!("LISTENING {}", listener.local_addr()?);
@@ -362,14 +369,71 @@ pub async fn engine_host() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resident memory of `pid` now, in kB (0 if it is gone).
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) process `pid` used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let f: Vec<&str> = stat
+                .get(stat.rfind(')')? + 2..)?
+                .split_whitespace()
+                .collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Pin every thread of process `pid` to `cpus` (a `taskset` list); a no-op
+/// on a machine with one core.
+async fn pin_all(pid: u32, cpus: &str) {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return;
+    }
+    let _ = tokio::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .await;
+}
+
+/// Fan-out to `subscribers` SSE clients. The engine host is pinned to cpu0
+/// and this process (the clients) to cpu1, so the clients' own work is not
+/// what the latency measures. RSS of the engine: idle before the clients
+/// connect, the peak while they stream (sampled every 50 ms), and 10 s
+/// after they all left (target: <= 2x idle).
 async fn fanout(subscribers: usize, rate: u64, secs: u64) -> anyhow::Result<()> {
-    let mut host = tokio::process::Command::new(std::env::current_exe()?)
+    // Started pinned (not pinned afterwards), so its runtime sizes itself
+    // to the one core it has, as the engine's does under `taskset`.
+    let two_cores = std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    let mut host = if two_cores {
+        let mut c = tokio::process::Command::new("taskset");
+        c.args(["-c", "0"]).arg(std::env::current_exe()?);
+        c
+    } else {
+        tokio::process::Command::new(std::env::current_exe()?)
+    };
+    let mut host = host
         .arg("__engine-host")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
+    let host_pid = host.id().context("engine host pid")?;
+    let me = std::process::id();
+    pin_all(me, "1").await;
     let mut out = BufReader::new(host.stdout.take().unwrap()).lines();
     let mut stdin = host.stdin.take().unwrap();
     let addr = loop {
@@ -378,6 +442,19 @@ async fn fanout(subscribers: usize, rate: u64, secs: u64) -> anyhow::Result<()> 
             break a.to_owned();
         }
     };
+    // Let start-up work (repo discovery, status watch) settle first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_rss = rss_kb(host_pid);
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(idle_rss));
+    let sampler = tokio::spawn({
+        let peak = peak.clone();
+        async move {
+            loop {
+                peak.fetch_max(rss_kb(host_pid), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
     let total = (rate * secs) as usize;
     // Every subscriber starts after engine.ready (id 1): expects ids 2..=total+1.
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(subscribers);
@@ -396,6 +473,7 @@ async fn fanout(subscribers: usize, rate: u64, secs: u64) -> anyhow::Result<()> 
             .context("subscriber failed to connect")?;
     }
     let started = Instant::now();
+    let cpu_before = (cpu_secs(host_pid), cpu_secs(me));
     stdin
         .write_all(format!("GO {rate} {secs}\n").as_bytes())
         .await?;
@@ -408,16 +486,45 @@ async fn fanout(subscribers: usize, rate: u64, secs: u64) -> anyhow::Result<()> 
         complete += usize::from(ok);
         all.extend(lat);
     }
+    // Every client has closed its connection here.
+    let left = Instant::now();
+    let wall = started.elapsed().as_secs_f64();
+    let (engine_cpu, clients_cpu) = (
+        cpu_secs(host_pid) - cpu_before.0,
+        cpu_secs(me) - cpu_before.1,
+    );
     let received = all.len();
     let (p50, p99, max) = percentiles(&mut all);
+    drop(all);
     println!(
         "fan-out: {subscribers} subscribers x {total} events ({rate}/s for {secs} s, published in {publish_secs:.2} s, {done}): \
          {complete}/{subscribers} received every event in order ({received} deliveries); \
-         publish→receive p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+         publish→receive p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms (target p99 <= 25 ms); \
+         CPU over the {wall:.1} s: engine {engine_cpu:.1} s, clients {clients_cpu:.1} s \
+         (a client near 100 % of its core would be the bottleneck)",
         ms(p50),
         ms(p99),
         ms(max)
     );
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(left.elapsed())).await;
+    sampler.abort();
+    let after = rss_kb(host_pid);
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "fan-out: engine RSS idle {:.1} MB, peak {:.1} MB, 10 s after the subscribers left {:.1} MB = {:.2}x idle (target <= 2x)",
+        idle_rss as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        after as f64 / 1024.0,
+        after as f64 / idle_rss.max(1) as f64,
+    );
+    pin_all(
+        me,
+        &format!(
+            "0-{}",
+            std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+        ),
+    )
+    .await;
     drop(stdin);
     let _ = host.kill().await;
     Ok(())

@@ -85,14 +85,6 @@ pub async fn run() -> anyhow::Result<()> {
         .read_line(&mut line)
         .await?;
     let bare_addr = line.trim().to_owned();
-    let reference = load(&bare_addr, "/", false).await?;
-    let _ = bare.kill().await;
-    println!(
-        "http: bare axum GET /: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
-        reference.rps,
-        crate::ms(reference.p50),
-        crate::ms(reference.p99)
-    );
 
     // A home with a 100,000-event journal: the chats below are added to
     // it, and the engine is restarted on it at the end (start-up target).
@@ -106,19 +98,12 @@ pub async fn run() -> anyhow::Result<()> {
         Some("0"),
     )
     .await?;
-    let report = |name: &str, l: &Load| {
-        println!(
-            "http: engine {name}: {:.0} req/s ({:.2}x bare, target >= 0.70x), p50 {:.2} ms, p99 {:.2} ms ({:.2}x bare, target <= 1.5x)",
-            l.rps,
-            l.rps / reference.rps,
-            crate::ms(l.p50),
-            crate::ms(l.p99),
-            l.p99.as_secs_f64() / reference.p99.as_secs_f64(),
-        );
-    };
-    let health = load(&engine.addr, "/health", false).await?;
-    report("GET /health", &health);
-    metrics_cost().await?;
+    versus(&bare_addr, &engine.addr, "GET /health", "/health", false).await?;
+    // BENCH_HTTP=requests: only the request figures (/health, /status).
+    let only_requests = std::env::var("BENCH_HTTP").is_ok_and(|v| v == "requests");
+    if !only_requests {
+        metrics_cost().await?;
+    }
     // 2,000 chats for /status (does it walk them?), then up to 10,000 for
     // the cost of one more chat.
     let started = Instant::now();
@@ -134,10 +119,26 @@ pub async fn run() -> anyhow::Result<()> {
         anyhow::ensure!(res.status() == 201, "POST /chats: {}", res.status());
         took.push(t.elapsed());
         if n + 1 == 2000 {
-            let status = load(&engine.addr, "/status", true).await?;
-            report("GET /status (2,000 chats)", &status);
+            versus(
+                &bare_addr,
+                &engine.addr,
+                "GET /status (2,000 chats)",
+                "/status",
+                true,
+            )
+            .await?;
             let page = load(&engine.addr, "/chats?limit=50", true).await?;
-            report("GET /chats?limit=50 (2,000 chats)", &page);
+            println!(
+                "http: engine GET /chats?limit=50 (2,000 chats): {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+                page.rps,
+                crate::ms(page.p50),
+                crate::ms(page.p99)
+            );
+            if only_requests {
+                engine.stop().await;
+                let _ = bare.kill().await;
+                return Ok(());
+            }
         }
     }
     let (first, _, _) = crate::percentiles(&mut took[..100].to_vec());
@@ -151,6 +152,7 @@ pub async fn run() -> anyhow::Result<()> {
         last.as_secs_f64() / first.as_secs_f64(),
     );
     engine.stop().await;
+    let _ = bare.kill().await;
     let mut times = Vec::new();
     for _ in 0..5 {
         let (engine, took) = crate::events::start_timed(home.path()).await?;
@@ -162,6 +164,53 @@ pub async fn run() -> anyhow::Result<()> {
         "http: start to first /health 200 with {CHATS} chats and 100,000 events, warm page cache: median {:.1} ms (max {:.1} ms over 5 runs; target <= 100 ms)",
         crate::ms(p50),
         crate::ms(max),
+    );
+    Ok(())
+}
+
+/// Rounds of bare axum against the engine, alternated (the machine's load
+/// drifts between runs minutes apart: the ratio is taken from runs seconds
+/// apart).
+const ROUNDS: usize = 3;
+
+/// `path` on the engine against `/` on the bare server, [`ROUNDS`] times
+/// each, alternated; prints every round and the ratios of the medians.
+async fn versus(
+    bare: &str,
+    engine: &str,
+    name: &str,
+    path: &str,
+    secret: bool,
+) -> anyhow::Result<()> {
+    let (mut b, mut e) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let r = load(bare, "/", false).await?;
+        let l = load(engine, path, secret).await?;
+        println!(
+            "http: round {}: bare {:.0} req/s p99 {:.2} ms; engine {name} {:.0} req/s p99 {:.2} ms",
+            round + 1,
+            r.rps,
+            crate::ms(r.p99),
+            l.rps,
+            crate::ms(l.p99)
+        );
+        b.push(r);
+        e.push(l);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let rps = |v: &[Load]| v.iter().map(|l| l.rps).collect::<Vec<_>>();
+    let p99 = |v: &[Load]| v.iter().map(|l| l.p99.as_secs_f64()).collect::<Vec<_>>();
+    let (b_rps, e_rps) = (median(&mut rps(&b)), median(&mut rps(&e)));
+    let (b_p99, e_p99) = (median(&mut p99(&b)), median(&mut p99(&e)));
+    println!(
+        "http: engine {name}: median {e_rps:.0} req/s vs bare {b_rps:.0} = {:.2}x (target >= 0.70x); p99 {:.2} ms vs {:.2} ms = {:.2}x (target <= 1.5x)",
+        e_rps / b_rps,
+        e_p99 * 1000.0,
+        b_p99 * 1000.0,
+        e_p99 / b_p99,
     );
     Ok(())
 }
