@@ -1,5 +1,8 @@
-//! One task per chat: take the next message, run it as a turn through the
-//! chat's [`ProviderSession`], stream what it produces, record how it ended.
+//! One task per chat with work: take the next message, run it as a turn
+//! through the chat's [`ProviderSession`], stream what it produces, record
+//! how it ended. It exits when the chat has no work left and the session
+//! keeps no agent process (a later message starts a new runner, whose
+//! session resumes the provider session as after a restart).
 //!
 //! The runner is the only writer of a chat's turn state after a message was
 //! taken, so turn events of one chat are naturally ordered. Interrupt,
@@ -28,6 +31,9 @@ enum Next {
         taken: bool,
     },
     Wait,
+    /// Nothing to do and nothing to keep: the runner was detached from the
+    /// chat (under the lock) and exits.
+    Idle,
     Gone,
 }
 
@@ -46,13 +52,18 @@ pub(super) async fn drive(svc: ChatService, id: String, rt: Arc<Runtime>) {
     // If whoever owns the hooks went away without saying "done", waiting
     // forever would wedge every chat; treat it as done.
     let mut hooks_gone = false;
+    // While the session keeps an agent process the runner stays (it owns
+    // the session); it looks again after the pool's idle timeout, by which
+    // the process has been stopped.
+    let recheck = svc.inner.config.provider_idle + std::time::Duration::from_secs(1);
     loop {
         if rt.stop.is_cancelled() {
             break;
         }
         let hooks_done = hooks_gone || *hooks.borrow_and_update();
-        match svc.take_next(&id, hooks_done) {
-            Next::Gone => break,
+        let keep = session.as_ref().is_some_and(|s| s.has_idle_process());
+        match svc.take_next(&id, &rt, hooks_done, keep) {
+            Next::Gone | Next::Idle => break,
             Next::Start { turn, taken } => {
                 if taken {
                     svc.persist_logged().await;
@@ -69,6 +80,7 @@ pub(super) async fn drive(svc: ChatService, id: String, rt: Arc<Runtime>) {
                         }
                     }
                     _ = rt.stop.cancelled() => break,
+                    _ = tokio::time::sleep(recheck), if keep => {}
                 }
             }
         }
@@ -81,8 +93,11 @@ pub(super) async fn drive(svc: ChatService, id: String, rt: Arc<Runtime>) {
 
 impl ChatService {
     /// The turn to run next, if any: the one a `sent` answer put in place,
-    /// else the head of the queue once hooks are done.
-    fn take_next(&self, id: &str, hooks_done: bool) -> Next {
+    /// else the head of the queue once hooks are done. With no work and
+    /// nothing to `keep` (an agent process), the runner `rt` is detached
+    /// from the chat here, under the lock `send` takes to decide whether to
+    /// start a runner, so a message never finds a runner that is leaving.
+    fn take_next(&self, id: &str, rt: &Arc<Runtime>, hooks_done: bool, keep: bool) -> Next {
         let shutting_down = self.inner.shutdown.is_cancelled();
         let mut st = self.state();
         let Some(slot) = st.chats.get_mut(id) else {
@@ -99,6 +114,12 @@ impl ChatService {
                 turn: t.clone(),
                 taken: false,
             };
+        }
+        if slot.rec.queue.is_empty() && !keep {
+            if slot.rt.as_ref().is_some_and(|r| Arc::ptr_eq(r, rt)) {
+                slot.rt = None;
+            }
+            return Next::Idle;
         }
         if !hooks_done || slot.rec.queue.is_empty() {
             return Next::Wait;
@@ -414,15 +435,17 @@ async fn run_turn(
     }
     let duration_ms = started.elapsed().as_millis() as u64;
     let thread_usage = session.as_ref().and_then(|s| s.codex_thread_usage());
+    // Gone before the chat shows idle (a client that saw `idle` finds no
+    // attachment left); the turn has ended, nothing reads them again.
+    if msg.images > 0 {
+        inner.attachments.remove(&msg.id);
+    }
     svc.finish_turn(id, &turn, &result, thread_usage, duration_ms);
     // Written in the background so the next message starts without waiting
     // for the fsync; writes stay ordered (the persist lock) and shutdown
     // writes the final state after any in flight.
     svc.persist_in_background();
     rt.turns_done.send_modify(|n| *n += 1);
-    if msg.images > 0 {
-        inner.attachments.remove(&msg.id);
-    }
     tracing::info!(outcome = ?result.outcome, duration_ms, "turn finished");
     (inner.deps.after_turn)(&ctx.cwd);
 }

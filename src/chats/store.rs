@@ -304,10 +304,13 @@ fn hash_of(s: &str) -> u64 {
 }
 
 /// What the database holds for one chat, as hashes: the writer compares a
-/// new record against it and writes only the rows that differ.
+/// new record against it and writes only the rows that differ. A chat
+/// without one has no queue or turn rows and a `chats` row of unknown hash
+/// (written at its first change): start-up reads every chat but hashes none.
 #[derive(Default, Clone)]
 struct Shadow {
-    meta: u64,
+    /// `None`: not known (the row is written).
+    meta: Option<u64>,
     /// `(message id, ord, hash of the message JSON)` in queue order.
     queue: Vec<(String, i64, u64)>,
     turn: Option<u64>,
@@ -323,9 +326,10 @@ fn to_json<T: Serialize>(v: &T) -> String {
 }
 
 impl Writer {
-    /// Read every chat (and remember what is stored).
+    /// Read every chat (and remember what is stored of their queues and
+    /// turns). The chats come in id order, so queue and turn rows find
+    /// theirs by binary search instead of through a map of every chat.
     fn load(&mut self, conn: &rusqlite::Connection) -> rusqlite::Result<Vec<ChatRecord>> {
-        use std::collections::HashMap;
         let bad = |what: &str, id: &str, e: serde_json::Error| {
             rusqlite::Error::FromSqlConversionFailure(
                 0,
@@ -334,51 +338,55 @@ impl Writer {
             )
         };
         self.shadows.clear();
-        let mut recs: HashMap<String, ChatRecord> = HashMap::new();
-        let mut stmt = conn.prepare("SELECT id, record FROM chats")?;
+        let mut recs: Vec<ChatRecord> = Vec::new();
+        let mut stmt = conn.prepare("SELECT id, record FROM chats ORDER BY id")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
-            let id: String = row.get(0)?;
-            let text: String = row.get(1)?;
-            let rec: ChatRecord = serde_json::from_str(&text).map_err(|e| bad("record", &id, e))?;
-            self.shadows.insert(
-                id.clone(),
-                Shadow {
-                    meta: hash_of(&text),
-                    ..Shadow::default()
-                },
-            );
-            recs.insert(id, rec);
+            let text = row.get_ref(1)?.as_str()?;
+            let rec: ChatRecord = serde_json::from_str(text).map_err(|e| {
+                let id = row.get_ref(0).and_then(|v| Ok(v.as_str()?.to_owned()));
+                bad("record", id.as_deref().unwrap_or("?"), e)
+            })?;
+            recs.push(rec);
         }
+        // `ORDER BY id` is byte order, as `str`'s; a record whose `id`
+        // field disagrees with its key would break the search below.
+        if !recs.is_sorted_by(|a, b| a.id < b.id) {
+            recs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        }
+        let find = |recs: &[ChatRecord], chat: &str| {
+            recs.binary_search_by(|r| r.id.as_str().cmp(chat)).ok()
+        };
         let mut stmt = conn
             .prepare("SELECT chat_id, message_id, ord, message FROM queue ORDER BY chat_id, ord")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let (chat, mid, ord, text): (String, String, i64, String) =
                 (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
-            let Some(rec) = recs.get_mut(&chat) else {
+            let Some(i) = find(&recs, &chat) else {
                 continue;
             };
-            rec.queue
+            recs[i]
+                .queue
                 .push(serde_json::from_str(&text).map_err(|e| bad("queued message", &chat, e))?);
-            if let Some(s) = self.shadows.get_mut(&chat) {
-                s.queue.push((mid, ord, hash_of(&text)));
-            }
+            self.shadows
+                .entry(chat)
+                .or_default()
+                .queue
+                .push((mid, ord, hash_of(&text)));
         }
         let mut stmt = conn.prepare("SELECT chat_id, turn FROM turns")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let (chat, text): (String, String) = (row.get(0)?, row.get(1)?);
-            let Some(rec) = recs.get_mut(&chat) else {
+            let Some(i) = find(&recs, &chat) else {
                 continue;
             };
-            rec.active_turn =
+            recs[i].active_turn =
                 Some(serde_json::from_str(&text).map_err(|e| bad("running turn", &chat, e))?);
-            if let Some(s) = self.shadows.get_mut(&chat) {
-                s.turn = Some(hash_of(&text));
-            }
+            self.shadows.entry(chat).or_default().turn = Some(hash_of(&text));
         }
-        Ok(recs.into_values().collect())
+        Ok(recs)
     }
 
     fn run(mut self, mut conn: rusqlite::Connection, rx: std::sync::mpsc::Receiver<Job>) {
@@ -474,7 +482,7 @@ fn write_chat(
         to_json(&bare)
     };
     let meta_hash = hash_of(&meta);
-    if meta_hash != old.meta {
+    if Some(meta_hash) != old.meta {
         tx.prepare_cached(
             "INSERT INTO chats (id, record) VALUES (?1, ?2)
              ON CONFLICT (id) DO UPDATE SET record = excluded.record",
@@ -500,7 +508,7 @@ fn write_chat(
 
     let queue = write_queue(tx, id, &rec.queue, &old.queue)?;
     Ok(Shadow {
-        meta: meta_hash,
+        meta: Some(meta_hash),
         queue,
         turn: turn_hash,
     })
