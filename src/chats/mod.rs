@@ -212,6 +212,12 @@ pub struct ChatCounts {
     pub queued_messages: usize,
 }
 
+/// `chats.db` as [`ChatService::open_db`] found it.
+pub struct OpenedDb {
+    db: store::ChatDb,
+    opened: store::Opened,
+}
+
 #[derive(Clone)]
 pub struct ChatService {
     inner: Arc<Inner>,
@@ -335,8 +341,24 @@ impl ChatService {
     /// chat. A database that cannot be used is an error: the engine must not
     /// start empty over it.
     pub fn new(config: Arc<Config>, bus: EventBus, deps: ChatDeps) -> Result<Self, store::DbError> {
-        let engine_dir = &config.paths.engine_dir;
+        let db = Self::open_db(&config)?;
+        Ok(Self::with_db(config, bus, deps, db))
+    }
+
+    /// Open and read `chats.db` (blocking): the first half of
+    /// [`new`](Self::new), which start-up runs beside the journal load.
+    pub fn open_db(config: &Config) -> Result<OpenedDb, store::DbError> {
         let (db, opened) = store::ChatDb::open(&config.paths.chats_db, &config.paths.chats_file)?;
+        Ok(OpenedDb { db, opened })
+    }
+
+    /// The second half of [`new`](Self::new), on a database [`open_db`]
+    /// read.
+    ///
+    /// [`open_db`]: Self::open_db
+    pub fn with_db(config: Arc<Config>, bus: EventBus, deps: ChatDeps, db: OpenedDb) -> Self {
+        let OpenedDb { db, opened } = db;
+        let engine_dir = &config.paths.engine_dir;
         let inner = Arc::new(Inner {
             history: history::HistoryStore::new(engine_dir.join("history")),
             attachments: store::Attachments::new(engine_dir.join("attachments")),
@@ -411,7 +433,7 @@ impl ChatService {
         for (id, rt) in busy {
             svc.spawn_runner(id, rt);
         }
-        Ok(svc)
+        svc
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
