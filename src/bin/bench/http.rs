@@ -18,6 +18,15 @@ const CONNECTIONS: usize = 64;
 const SECONDS: u64 = 5;
 /// Chats created (issue 10: the cost of a chat at 10,000 against 100).
 const CHATS: usize = 10_000;
+/// The small engine of the alternated POST figures.
+const FEW_CHATS: usize = 100;
+/// Rounds of the alternated POST figures (one of each request per engine).
+const ROUNDS: usize = 300;
+/// The agent CLI of the POST-message figures: a path that does not exist,
+/// so a message is accepted (`sent`) and its turn fails at the spawn at
+/// once. What is timed is the engine accepting the message (validate,
+/// commit to `chats.db`, answer); no stand-in CLI competes for the cores.
+const NO_CLI: &str = "/nonexistent/replicas-bench-cli";
 
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -99,10 +108,13 @@ pub async fn run() -> anyhow::Result<()> {
     let home = crate::events::home_with_events(100_000)?;
     let engine = Engine::start_on(
         home.path(),
-        &[(
-            "REPLICAS_EVENTS_MAX_BYTES",
-            std::ffi::OsStr::new("1099511627776"),
-        )],
+        &[
+            (
+                "REPLICAS_EVENTS_MAX_BYTES",
+                std::ffi::OsStr::new("1099511627776"),
+            ),
+            ("CLAUDE_BIN", std::ffi::OsStr::new(NO_CLI)),
+        ],
         Some("0"),
     )
     .await?;
@@ -123,15 +135,10 @@ pub async fn run() -> anyhow::Result<()> {
     // the cost of one more chat.
     let started = Instant::now();
     let mut took = Vec::with_capacity(CHATS);
+    let mut ids = Vec::with_capacity(CHATS);
     for n in 0..CHATS {
         let t = Instant::now();
-        let res = engine
-            .client
-            .post(format!("{}/chats", engine.base))
-            .json(&serde_json::json!({"provider": "claude"}))
-            .send()
-            .await?;
-        anyhow::ensure!(res.status() == 201, "POST /chats: {}", res.status());
+        ids.push(create_chat(&engine).await?);
         took.push(t.elapsed());
         if n + 1 == 2000 {
             let status = load(&engine.addr, "/status", true).await?;
@@ -150,6 +157,7 @@ pub async fn run() -> anyhow::Result<()> {
         CHATS - 100,
         last.as_secs_f64() / first.as_secs_f64(),
     );
+    post_medians(&engine, &ids).await?;
     engine.stop().await;
     let mut times = Vec::new();
     for _ in 0..5 {
@@ -163,6 +171,84 @@ pub async fn run() -> anyhow::Result<()> {
         crate::ms(p50),
         crate::ms(max),
     );
+    Ok(())
+}
+
+/// `POST /chats`; the new chat's id.
+async fn create_chat(engine: &Engine) -> anyhow::Result<String> {
+    let res = engine
+        .client
+        .post(format!("{}/chats", engine.base))
+        .json(&serde_json::json!({"provider": "claude"}))
+        .send()
+        .await?;
+    anyhow::ensure!(res.status() == 201, "POST /chats: {}", res.status());
+    let chat: serde_json::Value = res.json().await?;
+    chat["id"]
+        .as_str()
+        .map(str::to_owned)
+        .context("POST /chats answered no id")
+}
+
+/// `POST /chats/:id/messages` to an idle chat (answered `sent`).
+async fn send_message(engine: &Engine, chat: &str) -> anyhow::Result<()> {
+    let res = engine
+        .client
+        .post(format!("{}/chats/{chat}/messages", engine.base))
+        .json(&serde_json::json!({"message": "bench message"}))
+        .send()
+        .await?;
+    anyhow::ensure!(res.status() == 202, "POST message: {}", res.status());
+    Ok(())
+}
+
+/// Issue 10: `POST /chats` and `POST /chats/:id/messages` at 10,000 chats
+/// against 100. A second engine with [`FEW_CHATS`] chats runs beside the
+/// big one (both pinned to cpu0) and the requests alternate between them,
+/// round by round (who goes first alternates too), so the machine's drift
+/// hits both sides alike. Each message goes to a chat whose previous turn
+/// (if any) is long over, so every one is `sent`.
+async fn post_medians(big: &Engine, big_ids: &[String]) -> anyhow::Result<()> {
+    let home = tempfile::tempdir()?;
+    let small = Engine::start_on(
+        home.path(),
+        &[("CLAUDE_BIN", std::ffi::OsStr::new(NO_CLI))],
+        Some("0"),
+    )
+    .await?;
+    let mut small_ids = Vec::with_capacity(FEW_CHATS);
+    for _ in 0..FEW_CHATS {
+        small_ids.push(create_chat(&small).await?);
+    }
+    let (mut create, mut message) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let engines = [(&small, &small_ids[..]), (big, big_ids)];
+    for round in 0..ROUNDS {
+        for k in 0..2 {
+            let side = (round + k) % 2;
+            let (engine, ids) = engines[side];
+            let t = Instant::now();
+            create_chat(engine).await?;
+            create[side].push(t.elapsed());
+            let chat = &ids[round % ids.len()];
+            let t = Instant::now();
+            send_message(engine, chat).await?;
+            message[side].push(t.elapsed());
+        }
+    }
+    small.stop().await;
+    for (what, [few, many]) in [
+        ("POST /chats", &mut create),
+        ("POST /chats/:id/messages", &mut message),
+    ] {
+        let (few, _, _) = crate::percentiles(few);
+        let (many, _, _) = crate::percentiles(many);
+        println!(
+            "http: {what} median, alternated ({ROUNDS} each): {:.2} ms at {FEW_CHATS} chats, {:.2} ms at {CHATS} ({:.2}x, target <= 1.2x)",
+            crate::ms(few),
+            crate::ms(many),
+            many.as_secs_f64() / few.as_secs_f64(),
+        );
+    }
     Ok(())
 }
 
