@@ -157,8 +157,27 @@ pub async fn run() -> anyhow::Result<()> {
         CHATS - 100,
         last.as_secs_f64() / first.as_secs_f64(),
     );
-    post_medians(&engine, &ids).await?;
+    post_medians(&engine, &ids, false).await?;
     engine.stop().await;
+    // Again with every message queued: a start hook that never ends holds
+    // the turns back, so no turn (no process spawn) runs beside the POSTs.
+    let hook = hanging_start_hook(home.path())?;
+    let engine = Engine::start_on(
+        home.path(),
+        &[
+            (
+                "REPLICAS_EVENTS_MAX_BYTES",
+                std::ffi::OsStr::new("1099511627776"),
+            ),
+            ("CLAUDE_BIN", std::ffi::OsStr::new(NO_CLI)),
+        ],
+        Some("0"),
+    )
+    .await?;
+    post_medians(&engine, &ids, true).await?;
+    engine.stop().await;
+    std::fs::remove_dir_all(hook)?;
+    let _ = std::fs::remove_file(home.path().join(".replicas/engine-state.json"));
     let mut times = Vec::new();
     for _ in 0..5 {
         let (engine, took) = crate::events::start_timed(home.path()).await?;
@@ -190,8 +209,9 @@ async fn create_chat(engine: &Engine) -> anyhow::Result<String> {
         .context("POST /chats answered no id")
 }
 
-/// `POST /chats/:id/messages` to an idle chat (answered `sent`).
-async fn send_message(engine: &Engine, chat: &str) -> anyhow::Result<()> {
+/// `POST /chats/:id/messages`, expecting the answer `status` (`sent`,
+/// `queued`).
+async fn send_message(engine: &Engine, chat: &str, status: &str) -> anyhow::Result<()> {
     let res = engine
         .client
         .post(format!("{}/chats/{chat}/messages", engine.base))
@@ -199,7 +219,32 @@ async fn send_message(engine: &Engine, chat: &str) -> anyhow::Result<()> {
         .send()
         .await?;
     anyhow::ensure!(res.status() == 202, "POST message: {}", res.status());
+    let accepted: serde_json::Value = res.json().await?;
+    anyhow::ensure!(
+        accepted["status"] == status,
+        "POST message: {accepted} (expected {status})"
+    );
     Ok(())
+}
+
+/// A repo under `home`'s workspaces whose start hook runs for an hour, so
+/// the engine started next holds every turn back (messages are `queued`).
+/// The engine's record of earlier start hooks is removed so they run.
+fn hanging_start_hook(home: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let repo = home.join("workspaces/bench-hanging-hook");
+    std::fs::create_dir_all(&repo)?;
+    let ok = std::process::Command::new("git")
+        .args(["init", "-q"])
+        .current_dir(&repo)
+        .status()?
+        .success();
+    anyhow::ensure!(ok, "git init failed");
+    std::fs::write(
+        repo.join("replicas.yaml"),
+        "startHook:\n  commands: [\"sleep 3600\"]\n  timeout: 3600000\n",
+    )?;
+    let _ = std::fs::remove_file(home.join(".replicas/engine-state.json"));
+    Ok(repo)
 }
 
 /// Issue 10: `POST /chats` and `POST /chats/:id/messages` at 10,000 chats
@@ -207,9 +252,14 @@ async fn send_message(engine: &Engine, chat: &str) -> anyhow::Result<()> {
 /// big one (both pinned to cpu0) and the requests alternate between them,
 /// round by round (who goes first alternates too), so the machine's drift
 /// hits both sides alike. Each message goes to a chat whose previous turn
-/// (if any) is long over, so every one is `sent`.
-async fn post_medians(big: &Engine, big_ids: &[String]) -> anyhow::Result<()> {
+/// (if any) is long over, so every one is `sent`; with `queued` the big
+/// engine runs a start hook that never ends (so does the small one) and
+/// every message waits in its chat's queue: the accept path alone.
+async fn post_medians(big: &Engine, big_ids: &[String], queued: bool) -> anyhow::Result<()> {
     let home = tempfile::tempdir()?;
+    if queued {
+        hanging_start_hook(home.path())?;
+    }
     let small = Engine::start_on(
         home.path(),
         &[("CLAUDE_BIN", std::ffi::OsStr::new(NO_CLI))],
@@ -231,11 +281,16 @@ async fn post_medians(big: &Engine, big_ids: &[String]) -> anyhow::Result<()> {
             create[side].push(t.elapsed());
             let chat = &ids[round % ids.len()];
             let t = Instant::now();
-            send_message(engine, chat).await?;
+            send_message(engine, chat, if queued { "queued" } else { "sent" }).await?;
             message[side].push(t.elapsed());
         }
     }
     small.stop().await;
+    let how = if queued {
+        "queued behind a start hook"
+    } else {
+        "sent: the turn starts, its CLI spawn fails"
+    };
     for (what, [few, many]) in [
         ("POST /chats", &mut create),
         ("POST /chats/:id/messages", &mut message),
@@ -243,7 +298,7 @@ async fn post_medians(big: &Engine, big_ids: &[String]) -> anyhow::Result<()> {
         let (few, _, _) = crate::percentiles(few);
         let (many, _, _) = crate::percentiles(many);
         println!(
-            "http: {what} median, alternated ({ROUNDS} each): {:.2} ms at {FEW_CHATS} chats, {:.2} ms at {CHATS} ({:.2}x, target <= 1.2x)",
+            "http: {what} median, alternated ({ROUNDS} each; messages {how}): {:.2} ms at {FEW_CHATS} chats, {:.2} ms at {CHATS} ({:.2}x, target <= 1.2x)",
             crate::ms(few),
             crate::ms(many),
             many.as_secs_f64() / few.as_secs_f64(),
