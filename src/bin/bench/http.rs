@@ -251,8 +251,9 @@ fn hanging_start_hook(home: &std::path::Path) -> anyhow::Result<std::path::PathB
 /// against 100. A second engine with [`FEW_CHATS`] chats runs beside the
 /// big one (both pinned to cpu0) and the requests alternate between them,
 /// round by round (who goes first alternates too), so the machine's drift
-/// hits both sides alike. Each message goes to a chat whose previous turn
-/// (if any) is long over, so every one is `sent`; with `queued` the big
+/// hits both sides alike. Messages go round the first [`FEW_CHATS`] chats
+/// of each engine, each to a chat whose previous turn is long over, so
+/// every one is `sent`; with `queued` the big
 /// engine runs a start hook that never ends (so does the small one) and
 /// every message waits in its chat's queue: the accept path alone.
 async fn post_medians(big: &Engine, big_ids: &[String], queued: bool) -> anyhow::Result<()> {
@@ -279,7 +280,9 @@ async fn post_medians(big: &Engine, big_ids: &[String], queued: bool) -> anyhow:
             let t = Instant::now();
             create_chat(engine).await?;
             create[side].push(t.elapsed());
-            let chat = &ids[round % ids.len()];
+            // The same 100 chats on both sides, so a chat's first turn
+            // (its history file is created) weighs alike on both.
+            let chat = &ids[round % FEW_CHATS];
             let t = Instant::now();
             send_message(engine, chat, if queued { "queued" } else { "sent" }).await?;
             message[side].push(t.elapsed());
