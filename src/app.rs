@@ -54,6 +54,12 @@ impl AppState {
             crate::util::create_private_dir(dir)
                 .with_context(|| format!("creating {}", dir.display()))?;
         }
+        // The chat database is read beside the journal: start-up's two
+        // largest reads share nothing.
+        let chats_db = tokio::task::spawn_blocking({
+            let config = config.clone();
+            move || ChatService::open_db(&config)
+        });
         let bus = EventBus::open(&paths.events_file, config.events_max_bytes)
             .with_context(|| format!("opening {}", paths.events_file.display()))?;
         let upstream = Upstream::start(&config, &bus, shutdown.clone())?;
@@ -69,11 +75,13 @@ impl AppState {
             let hooks = hooks.clone();
             Arc::new(move |repo: &str| hooks.repo_completed(repo))
         });
-        let chats = ChatService::new(
+        let chats_db = chats_db.await.context("reading the chat database")??;
+        let chats = ChatService::with_db(
             config.clone(),
             bus.clone(),
             chat_deps(&config, &hooks, &repos, &upstream),
-        )?;
+            chats_db,
+        );
         let started_at = Utc::now();
         let state = Self {
             readiness: Arc::new(crate::readiness::Readiness::new(config.ready_file.clone())),

@@ -10,16 +10,24 @@
 //! are published while the lock is held, so their order is the order of the
 //! changes. History lives in per-chat JSONL files ([`history`]).
 //!
-//! Each chat has one runner task ([`runner`]) that takes the next message
-//! (the one a `sent` answer put in place, or the head of the queue once
-//! start hooks are done), runs it as a turn and records how it ended. One
-//! turn at a time per chat; chats run concurrently.
+//! A chat with work has one runner task ([`runner`]) that takes the next
+//! message (the one a `sent` answer put in place, or the head of the queue
+//! once start hooks are done), runs it as a turn and records how it ended.
+//! One turn at a time per chat; chats run concurrently. Runners are started
+//! on demand, so start-up and an idle chat cost no task: at boot only for
+//! chats with queued messages, later by [`ChatService::send`] when the chat
+//! has none; a runner exits once its chat has no work left and no agent
+//! process is kept for it.
 //!
 //! Invariants:
 //! - A chat's `activeTurn` is set from the moment a message is taken until
 //!   the provider reported the turn finished, which it does only after the
 //!   process exit was observed (or its tools' processes were ended); so a
 //!   chat is `idle` only when nothing of its turn still runs.
+//! - A chat with an `activeTurn` or queued messages has a runner
+//!   (`Slot::rt` is `Some`); `rt` is set and cleared under the state lock,
+//!   where a runner also decides to exit, so a message is never left
+//!   without one.
 //! - `activeTurn.pgid`/`startTime` are persisted as soon as the process is
 //!   spawned, so the next engine can end the group a crashed one left
 //!   behind ([`ChatService::new`] does that on start).
@@ -206,6 +214,12 @@ pub struct ChatCounts {
     pub queued_messages: usize,
 }
 
+/// `chats.db` as [`ChatService::open_db`] found it.
+pub struct OpenedDb {
+    db: store::ChatDb,
+    opened: store::Opened,
+}
+
 #[derive(Clone)]
 pub struct ChatService {
     inner: Arc<Inner>,
@@ -291,7 +305,8 @@ impl Counted {
 
 struct Slot {
     rec: ChatRecord,
-    rt: Arc<Runtime>,
+    /// The chat's runner, while one runs (see the module invariants).
+    rt: Option<Arc<Runtime>>,
     /// Why the running turn is being stopped (`user`, `deleted`,
     /// `engine_shutdown`); `None` when nobody asked.
     interrupting: Option<&'static str>,
@@ -301,7 +316,8 @@ struct Slot {
     counted: Counted,
 }
 
-/// Live, unpersisted parts of a chat, shared with its runner.
+/// Live, unpersisted parts of a chat, shared with its runner; one per
+/// runner (a later runner of the same chat gets a fresh one).
 struct Runtime {
     /// A message was put in place or queued.
     wake: Notify,
@@ -321,7 +337,23 @@ impl ChatService {
     /// chat. A database that cannot be used is an error: the engine must not
     /// start empty over it.
     pub fn new(config: Arc<Config>, bus: EventBus, deps: ChatDeps) -> Result<Self, store::DbError> {
+        let db = Self::open_db(&config)?;
+        Ok(Self::with_db(config, bus, deps, db))
+    }
+
+    /// Open and read `chats.db` (blocking): the first half of
+    /// [`new`](Self::new), which start-up runs beside the journal load.
+    pub fn open_db(config: &Config) -> Result<OpenedDb, store::DbError> {
         let (db, opened) = store::ChatDb::open(&config.paths.chats_db, &config.paths.chats_file)?;
+        Ok(OpenedDb { db, opened })
+    }
+
+    /// The second half of [`new`](Self::new), on a database [`open_db`]
+    /// read.
+    ///
+    /// [`open_db`]: Self::open_db
+    pub fn with_db(config: Arc<Config>, bus: EventBus, deps: ChatDeps, db: OpenedDb) -> Self {
+        let OpenedDb { db, opened } = db;
         let inner = Arc::new(Inner {
             history: history::HistoryStore::new(config.paths.history_dir.clone()),
             attachments: store::Attachments::new(config.paths.attachments_dir.clone()),
@@ -349,17 +381,19 @@ impl ChatService {
         let recovered = {
             let mut st = svc.state();
             let mut recovered = false;
+            st.chats.reserve(records.len());
+            // Built in one go below (sorted bulk load, not one insert each).
+            let mut order = Vec::with_capacity(records.len());
             for mut rec in records {
                 let changed = svc.recover(&mut rec);
                 recovered |= changed;
-                let rt = svc.new_runtime();
                 let id = rec.id.clone();
-                st.order.insert((rec.created_at.clone(), id.clone()));
+                order.push((rec.created_at.clone(), id.clone()));
                 st.chats.insert(
                     id.clone(),
                     Slot {
                         rec,
-                        rt,
+                        rt: None,
                         interrupting: None,
                         deleting: false,
                         counted: Counted::default(),
@@ -371,21 +405,30 @@ impl ChatService {
                     st.recount(&id);
                 }
             }
+            st.order = order.into_iter().collect();
             recovered
         };
         if recovered {
             svc.persist_now_blocking();
         }
-        let ids: Vec<(String, Arc<Runtime>)> = svc
-            .state()
-            .chats
-            .iter()
-            .map(|(id, s)| (id.clone(), s.rt.clone()))
-            .collect();
-        for (id, rt) in ids {
+        // Only chats with queued messages need a runner now (recovery left
+        // no `activeTurn`); the rest get one when a message arrives.
+        let busy: Vec<(String, Arc<Runtime>)> = {
+            let mut st = svc.state();
+            st.chats
+                .iter_mut()
+                .filter(|(_, s)| !s.rec.queue.is_empty())
+                .map(|(id, s)| {
+                    let rt = svc.new_runtime();
+                    s.rt = Some(rt.clone());
+                    (id.clone(), rt)
+                })
+                .collect()
+        };
+        for (id, rt) in busy {
             svc.spawn_runner(id, rt);
         }
-        Ok(svc)
+        svc
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -463,6 +506,8 @@ impl ChatService {
         })
     }
 
+    /// Start a runner for chat `id`; `rt` was put in its slot under the
+    /// state lock.
     fn spawn_runner(&self, id: String, rt: Arc<Runtime>) {
         let svc = self.clone();
         self.inner.runners.spawn(async move {
@@ -592,12 +637,11 @@ impl ChatService {
         };
         let id = rec.id.clone();
         tracing::Span::current().record("chat.id", id.as_str());
-        let rt = self.new_runtime();
         let chat = {
             let mut st = self.state();
             let slot = Slot {
                 rec,
-                rt: rt.clone(),
+                rt: None,
                 interrupting: None,
                 deleting: false,
                 counted: Counted::default(),
@@ -614,7 +658,6 @@ impl ChatService {
             );
             chat
         };
-        self.spawn_runner(id.clone(), rt);
         self.persist().await?;
         tracing::info!(provider = provider.as_str(), cwd = %chat.cwd.display(), "chat created");
         Ok(chat)
@@ -773,10 +816,18 @@ impl ChatService {
                     position,
                 },
             );
-            // A `sent` turn may start while this request writes chats.db:
-            // the runner does not persist it again, and a crash before the
-            // write finished leaves nothing acknowledged.
-            chat.rt.wake.notify_one();
+            // The chat has work now: wake its runner, or start one. A `sent`
+            // turn may start while this request writes chats.db: the runner
+            // does not persist it again, and a crash before the write
+            // finished leaves nothing acknowledged.
+            match &chat.rt {
+                Some(rt) => rt.wake.notify_one(),
+                None => {
+                    let rt = self.new_runtime();
+                    chat.rt = Some(rt.clone());
+                    self.spawn_runner(id.to_owned(), rt);
+                }
+            }
             Ok(Accepted {
                 status,
                 message_id: msg.id.clone(),
@@ -801,7 +852,7 @@ impl ChatService {
     /// ended (bounded by [`STOP_WAIT`]). A no-op on an idle chat.
     #[tracing::instrument(skip_all, fields(chat.id = %id))]
     pub async fn interrupt(&self, id: &str, clear_queue: bool) -> Result<Chat, ChatError> {
-        let (rt, running, dropped, mut done) = self
+        let (rt, running, dropped, done) = self
             .mutate(id, Persist::Await, |chat| {
                 if chat.deleting {
                     return Err(ChatError::NotFound(id.to_owned()));
@@ -813,8 +864,9 @@ impl ChatService {
                 };
                 // Subscribed under the lock: the runner records the end of
                 // this turn under the same lock and signals after, so it
-                // cannot slip by.
-                let done = chat.rt.turns_done.subscribe();
+                // cannot slip by. A running turn has a runner (module
+                // invariants).
+                let done = chat.rt.as_ref().map(|rt| rt.turns_done.subscribe());
                 let running = chat.rec.active_turn.as_ref().map(|t| t.turn_id.clone());
                 if running.is_some() && chat.interrupting.is_none() {
                     chat.interrupting = Some("user");
@@ -828,7 +880,7 @@ impl ChatService {
                 Ok((chat.rt.clone(), running, dropped.len(), done))
             })
             .await?;
-        if let Some(turn_id) = running {
+        if let (Some(turn_id), Some(rt), Some(mut done)) = (running, rt, done) {
             tracing::info!(turn.id = %turn_id, clear_queue, dropped, "interrupting the running turn");
             rt.interrupt.notify_one();
             let ended = async {
@@ -871,13 +923,16 @@ impl ChatService {
                 Ok(chat.rt.clone())
             })
             .await?;
-        rt.stop.cancel();
-        rt.interrupt.notify_one();
-        if tokio::time::timeout(STOP_WAIT, rt.exited.cancelled())
-            .await
-            .is_err()
-        {
-            tracing::warn!("chat runner still stopping after {STOP_WAIT:?}; deleting anyway");
+        // Without a runner nothing of the chat runs: no turn, no process.
+        if let Some(rt) = rt {
+            rt.stop.cancel();
+            rt.interrupt.notify_one();
+            if tokio::time::timeout(STOP_WAIT, rt.exited.cancelled())
+                .await
+                .is_err()
+            {
+                tracing::warn!("chat runner still stopping after {STOP_WAIT:?}; deleting anyway");
+            }
         }
         {
             let mut st = self.state();
@@ -933,6 +988,12 @@ impl ChatService {
         }
         self.persist_logged().await;
         tracing::info!("chats stopped");
+    }
+
+    /// Whether chat `id` has a runner right now.
+    #[cfg(test)]
+    fn has_runner(&self, id: &str) -> bool {
+        self.state().chats.get(id).is_some_and(|s| s.rt.is_some())
     }
 
     fn resolve_cwd(&self, cwd: Option<&str>) -> Result<PathBuf, ChatError> {
@@ -1161,6 +1222,147 @@ mod tests {
         assert_eq!(c.last_turn.unwrap().outcome, Outcome::Completed);
         assert_eq!(prompts_asked.load(Ordering::SeqCst), 2);
         let page = svc.history(&chat.id, 100, 0, false).await.unwrap();
+        let users: Vec<&str> = page
+            .items
+            .iter()
+            .filter(|i| i.kind == model::ItemKind::UserMessage)
+            .map(|i| i.text.as_str())
+            .collect();
+        assert_eq!(users, ["one", "two"]);
+        svc.shutdown().await;
+    }
+
+    /// A config on a temp home whose codex is the fake `codex exec` (one
+    /// process per turn, none kept between turns).
+    fn codex_exec_config(home: &Path) -> Arc<Config> {
+        std::fs::create_dir_all(home.join("workspaces")).unwrap();
+        let mut config = Config::for_home(home, "s");
+        config.codex_bin =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bin/fake-codex").into();
+        config.codex_app_server = false;
+        Arc::new(config)
+    }
+
+    fn codex_chat() -> NewChat {
+        NewChat {
+            provider: "codex".into(),
+            ..NewChat::default()
+        }
+    }
+
+    async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A chat without work has no runner; interrupting and deleting it
+    /// answer at once. A message starts a runner, which leaves once the
+    /// turn is over (no agent process is kept by `codex exec`).
+    #[tokio::test]
+    async fn runners_start_with_work_and_leave_when_idle() {
+        let home = tempfile::tempdir().unwrap();
+        let config = codex_exec_config(home.path());
+        let bus = EventBus::open(&config.paths.events_file, 1 << 20).unwrap();
+        let svc = ChatService::new(config, bus, ChatDeps::standalone()).unwrap();
+        let a = svc.create(codex_chat()).await.unwrap();
+        let b = svc.create(codex_chat()).await.unwrap();
+        assert!(!svc.has_runner(&a.id) && !svc.has_runner(&b.id));
+
+        let started = std::time::Instant::now();
+        let chat = svc.interrupt(&a.id, true).await.unwrap();
+        assert_eq!(chat.status, ChatStatus::Idle);
+        svc.delete(&a.id).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(matches!(svc.get(&a.id), Err(ChatError::NotFound(_))));
+
+        let sent = svc
+            .send(
+                &b.id,
+                NewMessage {
+                    text: "hi".into(),
+                    ..NewMessage::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(sent.status, Delivery::Sent);
+        wait_until("the turn never ended and its runner never left", || {
+            svc.get(&b.id).unwrap().last_turn.is_some() && !svc.has_runner(&b.id)
+        })
+        .await;
+        assert_eq!(
+            svc.get(&b.id).unwrap().last_turn.unwrap().outcome,
+            Outcome::Completed
+        );
+        // A second message starts a new runner; the turn resumes the thread.
+        svc.send(
+            &b.id,
+            NewMessage {
+                text: "again".into(),
+                ..NewMessage::default()
+            },
+        )
+        .await
+        .unwrap();
+        wait_until("the second turn never ended", || {
+            let c = svc.get(&b.id).unwrap();
+            c.status == ChatStatus::Idle && c.last_turn.unwrap().turn_id != sent.message_id
+        })
+        .await;
+        let page = svc.history(&b.id, 100, 0, false).await.unwrap();
+        let texts: Vec<&str> = page.items.iter().map(|i| i.text.as_str()).collect();
+        assert!(
+            texts.iter().any(|t| t.contains("turn=2")),
+            "the second turn did not resume the thread: {texts:?}"
+        );
+        svc.delete(&b.id).await.unwrap();
+        svc.shutdown().await;
+    }
+
+    /// Messages queued when the engine stopped (here: waiting for start
+    /// hooks) run after a restart: only such chats get a runner at boot.
+    #[tokio::test]
+    async fn queued_messages_run_after_a_restart() {
+        let home = tempfile::tempdir().unwrap();
+        let config = codex_exec_config(home.path());
+        let (busy, idle) = {
+            let bus = EventBus::open(&config.paths.events_file, 1 << 20).unwrap();
+            let (_hooks_tx, hooks_rx) = watch::channel(false);
+            let deps = ChatDeps {
+                hooks_done: hooks_rx,
+                ..ChatDeps::standalone()
+            };
+            let svc = ChatService::new(config.clone(), bus, deps).unwrap();
+            let busy = svc.create(codex_chat()).await.unwrap();
+            let idle = svc.create(codex_chat()).await.unwrap();
+            for text in ["one", "two"] {
+                let a = svc
+                    .send(
+                        &busy.id,
+                        NewMessage {
+                            text: text.into(),
+                            ..NewMessage::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(a.status, Delivery::Queued);
+            }
+            svc.shutdown().await;
+            (busy.id, idle.id)
+        };
+        let bus = EventBus::open(&config.paths.events_file, 1 << 20).unwrap();
+        let svc = ChatService::new(config, bus, ChatDeps::standalone()).unwrap();
+        assert!(!svc.has_runner(&idle));
+        wait_until("the queued messages never ran", || {
+            let c = svc.get(&busy).unwrap();
+            c.queue.is_empty() && c.status == ChatStatus::Idle && !svc.has_runner(&busy)
+        })
+        .await;
+        let page = svc.history(&busy, 100, 0, false).await.unwrap();
         let users: Vec<&str> = page
             .items
             .iter()

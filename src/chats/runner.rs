@@ -1,5 +1,8 @@
-//! One task per chat: take the next message, run it as a turn through the
-//! chat's [`ProviderSession`], stream what it produces, record how it ended.
+//! One task per chat with work: take the next message, run it as a turn
+//! through the chat's [`ProviderSession`], stream what it produces, record
+//! how it ended. It exits when the chat has no work left and the session
+//! keeps no agent process (a later message starts a new runner, whose
+//! session resumes the provider session as after a restart).
 //!
 //! The runner is the only writer of a chat's turn state after a message was
 //! taken, so turn events of one chat are naturally ordered. Interrupt,
@@ -25,6 +28,9 @@ enum Next {
     /// off the queue (persisted before [`ChatService::take_next`] returns).
     Start(ActiveTurn),
     Wait,
+    /// Nothing to do and nothing to keep: the runner was detached from the
+    /// chat (under the lock) and exits.
+    Idle,
     Gone,
 }
 
@@ -43,13 +49,18 @@ pub(super) async fn drive(svc: ChatService, id: String, rt: Arc<Runtime>) {
     // If whoever owns the hooks went away without saying "done", waiting
     // forever would wedge every chat; treat it as done.
     let mut hooks_gone = false;
+    // While the session keeps an agent process the runner stays (it owns
+    // the session); it looks again after the pool's idle timeout, by which
+    // the process has been stopped.
+    let recheck = svc.inner.config.provider_idle + std::time::Duration::from_secs(1);
     loop {
         if rt.stop.is_cancelled() {
             break;
         }
         let hooks_done = hooks_gone || *hooks.borrow_and_update();
-        match svc.take_next(&id, hooks_done).await {
-            Next::Gone => break,
+        let keep = session.as_ref().is_some_and(|s| s.has_idle_process());
+        match svc.take_next(&id, &rt, hooks_done, keep).await {
+            Next::Gone | Next::Idle => break,
             Next::Start(turn) => run_turn(&svc, &id, &rt, turn, &mut session).await,
             Next::Wait => {
                 tokio::select! {
@@ -61,6 +72,7 @@ pub(super) async fn drive(svc: ChatService, id: String, rt: Arc<Runtime>) {
                         }
                     }
                     _ = rt.stop.cancelled() => break,
+                    _ = tokio::time::sleep(recheck), if keep => {}
                 }
             }
         }
@@ -73,8 +85,11 @@ pub(super) async fn drive(svc: ChatService, id: String, rt: Arc<Runtime>) {
 
 impl ChatService {
     /// The turn to run next, if any: the one a `sent` answer put in place,
-    /// else the head of the queue once hooks are done.
-    async fn take_next(&self, id: &str, hooks_done: bool) -> Next {
+    /// else the head of the queue once hooks are done. With no work and
+    /// nothing to `keep` (an agent process), the runner `rt` is detached
+    /// from the chat here, under the lock `send` takes to decide whether to
+    /// start a runner, so a message never finds a runner that is leaving.
+    async fn take_next(&self, id: &str, rt: &Arc<Runtime>, hooks_done: bool, keep: bool) -> Next {
         let shutting_down = self.inner.shutdown.is_cancelled();
         self.mutate(id, Persist::AwaitLogged, |chat| {
             if chat.deleting {
@@ -85,6 +100,12 @@ impl ChatService {
             }
             if let Some(t) = &chat.rec.active_turn {
                 return Ok(Next::Start(t.clone()));
+            }
+            if chat.rec.queue.is_empty() && !keep {
+                if chat.rt.as_ref().is_some_and(|r| Arc::ptr_eq(r, rt)) {
+                    chat.rt = None;
+                }
+                return Ok(Next::Idle);
             }
             if !hooks_done || chat.rec.queue.is_empty() {
                 return Ok(Next::Wait);

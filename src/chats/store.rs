@@ -1,8 +1,9 @@
 //! Persistence of the registry and the attachments side folder.
 //!
 //! The registry lives in `chats.db`, SQLite in WAL mode: one row per chat
-//! (`chats`), one per queued message (`queue`), one per running turn
-//! (`turns`). A change to one chat writes only the rows that changed, in one
+//! (`chats`, a column per field: start-up reads 10,000 chats without a JSON
+//! parse each; only `lastTurn` and Codex's thread usage are JSON), one per
+//! queued message (`queue`), one per running turn (`turns`). A change to one chat writes only the rows that changed, in one
 //! transaction, so a write costs the same at 10 chats as at 10,000.
 //!
 //! One dedicated thread owns the connection ([`ChatDb`]): callers hand it the
@@ -139,11 +140,25 @@ pub struct ChatDb {
     tx: std::sync::mpsc::Sender<Job>,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+/// 1: `chats` held each record as JSON; 2: a column per field (the JSON
+/// rows are converted when an engine of version 2 opens the file).
+const SCHEMA_VERSION: i64 = 2;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS chats (
     id TEXT PRIMARY KEY,
-    record TEXT NOT NULL
+    provider TEXT NOT NULL,
+    title TEXT NOT NULL,
+    model TEXT,
+    cwd BLOB NOT NULL,
+    provider_session_id TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    cost_usd REAL,
+    last_turn TEXT,
+    codex_thread_usage TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS queue (
     message_id TEXT PRIMARY KEY,
@@ -262,7 +277,7 @@ fn open_conn(path: &Path) -> Result<rusqlite::Connection, String> {
         .map_err(|e| e.to_string())?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| e.to_string())?;
-    let conn = rusqlite::Connection::open_with_flags(
+    let mut conn = rusqlite::Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
@@ -287,13 +302,176 @@ fn open_conn(path: &Path) -> Result<rusqlite::Connection, String> {
     }
     // Created once, in one transaction (one fsync): a restart writes
     // nothing here, so start-up stays in the milliseconds.
-    if version < SCHEMA_VERSION {
+    if version == 1 {
+        migrate_v1(&mut conn).map_err(|e| format!("converting it to schema 2: {e}"))?;
+    } else if version < SCHEMA_VERSION {
         conn.execute_batch(&format!(
             "BEGIN; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
         ))
         .map_err(|e| e.to_string())?;
     }
     Ok(conn)
+}
+
+/// Schema 1 → 2 in one transaction: each chat's JSON record becomes a row
+/// of columns; queue and turn rows stay as they are. A record that does not
+/// parse fails the open (the engine stops; the file is untouched).
+fn migrate_v1(conn: &mut rusqlite::Connection) -> Result<(), String> {
+    let tx = conn.transaction().map_err(|e| e.to_string())?;
+    tx.execute_batch(&format!("ALTER TABLE chats RENAME TO chats_v1; {SCHEMA}"))
+        .map_err(|e| e.to_string())?;
+    {
+        let mut read = tx
+            .prepare("SELECT id, record FROM chats_v1")
+            .map_err(|e| e.to_string())?;
+        let mut rows = read.query([]).map_err(|e| e.to_string())?;
+        while let Some(row) = rows.next().map_err(|e| e.to_string())? {
+            let text = row
+                .get_ref(1)
+                .and_then(|v| Ok(v.as_str()?))
+                .map_err(|e| e.to_string())?;
+            let rec: ChatRecord = serde_json::from_str(text).map_err(|e| {
+                let id: String = row.get(0).unwrap_or_default();
+                format!("the record of chat {id}: {e}")
+            })?;
+            put_meta(&tx, &Meta::of(&rec)).map_err(|e| e.to_string())?;
+        }
+    }
+    tx.execute_batch(&format!(
+        "DROP TABLE chats_v1; PRAGMA user_version={SCHEMA_VERSION};"
+    ))
+    .map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())
+}
+
+/// A chat's `chats` row, borrowed from its record.
+struct Meta<'a> {
+    rec: &'a ChatRecord,
+    last_turn: Option<String>,
+    codex_thread_usage: Option<String>,
+}
+
+impl<'a> Meta<'a> {
+    fn of(rec: &'a ChatRecord) -> Self {
+        Self {
+            rec,
+            last_turn: rec.last_turn.as_ref().map(to_json),
+            codex_thread_usage: rec.codex_thread_usage.as_ref().map(to_json),
+        }
+    }
+
+    /// What the writer compares to skip an unchanged row.
+    fn hash(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let r = self.rec;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (r.id.as_str(), r.provider.as_str(), r.title.as_str()).hash(&mut h);
+        (r.model.as_deref(), r.cwd.as_os_str()).hash(&mut h);
+        (r.provider_session_id.as_deref(), r.created_at.as_str()).hash(&mut h);
+        r.updated_at.hash(&mut h);
+        let u = &r.usage;
+        (u.input_tokens, u.output_tokens, u.cached_input_tokens).hash(&mut h);
+        u.cost_usd.map(f64::to_bits).hash(&mut h);
+        (&self.last_turn, &self.codex_thread_usage).hash(&mut h);
+        h.finish()
+    }
+}
+
+/// Tokens as SQLite integers (i64; no count comes near its end).
+fn tokens(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn put_meta(tx: &rusqlite::Transaction<'_>, m: &Meta<'_>) -> rusqlite::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let r = m.rec;
+    tx.prepare_cached(
+        "INSERT INTO chats (id, provider, title, model, cwd, provider_session_id,
+             created_at, updated_at, input_tokens, output_tokens, cached_input_tokens,
+             cost_usd, last_turn, codex_thread_usage)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+         ON CONFLICT (id) DO UPDATE SET provider = excluded.provider,
+             title = excluded.title, model = excluded.model, cwd = excluded.cwd,
+             provider_session_id = excluded.provider_session_id,
+             created_at = excluded.created_at, updated_at = excluded.updated_at,
+             input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,
+             cached_input_tokens = excluded.cached_input_tokens,
+             cost_usd = excluded.cost_usd, last_turn = excluded.last_turn,
+             codex_thread_usage = excluded.codex_thread_usage",
+    )?
+    .execute(rusqlite::params![
+        r.id,
+        r.provider.as_str(),
+        r.title,
+        r.model,
+        r.cwd.as_os_str().as_bytes(),
+        r.provider_session_id,
+        r.created_at,
+        r.updated_at,
+        tokens(r.usage.input_tokens),
+        tokens(r.usage.output_tokens),
+        tokens(r.usage.cached_input_tokens),
+        r.usage.cost_usd,
+        m.last_turn,
+        m.codex_thread_usage,
+    ])?;
+    Ok(())
+}
+
+/// The columns [`read_chat`] reads, in its order.
+const CHAT_COLUMNS: &str = "id, provider, title, model, cwd, provider_session_id, created_at, \
+    updated_at, input_tokens, output_tokens, cached_input_tokens, cost_usd, last_turn, \
+    codex_thread_usage";
+
+/// One `chats` row (selected with [`CHAT_COLUMNS`]) → its record, with an
+/// empty queue and no running turn.
+fn read_chat(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChatRecord> {
+    use rusqlite::types::FromSqlError;
+    use std::os::unix::ffi::OsStrExt;
+    let conv = |i: usize, e: FromSqlError| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    };
+    let text = |i: usize| -> rusqlite::Result<String> {
+        Ok(row.get_ref(i)?.as_str().map_err(|e| conv(i, e))?.to_owned())
+    };
+    let opt_text = |i: usize| -> rusqlite::Result<Option<&str>> {
+        row.get_ref(i)?.as_str_or_null().map_err(|e| conv(i, e))
+    };
+    let count = |i: usize| -> rusqlite::Result<u64> {
+        let n = row.get_ref(i)?.as_i64().map_err(|e| conv(i, e))?;
+        u64::try_from(n).map_err(|_| conv(i, FromSqlError::OutOfRange(n)))
+    };
+    let bad = |i: usize, e: serde_json::Error| conv(i, FromSqlError::Other(Box::new(e)));
+    let provider = opt_text(1)?
+        .and_then(crate::providers::ProviderKind::parse)
+        .ok_or_else(|| conv(1, FromSqlError::InvalidType))?;
+    Ok(ChatRecord {
+        id: text(0)?,
+        provider,
+        title: text(2)?,
+        model: opt_text(3)?.map(str::to_owned),
+        cwd: std::ffi::OsStr::from_bytes(row.get_ref(4)?.as_bytes().map_err(|e| conv(4, e))?)
+            .into(),
+        provider_session_id: opt_text(5)?.map(str::to_owned),
+        created_at: text(6)?,
+        updated_at: text(7)?,
+        queue: Vec::new(),
+        last_turn: opt_text(12)?
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| bad(12, e))?,
+        usage: super::model::Usage {
+            input_tokens: count(8)?,
+            output_tokens: count(9)?,
+            cached_input_tokens: count(10)?,
+            cost_usd: row.get_ref(11)?.as_f64_or_null().map_err(|e| conv(11, e))?,
+        },
+        active_turn: None,
+        codex_thread_usage: opt_text(13)?
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| bad(13, e))?,
+    })
 }
 
 fn hash_of(s: &str) -> u64 {
@@ -304,10 +482,13 @@ fn hash_of(s: &str) -> u64 {
 }
 
 /// What the database holds for one chat, as hashes: the writer compares a
-/// new record against it and writes only the rows that differ.
+/// new record against it and writes only the rows that differ. A chat
+/// without one has no queue or turn rows and a `chats` row of unknown hash
+/// (written at its first change): start-up reads every chat but hashes none.
 #[derive(Default, Clone)]
 struct Shadow {
-    meta: u64,
+    /// `None`: not known (the row is written).
+    meta: Option<u64>,
     /// `(message id, ord, hash of the message JSON)` in queue order.
     queue: Vec<(String, i64, u64)>,
     turn: Option<u64>,
@@ -323,9 +504,10 @@ fn to_json<T: Serialize>(v: &T) -> String {
 }
 
 impl Writer {
-    /// Read every chat (and remember what is stored).
+    /// Read every chat (and remember what is stored of their queues and
+    /// turns). The chats come in id order, so queue and turn rows find
+    /// theirs by binary search instead of through a map of every chat.
     fn load(&mut self, conn: &rusqlite::Connection) -> rusqlite::Result<Vec<ChatRecord>> {
-        use std::collections::HashMap;
         let bad = |what: &str, id: &str, e: serde_json::Error| {
             rusqlite::Error::FromSqlConversionFailure(
                 0,
@@ -334,51 +516,50 @@ impl Writer {
             )
         };
         self.shadows.clear();
-        let mut recs: HashMap<String, ChatRecord> = HashMap::new();
-        let mut stmt = conn.prepare("SELECT id, record FROM chats")?;
+        let mut recs: Vec<ChatRecord> = Vec::new();
+        let mut stmt = conn.prepare(&format!("SELECT {CHAT_COLUMNS} FROM chats ORDER BY id"))?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
-            let id: String = row.get(0)?;
-            let text: String = row.get(1)?;
-            let rec: ChatRecord = serde_json::from_str(&text).map_err(|e| bad("record", &id, e))?;
-            self.shadows.insert(
-                id.clone(),
-                Shadow {
-                    meta: hash_of(&text),
-                    ..Shadow::default()
-                },
-            );
-            recs.insert(id, rec);
+            recs.push(read_chat(row)?);
         }
+        // `ORDER BY id` is byte order, as `str`'s; a record whose `id`
+        // field disagrees with its key would break the search below.
+        if !recs.is_sorted_by(|a, b| a.id < b.id) {
+            recs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        }
+        let find = |recs: &[ChatRecord], chat: &str| {
+            recs.binary_search_by(|r| r.id.as_str().cmp(chat)).ok()
+        };
         let mut stmt = conn
             .prepare("SELECT chat_id, message_id, ord, message FROM queue ORDER BY chat_id, ord")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let (chat, mid, ord, text): (String, String, i64, String) =
                 (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
-            let Some(rec) = recs.get_mut(&chat) else {
+            let Some(i) = find(&recs, &chat) else {
                 continue;
             };
-            rec.queue
+            recs[i]
+                .queue
                 .push(serde_json::from_str(&text).map_err(|e| bad("queued message", &chat, e))?);
-            if let Some(s) = self.shadows.get_mut(&chat) {
-                s.queue.push((mid, ord, hash_of(&text)));
-            }
+            self.shadows
+                .entry(chat)
+                .or_default()
+                .queue
+                .push((mid, ord, hash_of(&text)));
         }
         let mut stmt = conn.prepare("SELECT chat_id, turn FROM turns")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let (chat, text): (String, String) = (row.get(0)?, row.get(1)?);
-            let Some(rec) = recs.get_mut(&chat) else {
+            let Some(i) = find(&recs, &chat) else {
                 continue;
             };
-            rec.active_turn =
+            recs[i].active_turn =
                 Some(serde_json::from_str(&text).map_err(|e| bad("running turn", &chat, e))?);
-            if let Some(s) = self.shadows.get_mut(&chat) {
-                s.turn = Some(hash_of(&text));
-            }
+            self.shadows.entry(chat).or_default().turn = Some(hash_of(&text));
         }
-        Ok(recs.into_values().collect())
+        Ok(recs)
     }
 
     fn run(mut self, mut conn: rusqlite::Connection, rx: std::sync::mpsc::Receiver<Job>) {
@@ -467,19 +648,10 @@ fn write_chat(
     old: &Shadow,
 ) -> rusqlite::Result<Shadow> {
     let id = rec.id.as_str();
-    let meta = {
-        let mut bare = rec.clone();
-        bare.queue = Vec::new();
-        bare.active_turn = None;
-        to_json(&bare)
-    };
-    let meta_hash = hash_of(&meta);
-    if meta_hash != old.meta {
-        tx.prepare_cached(
-            "INSERT INTO chats (id, record) VALUES (?1, ?2)
-             ON CONFLICT (id) DO UPDATE SET record = excluded.record",
-        )?
-        .execute((id, &meta))?;
+    let meta = Meta::of(rec);
+    let meta_hash = meta.hash();
+    if Some(meta_hash) != old.meta {
+        put_meta(tx, &meta)?;
     }
 
     let turn = rec.active_turn.as_ref().map(to_json);
@@ -500,7 +672,7 @@ fn write_chat(
 
     let queue = write_queue(tx, id, &rec.queue, &old.queue)?;
     Ok(Shadow {
-        meta: meta_hash,
+        meta: Some(meta_hash),
         queue,
         turn: turn_hash,
     })
@@ -746,6 +918,31 @@ mod tests {
             }),
             Box::new(|r| r.queue.swap(0, 3)),
             Box::new(|r| r.title = "renamed".into()),
+            Box::new(|r| {
+                r.model = Some("m".into());
+                r.provider_session_id = Some("s".into());
+                r.usage = Usage {
+                    input_tokens: 1,
+                    output_tokens: 2,
+                    cached_input_tokens: 3,
+                    cost_usd: Some(0.25),
+                };
+                r.last_turn = Some(crate::chats::model::LastTurn {
+                    turn_id: "t1".into(),
+                    outcome: crate::chats::model::Outcome::Failed,
+                    finished_at: "f".into(),
+                    reason: None,
+                    error: Some(crate::events::ErrorBody {
+                        code: "c".into(),
+                        message: "m".into(),
+                    }),
+                });
+                r.codex_thread_usage = Some(crate::providers::Usage {
+                    input_tokens: 4,
+                    ..Default::default()
+                });
+                r.provider = ProviderKind::Codex;
+            }),
             Box::new(|r| r.queue.clear()),
         ];
         for step in steps {
@@ -793,6 +990,57 @@ mod tests {
         assert!(!json.exists());
         assert!(dir.path().join("chats.json.migrated").exists());
         drop(_db);
+        assert_eq!(reopen(dir.path()), vec![a, b]);
+    }
+
+    /// A database of schema 1 (each chat a JSON record) is converted to
+    /// columns at open; nothing is lost, queue rows stay.
+    #[test]
+    fn schema_1_is_converted_to_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("chats.db");
+        let mut a = rec("c_a");
+        a.usage.cost_usd = Some(1.5);
+        a.last_turn = Some(crate::chats::model::LastTurn {
+            turn_id: "t".into(),
+            outcome: crate::chats::model::Outcome::Completed,
+            finished_at: "f".into(),
+            reason: None,
+            error: None,
+        });
+        let b = rec("c_b");
+        {
+            let conn = rusqlite::Connection::open(&p).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE chats (id TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
+                 CREATE TABLE queue (message_id TEXT PRIMARY KEY, chat_id TEXT NOT NULL,
+                     ord INTEGER NOT NULL, message TEXT NOT NULL);
+                 CREATE INDEX queue_by_chat ON queue (chat_id, ord);
+                 CREATE TABLE turns (chat_id TEXT PRIMARY KEY, turn TEXT NOT NULL) WITHOUT ROWID;
+                 PRAGMA user_version=1;",
+            )
+            .unwrap();
+            for r in [&a, &b] {
+                conn.execute(
+                    "INSERT INTO chats (id, record) VALUES (?1, ?2)",
+                    (&r.id, serde_json::to_string(r).unwrap()),
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO queue VALUES ('m1', 'c_a', 0, ?1)",
+                [serde_json::to_string(&msg("m1")).unwrap()],
+            )
+            .unwrap();
+        }
+        a.queue.push(msg("m1"));
+        assert_eq!(reopen(dir.path()), vec![a.clone(), b.clone()]);
+        let conn = rusqlite::Connection::open(&p).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(conn);
         assert_eq!(reopen(dir.path()), vec![a, b]);
     }
 

@@ -18,6 +18,15 @@ const CONNECTIONS: usize = 64;
 const SECONDS: u64 = 5;
 /// Chats created (issue 10: the cost of a chat at 10,000 against 100).
 const CHATS: usize = 10_000;
+/// The small engine of the alternated POST figures.
+const FEW_CHATS: usize = 100;
+/// Rounds of the alternated POST figures (one of each request per engine).
+const ROUNDS: usize = 300;
+/// The agent CLI of the POST-message figures: a path that does not exist,
+/// so a message is accepted (`sent`) and its turn fails at the spawn at
+/// once. What is timed is the engine accepting the message (validate,
+/// commit to `chats.db`, answer); no stand-in CLI competes for the cores.
+const NO_CLI: &str = "/nonexistent/replicas-bench-cli";
 
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -91,10 +100,13 @@ pub async fn run() -> anyhow::Result<()> {
     let home = crate::events::home_with_events(100_000)?;
     let engine = Engine::start_on(
         home.path(),
-        &[(
-            "REPLICAS_EVENTS_MAX_BYTES",
-            std::ffi::OsStr::new("1099511627776"),
-        )],
+        &[
+            (
+                "REPLICAS_EVENTS_MAX_BYTES",
+                std::ffi::OsStr::new("1099511627776"),
+            ),
+            ("CLAUDE_BIN", std::ffi::OsStr::new(NO_CLI)),
+        ],
         Some("0"),
     )
     .await?;
@@ -108,15 +120,10 @@ pub async fn run() -> anyhow::Result<()> {
     // the cost of one more chat.
     let started = Instant::now();
     let mut took = Vec::with_capacity(CHATS);
+    let mut ids = Vec::with_capacity(CHATS);
     for n in 0..CHATS {
         let t = Instant::now();
-        let res = engine
-            .client
-            .post(format!("{}/chats", engine.base))
-            .json(&serde_json::json!({"provider": "claude"}))
-            .send()
-            .await?;
-        anyhow::ensure!(res.status() == 201, "POST /chats: {}", res.status());
+        ids.push(create_chat(&engine).await?);
         took.push(t.elapsed());
         if n + 1 == 2000 {
             versus(
@@ -151,8 +158,28 @@ pub async fn run() -> anyhow::Result<()> {
         CHATS - 100,
         last.as_secs_f64() / first.as_secs_f64(),
     );
+    post_medians(&engine, &ids, false).await?;
     engine.stop().await;
     let _ = bare.kill().await;
+    // Again with every message queued: a start hook that never ends holds
+    // the turns back, so no turn (no process spawn) runs beside the POSTs.
+    let hook = hanging_start_hook(home.path())?;
+    let engine = Engine::start_on(
+        home.path(),
+        &[
+            (
+                "REPLICAS_EVENTS_MAX_BYTES",
+                std::ffi::OsStr::new("1099511627776"),
+            ),
+            ("CLAUDE_BIN", std::ffi::OsStr::new(NO_CLI)),
+        ],
+        Some("0"),
+    )
+    .await?;
+    post_medians(&engine, &ids, true).await?;
+    engine.stop().await;
+    std::fs::remove_dir_all(hook)?;
+    let _ = std::fs::remove_file(home.path().join(".replicas/engine-state.json"));
     let mut times = Vec::new();
     for _ in 0..5 {
         let (engine, took) = crate::events::start_timed(home.path()).await?;
@@ -171,9 +198,9 @@ pub async fn run() -> anyhow::Result<()> {
 /// Rounds of bare axum against the engine, alternated (the machine's load
 /// drifts between runs minutes apart: the ratio is taken from runs seconds
 /// apart).
-const ROUNDS: usize = 3;
+const VERSUS_ROUNDS: usize = 3;
 
-/// `path` on the engine against `/` on the bare server, [`ROUNDS`] times
+/// `path` on the engine against `/` on the bare server, [`VERSUS_ROUNDS`] times
 /// each, alternated; prints every round and the ratios of the medians.
 async fn versus(
     bare: &str,
@@ -183,7 +210,7 @@ async fn versus(
     secret: bool,
 ) -> anyhow::Result<()> {
     let (mut b, mut e) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
+    for round in 0..VERSUS_ROUNDS {
         let r = load(bare, "/", false).await?;
         let l = load(engine, path, secret).await?;
         println!(
@@ -212,6 +239,123 @@ async fn versus(
         b_p99 * 1000.0,
         e_p99 / b_p99,
     );
+    Ok(())
+}
+
+/// `POST /chats`; the new chat's id.
+async fn create_chat(engine: &Engine) -> anyhow::Result<String> {
+    let res = engine
+        .client
+        .post(format!("{}/chats", engine.base))
+        .json(&serde_json::json!({"provider": "claude"}))
+        .send()
+        .await?;
+    anyhow::ensure!(res.status() == 201, "POST /chats: {}", res.status());
+    let chat: serde_json::Value = res.json().await?;
+    chat["id"]
+        .as_str()
+        .map(str::to_owned)
+        .context("POST /chats answered no id")
+}
+
+/// `POST /chats/:id/messages`, expecting the answer `status` (`sent`,
+/// `queued`).
+async fn send_message(engine: &Engine, chat: &str, status: &str) -> anyhow::Result<()> {
+    let res = engine
+        .client
+        .post(format!("{}/chats/{chat}/messages", engine.base))
+        .json(&serde_json::json!({"message": "bench message"}))
+        .send()
+        .await?;
+    anyhow::ensure!(res.status() == 202, "POST message: {}", res.status());
+    let accepted: serde_json::Value = res.json().await?;
+    anyhow::ensure!(
+        accepted["status"] == status,
+        "POST message: {accepted} (expected {status})"
+    );
+    Ok(())
+}
+
+/// A repo under `home`'s workspaces whose start hook runs for an hour, so
+/// the engine started next holds every turn back (messages are `queued`).
+/// The engine's record of earlier start hooks is removed so they run.
+fn hanging_start_hook(home: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let repo = home.join("workspaces/bench-hanging-hook");
+    std::fs::create_dir_all(&repo)?;
+    let ok = std::process::Command::new("git")
+        .args(["init", "-q"])
+        .current_dir(&repo)
+        .status()?
+        .success();
+    anyhow::ensure!(ok, "git init failed");
+    std::fs::write(
+        repo.join("replicas.yaml"),
+        "startHook:\n  commands: [\"sleep 3600\"]\n  timeout: 3600000\n",
+    )?;
+    let _ = std::fs::remove_file(home.join(".replicas/engine-state.json"));
+    Ok(repo)
+}
+
+/// Issue 10: `POST /chats` and `POST /chats/:id/messages` at 10,000 chats
+/// against 100. A second engine with [`FEW_CHATS`] chats runs beside the
+/// big one (both pinned to cpu0) and the requests alternate between them,
+/// round by round (who goes first alternates too), so the machine's drift
+/// hits both sides alike. Messages go round the first [`FEW_CHATS`] chats
+/// of each engine, each to a chat whose previous turn is long over, so
+/// every one is `sent`; with `queued` the big
+/// engine runs a start hook that never ends (so does the small one) and
+/// every message waits in its chat's queue: the accept path alone.
+async fn post_medians(big: &Engine, big_ids: &[String], queued: bool) -> anyhow::Result<()> {
+    let home = tempfile::tempdir()?;
+    if queued {
+        hanging_start_hook(home.path())?;
+    }
+    let small = Engine::start_on(
+        home.path(),
+        &[("CLAUDE_BIN", std::ffi::OsStr::new(NO_CLI))],
+        Some("0"),
+    )
+    .await?;
+    let mut small_ids = Vec::with_capacity(FEW_CHATS);
+    for _ in 0..FEW_CHATS {
+        small_ids.push(create_chat(&small).await?);
+    }
+    let (mut create, mut message) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let engines = [(&small, &small_ids[..]), (big, big_ids)];
+    for round in 0..ROUNDS {
+        for k in 0..2 {
+            let side = (round + k) % 2;
+            let (engine, ids) = engines[side];
+            let t = Instant::now();
+            create_chat(engine).await?;
+            create[side].push(t.elapsed());
+            // The same 100 chats on both sides, so a chat's first turn
+            // (its history file is created) weighs alike on both.
+            let chat = &ids[round % FEW_CHATS];
+            let t = Instant::now();
+            send_message(engine, chat, if queued { "queued" } else { "sent" }).await?;
+            message[side].push(t.elapsed());
+        }
+    }
+    small.stop().await;
+    let how = if queued {
+        "queued behind a start hook"
+    } else {
+        "sent: the turn starts, its CLI spawn fails"
+    };
+    for (what, [few, many]) in [
+        ("POST /chats", &mut create),
+        ("POST /chats/:id/messages", &mut message),
+    ] {
+        let (few, _, _) = crate::percentiles(few);
+        let (many, _, _) = crate::percentiles(many);
+        println!(
+            "http: {what} median, alternated ({ROUNDS} each; messages {how}): {:.2} ms at {FEW_CHATS} chats, {:.2} ms at {CHATS} ({:.2}x, target <= 1.2x)",
+            crate::ms(few),
+            crate::ms(many),
+            many.as_secs_f64() / few.as_secs_f64(),
+        );
+    }
     Ok(())
 }
 
