@@ -1212,23 +1212,15 @@ mod tests {
         assert_eq!(svc.counts().queued_messages, 2);
 
         hooks_tx.send(true).unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while turns_ended.load(Ordering::SeqCst) < 2 {
-            assert!(tokio::time::Instant::now() < deadline, "turns never ran");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until("turns never ran", || {
+            turns_ended.load(Ordering::SeqCst) >= 2
+        })
+        .await;
         let c = svc.get(&chat.id).unwrap();
         assert_eq!(c.status, ChatStatus::Idle);
         assert_eq!(c.last_turn.unwrap().outcome, Outcome::Completed);
         assert_eq!(prompts_asked.load(Ordering::SeqCst), 2);
-        let page = svc.history(&chat.id, 100, 0, false).await.unwrap();
-        let users: Vec<&str> = page
-            .items
-            .iter()
-            .filter(|i| i.kind == model::ItemKind::UserMessage)
-            .map(|i| i.text.as_str())
-            .collect();
-        assert_eq!(users, ["one", "two"]);
+        assert_eq!(user_messages(&svc, &chat.id).await, ["one", "two"]);
         svc.shutdown().await;
     }
 
@@ -1248,6 +1240,16 @@ mod tests {
             provider: "codex".into(),
             ..NewChat::default()
         }
+    }
+
+    /// The texts of the chat's `user_message` history items, in order.
+    async fn user_messages(svc: &ChatService, id: &str) -> Vec<String> {
+        let page = svc.history(id, 100, 0, false).await.unwrap();
+        page.items
+            .into_iter()
+            .filter(|i| i.kind == model::ItemKind::UserMessage)
+            .map(|i| i.text)
+            .collect()
     }
 
     async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -1362,14 +1364,7 @@ mod tests {
             c.queue.is_empty() && c.status == ChatStatus::Idle && !svc.has_runner(&busy)
         })
         .await;
-        let page = svc.history(&busy, 100, 0, false).await.unwrap();
-        let users: Vec<&str> = page
-            .items
-            .iter()
-            .filter(|i| i.kind == model::ItemKind::UserMessage)
-            .map(|i| i.text.as_str())
-            .collect();
-        assert_eq!(users, ["one", "two"]);
+        assert_eq!(user_messages(&svc, &busy).await, ["one", "two"]);
         svc.shutdown().await;
     }
 

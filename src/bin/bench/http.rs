@@ -98,18 +98,7 @@ pub async fn run() -> anyhow::Result<()> {
     // A home with a 100,000-event journal: the chats below are added to
     // it, and the engine is restarted on it at the end (start-up target).
     let home = crate::events::home_with_events(100_000)?;
-    let engine = Engine::start_on(
-        home.path(),
-        &[
-            (
-                "REPLICAS_EVENTS_MAX_BYTES",
-                std::ffi::OsStr::new("1099511627776"),
-            ),
-            ("CLAUDE_BIN", std::ffi::OsStr::new(NO_CLI)),
-        ],
-        Some("0"),
-    )
-    .await?;
+    let engine = start_big(home.path()).await?;
     versus(&bare_addr, &engine.addr, "GET /health", "/health", false).await?;
     // BENCH_HTTP=requests: only the request figures (/health, /status).
     let only_requests = std::env::var("BENCH_HTTP").is_ok_and(|v| v == "requests");
@@ -164,18 +153,7 @@ pub async fn run() -> anyhow::Result<()> {
     // Again with every message queued: a start hook that never ends holds
     // the turns back, so no turn (no process spawn) runs beside the POSTs.
     let hook = hanging_start_hook(home.path())?;
-    let engine = Engine::start_on(
-        home.path(),
-        &[
-            (
-                "REPLICAS_EVENTS_MAX_BYTES",
-                std::ffi::OsStr::new("1099511627776"),
-            ),
-            ("CLAUDE_BIN", std::ffi::OsStr::new(NO_CLI)),
-        ],
-        Some("0"),
-    )
-    .await?;
+    let engine = start_big(home.path()).await?;
     post_medians(&engine, &ids, true).await?;
     engine.stop().await;
     std::fs::remove_dir_all(hook)?;
@@ -240,6 +218,23 @@ async fn versus(
         e_p99 / b_p99,
     );
     Ok(())
+}
+
+/// The engine of the 10,000 chats, on `home` (a journal that may grow past
+/// the default bound; [`NO_CLI`] as its claude).
+async fn start_big(home: &std::path::Path) -> anyhow::Result<Engine> {
+    Engine::start_on(
+        home,
+        &[
+            (
+                "REPLICAS_EVENTS_MAX_BYTES",
+                std::ffi::OsStr::new("1099511627776"),
+            ),
+            ("CLAUDE_BIN", std::ffi::OsStr::new(NO_CLI)),
+        ],
+        Some("0"),
+    )
+    .await
 }
 
 /// `POST /chats`; the new chat's id.
