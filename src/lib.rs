@@ -1,7 +1,7 @@
 //! Replicas Engine: the daemon inside every workspace VM. A tour, one line
 //! per module:
 //!
-//! - [`chats`]: the chat registry (every change through one `mutate`: bump, stamp, `chat.updated`, write), message queues and turns (per-chat runner), history files, restart recovery.
+//! - [`chats`]: the chat registry (every change through one `mutate`: bump, stamp, `chat.updated`, write), message queues and turns (a runner per chat with work), history files, restart recovery.
 //! - [`config`]: environment → validated [`config::Config`]; every path from one home ([`config::Paths`]).
 //! - [`app`]: [`app::AppState`] (service handles) and `build()`; knows no HTTP.
 //! - [`http`]: builds the router from an `AppState`: layers, auth, one file per resource; `http/error.rs` turns every domain error into a status and the error shape, in one place.
