@@ -175,7 +175,10 @@ async fn whole_chat(provider: &str, app_server: bool) {
     let (turn, _, p) = wait_turn(&mut events, &m).await;
     assert_eq!(p["outcome"], "completed", "{provider}: {p}");
     let items = turn_items(&e, &chat, &turn).await;
-    assert!(texts(&items, "assistant_message").contains("Hello from mock"));
+    assert!(
+        texts(&items, "assistant_message").contains("Hello from mock"),
+        "{provider}: {items:#?}"
+    );
     let c = e.get_json(&format!("/chats/{chat}"), 200).await;
     assert_eq!(c["providerSessionId"], session, "{provider}");
 
