@@ -53,6 +53,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A child on its way to exec (see `process::command`): nothing else.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = process::run_spawn_shim(&args) {
+        return ExitCode::from(code);
+    }
+    drop(args);
+    process::use_spawn_shim();
     // Agents run as our user: keep them out of /proc/<pid>/environ and mem.
     let dumpable = process::make_non_dumpable();
     let cli = Cli::parse();

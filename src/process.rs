@@ -1,7 +1,8 @@
-//! All subprocess handling: every child the engine starts (agent CLIs, hook
-//! commands, git, gh) goes through [`command`], which puts it in its own
-//! process group, ties its life to the engine's (parent-death signal) and
-//! kills it if its handle is dropped. [`stop_group`] ends a whole tree:
+//! All subprocess handling: every child the engine starts goes through
+//! [`command`] (agent CLIs, hook commands) or [`short_command`] (git, gh),
+//! which put it in its own process group and kill it if its handle is
+//! dropped; [`command`] also ties its life to the engine's (parent-death
+//! signal). [`stop_group`] ends a whole tree:
 //! TERM to the group, a grace period, then KILL; "already gone" is success.
 //!
 //! Children get an allow-listed environment ([`child_env`]): the ambient
@@ -22,15 +23,134 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 /// A command that runs in its own process group, dies with the engine and is
-/// killed when its `Child` is dropped. Stdio is left for the caller to set.
+/// killed when its `Child` is dropped: for agents and hooks, which may run
+/// for hours. Stdio is left for the caller to set.
+///
+/// Once the engine binary enabled it ([`use_spawn_shim`]), a program found
+/// on the children's `PATH` starts through the spawn shim: the engine
+/// `posix_spawn`s itself with [`SPAWN_SHIM_ARG`], and that fresh image sets
+/// the parent-death signal and execs the program ([`run_spawn_shim`]); the
+/// second exec costs about a millisecond at any engine size. Otherwise the
+/// signal is set between `fork` and `exec` (`pre_exec`), and a `fork`
+/// copies the page tables of the whole engine: its cost grows with the
+/// engine's memory (10,000 chats made every turn's spawn 1.5x slower).
 pub fn command(program: impl AsRef<OsStr>) -> Command {
-    let mut cmd = Command::new(program);
+    let program = program.as_ref();
+    let env = child_env();
+    let shim = SHIM_ENABLED
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .then(|| resolve_program(program, env_path(&env)))
+        .flatten();
+    let mut cmd = match &shim {
+        Some(resolved) => {
+            let mut cmd = Command::new(SELF_EXE);
+            cmd.arg(SPAWN_SHIM_ARG)
+                .arg(std::process::id().to_string())
+                .arg(resolved);
+            cmd
+        }
+        None => Command::new(program),
+    };
     cmd.env_clear()
-        .envs(child_env())
+        .envs(env)
         .process_group(0)
         .kill_on_drop(true);
-    set_parent_death_signal(&mut cmd);
+    if shim.is_none() {
+        set_parent_death_signal(&mut cmd);
+    }
     cmd
+}
+
+/// A [`command`] for a program that ends within seconds on its own (git,
+/// gh): no parent-death signal, so it is a plain `posix_spawn` whatever
+/// the engine's size; `kill_on_drop` still ends it with its caller, and if
+/// the engine dies it finishes its short work alone.
+pub fn short_command(program: impl AsRef<OsStr>) -> Command {
+    let program = program.as_ref();
+    let env = child_env();
+    // A bare name with `PATH` in the environment makes std fork (it searches
+    // `PATH` between fork and exec): search it here instead.
+    let mut cmd = match resolve_program(program, env_path(&env)) {
+        Some(resolved) => Command::new(resolved),
+        None => Command::new(program),
+    };
+    cmd.env_clear()
+        .envs(env)
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd
+}
+
+fn env_path(env: &[(OsString, OsString)]) -> Option<&OsStr> {
+    env.iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_os_str())
+}
+
+/// The engine's own image, even when its file was replaced or deleted.
+const SELF_EXE: &str = "/proc/self/exe";
+
+/// `argv[1]` that makes the engine binary act as the spawn shim:
+/// `replicas-engine __replicas-spawn-shim <engine pid> <program> [args...]`.
+pub const SPAWN_SHIM_ARG: &str = "__replicas-spawn-shim";
+
+static SHIM_ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Start children through the spawn shim from now on. Only a binary whose
+/// `main` begins with [`run_spawn_shim`] may call this (the engine does;
+/// test harnesses linking the library do not, and fork instead).
+pub fn use_spawn_shim() {
+    SHIM_ENABLED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `program` as an executable file: itself when absolute, else the first
+/// match on `path` (what `execvp` would run). `None` for anything else
+/// (not found, relative with a slash): then [`command`] forks, and a
+/// missing program fails `spawn` with `NotFound` as usual.
+fn resolve_program(program: &OsStr, path: Option<&OsStr>) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let program_path = std::path::Path::new(program);
+    if program_path.is_absolute() {
+        return executable(program_path).then(|| program_path.to_path_buf());
+    }
+    if program.as_encoded_bytes().contains(&b'/') || program.is_empty() {
+        return None;
+    }
+    std::env::split_paths(path?)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(program))
+        .find(|p| executable(p))
+}
+
+/// The spawn shim's whole life, when `args` (the process's arguments,
+/// `argv[0]` first) ask for it: set SIGKILL as the parent-death signal,
+/// leave at once if the engine is already gone, exec the program. Returns
+/// `None` for an ordinary command line; otherwise only if exec failed, with
+/// the exit code (127, the shell's "cannot run").
+pub fn run_spawn_shim(args: &[OsString]) -> Option<u8> {
+    use std::os::unix::process::CommandExt;
+    let [_, flag, parent, program, rest @ ..] = args else {
+        return None;
+    };
+    if flag != SPAWN_SHIM_ARG {
+        return None;
+    }
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err()
+        || parent.to_str().and_then(|p| p.parse::<i32>().ok())
+            != Some(nix::unistd::getppid().as_raw())
+    {
+        // No signal would ever come: the engine died before it was set.
+        return Some(127);
+    }
+    let err = std::process::Command::new(program).args(rest).exec();
+    eprintln!(
+        "replicas-engine: cannot run {}: {err}",
+        program.to_string_lossy()
+    );
+    Some(127)
 }
 
 /// Ambient variables every child receives when the engine has them: what a
@@ -659,6 +779,48 @@ mod tests {
         for n in &names {
             assert!(child_may_see(n, &[]) || *n == "EXPLICIT", "{n} leaked");
         }
+    }
+
+    #[test]
+    fn programs_resolve_as_execvp_would() {
+        let path = std::env::var_os("PATH");
+        let sh = resolve_program(OsStr::new("sh"), path.as_deref()).unwrap();
+        assert!(sh.is_absolute() && sh.ends_with("sh"), "{sh:?}");
+        assert_eq!(resolve_program(sh.as_os_str(), None), Some(sh.clone()));
+        for nothing in ["no-such-program-here", "./sh", "bin/sh", ""] {
+            assert_eq!(resolve_program(OsStr::new(nothing), path.as_deref()), None);
+        }
+        // A file that is not executable is not a program.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("data"), "x").unwrap();
+        assert_eq!(
+            resolve_program(OsStr::new("data"), Some(dir.path().as_os_str())),
+            None
+        );
+    }
+
+    #[test]
+    fn only_the_shim_argument_makes_a_shim() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(run_spawn_shim(&args(&["replicas-engine"])), None);
+        assert_eq!(run_spawn_shim(&args(&["e", "serve", "1", "x"])), None);
+        // The engine (pid 1 here) is not our parent: exit, never exec.
+        assert_eq!(
+            run_spawn_shim(&args(&["e", SPAWN_SHIM_ARG, "1", "/bin/true"])),
+            Some(127)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_short_command_runs_a_program_found_on_path() {
+        let out = short_command("sh")
+            .args(["-c", "echo $0"])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        let missing = short_command("no-such-program-here").spawn();
+        assert_eq!(missing.unwrap_err().kind(), std::io::ErrorKind::NotFound);
     }
 
     #[test]

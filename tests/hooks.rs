@@ -291,6 +291,42 @@ async fn engine_shutdown_kills_a_running_hook_and_does_not_record_it() {
     );
 }
 
+/// A `kill -9` of the engine takes the processes it started along at once,
+/// before any restart: the parent-death signal, set by the spawn shim
+/// before it execs the program (the program runs, not the shim). A
+/// sleeper, unlike an agent CLI, does not notice its pipes closing.
+#[tokio::test]
+async fn a_hook_dies_with_a_killed_engine() {
+    let cfg = json!({"startHook": {"commands": ["echo $$ > leader.pid; exec sleep 60"], "timeout": 60000}});
+    let e = engine_with(&[("a", "replicas.json", &cfg.to_string())]).await;
+    let pid_file = e.spec.workspaces().join("a/leader.pid");
+    let pid: i32 = eventually("the hook's pid", Duration::from_secs(30), async || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    })
+    .await
+    .trim()
+    .parse()
+    .unwrap();
+    let cmdline = eventually(
+        "the hook to exec sleep",
+        Duration::from_secs(5),
+        async || {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            cmdline.starts_with("sleep").then_some(cmdline)
+        },
+    )
+    .await;
+    assert!(
+        !cmdline.contains(replicas_engine::process::SPAWN_SHIM_ARG),
+        "{cmdline}"
+    );
+    let _spec = e.kill9().await;
+    wait_gone(pid, "the hook to die with the engine").await;
+}
+
 #[tokio::test]
 async fn warm_runs_warm_hooks_without_a_secret_and_exit_code_tells_failures() {
     let (spec, _guard) = EngineSpec::new();

@@ -4,7 +4,7 @@
 //! the index lock from an agent working in the same repo), no prompts,
 //! `GIT_CEILING_DIRECTORIES` at the workspace root (a folder that merely
 //! *looks* like a repo must not be read as the workspace's parent repo), in
-//! its own process group via [`crate::process::command`].
+//! its own process group via [`crate::process::short_command`].
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -32,7 +32,7 @@ pub struct Git {
 
 impl Git {
     fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut cmd = crate::process::command(&self.bin);
+        let mut cmd = crate::process::short_command(&self.bin);
         cmd.arg("-C")
             .arg(&self.repo)
             .args([

@@ -541,7 +541,7 @@ impl RepoService {
     }
 
     async fn ask_gh(&self, dir: &Path, branch: &str) -> Option<String> {
-        let mut cmd = crate::process::command(&self.inner.gh_bin);
+        let mut cmd = crate::process::short_command(&self.inner.gh_bin);
         // The branch name is the repo's: after `--`, so a branch named
         // `--repo=evil/x` is a branch, not an option.
         cmd.args(["pr", "view", "--json", "url", "--", branch])

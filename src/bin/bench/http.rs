@@ -22,11 +22,13 @@ const CHATS: usize = 10_000;
 const FEW_CHATS: usize = 100;
 /// Rounds of the alternated POST figures (one of each request per engine).
 const ROUNDS: usize = 300;
-/// The agent CLI of the POST-message figures: a path that does not exist,
-/// so a message is accepted (`sent`) and its turn fails at the spawn at
-/// once. What is timed is the engine accepting the message (validate,
-/// commit to `chats.db`, answer); no stand-in CLI competes for the cores.
-const NO_CLI: &str = "/nonexistent/replicas-bench-cli";
+/// The agent CLI of the POST-message figures: a real program that exits at
+/// once, so a message is accepted (`sent`), its turn spawns a process like
+/// any turn (the cost that grew with the engine's memory while spawning
+/// forked) and fails when the CLI ends without an answer. What is timed is
+/// the engine accepting the message (validate, commit to `chats.db`,
+/// answer) with the turn's spawn beside it on the same core.
+const QUICK_CLI: &str = "/bin/true";
 
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -99,10 +101,14 @@ pub async fn run() -> anyhow::Result<()> {
     // it, and the engine is restarted on it at the end (start-up target).
     let home = crate::events::home_with_events(100_000)?;
     let engine = start_big(home.path()).await?;
-    versus(&bare_addr, &engine.addr, "GET /health", "/health", false).await?;
-    // BENCH_HTTP=requests: only the request figures (/health, /status).
-    let only_requests = std::env::var("BENCH_HTTP").is_ok_and(|v| v == "requests");
-    if !only_requests {
+    // BENCH_HTTP=requests: only the request figures (/health, /status);
+    // BENCH_HTTP=posts: only the POST medians at 10,000 vs 100 chats.
+    let only = std::env::var("BENCH_HTTP").unwrap_or_default();
+    let (only_requests, only_posts) = (only == "requests", only == "posts");
+    if !only_posts {
+        versus(&bare_addr, &engine.addr, "GET /health", "/health", false).await?;
+    }
+    if !only_requests && !only_posts {
         metrics_cost().await?;
     }
     // 2,000 chats for /status (does it walk them?), then up to 10,000 for
@@ -114,7 +120,7 @@ pub async fn run() -> anyhow::Result<()> {
         let t = Instant::now();
         ids.push(create_chat(&engine).await?);
         took.push(t.elapsed());
-        if n + 1 == 2000 {
+        if n + 1 == 2000 && !only_posts {
             versus(
                 &bare_addr,
                 &engine.addr,
@@ -157,6 +163,9 @@ pub async fn run() -> anyhow::Result<()> {
     post_medians(&engine, &ids, true).await?;
     engine.stop().await;
     std::fs::remove_dir_all(hook)?;
+    if only_posts {
+        return Ok(());
+    }
     let _ = std::fs::remove_file(home.path().join(".replicas/engine-state.json"));
     let mut times = Vec::new();
     for _ in 0..5 {
@@ -221,7 +230,7 @@ async fn versus(
 }
 
 /// The engine of the 10,000 chats, on `home` (a journal that may grow past
-/// the default bound; [`NO_CLI`] as its claude).
+/// the default bound; [`QUICK_CLI`] as its claude).
 async fn start_big(home: &std::path::Path) -> anyhow::Result<Engine> {
     Engine::start_on(
         home,
@@ -230,7 +239,7 @@ async fn start_big(home: &std::path::Path) -> anyhow::Result<Engine> {
                 "REPLICAS_EVENTS_MAX_BYTES",
                 std::ffi::OsStr::new("1099511627776"),
             ),
-            ("CLAUDE_BIN", std::ffi::OsStr::new(NO_CLI)),
+            ("CLAUDE_BIN", std::ffi::OsStr::new(QUICK_CLI)),
         ],
         Some("0"),
     )
@@ -307,7 +316,7 @@ async fn post_medians(big: &Engine, big_ids: &[String], queued: bool) -> anyhow:
     }
     let small = Engine::start_on(
         home.path(),
-        &[("CLAUDE_BIN", std::ffi::OsStr::new(NO_CLI))],
+        &[("CLAUDE_BIN", std::ffi::OsStr::new(QUICK_CLI))],
         Some("0"),
     )
     .await?;
@@ -336,7 +345,7 @@ async fn post_medians(big: &Engine, big_ids: &[String], queued: bool) -> anyhow:
     let how = if queued {
         "queued behind a start hook"
     } else {
-        "sent: the turn starts, its CLI spawn fails"
+        "sent: the turn spawns a CLI that exits at once"
     };
     for (what, [few, many]) in [
         ("POST /chats", &mut create),
