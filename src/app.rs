@@ -21,8 +21,22 @@ use crate::status::{AgentProcesses, EngineStatus, EventsState, HooksState};
 use crate::status::{ProvidersState, RepoCount, StatusCache};
 use crate::upstream::Upstream;
 
+/// Every service handle a route needs. One `Arc`: axum clones the state
+/// for every request (twice), and cloning a dozen handles (one of them a
+/// `CancellationToken`, whose clone and drop take a lock) was a tenth of
+/// the engine's own CPU under `/status` load. Fields read through `Deref`.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+pub struct Services {
     pub config: Arc<Config>,
     pub bus: EventBus,
     /// Webhooks and credential refresh (inert without `MONOLITH_URL`).
@@ -83,7 +97,7 @@ impl AppState {
             chats_db,
         );
         let started_at = Utc::now();
-        let state = Self {
+        let state = Self(Arc::new(Services {
             readiness: Arc::new(crate::readiness::Readiness::new(config.ready_file.clone())),
             repos,
             hooks,
@@ -96,7 +110,7 @@ impl AppState {
             started: Instant::now(),
             shutdown,
             status_cache: Arc::default(),
-        };
+        }));
         state.bus.publish(
             None,
             EventKind::EngineReady {
