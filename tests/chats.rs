@@ -11,20 +11,11 @@ use crate::common::chat::{
     chat_events, create_chat, engine, history, last_argv, new_chat, payload, send, send_and_wait,
     spec, wait_chat, wait_turn, WAIT,
 };
-use crate::common::{alive, eventually, TestEngine};
+use crate::common::{alive, eventually, wait_pid, TestEngine};
 use serde_json::{json, Value};
 
 /// Wait until `path` holds a pid; the fake writes it once its lingering
 /// child is running.
-async fn wait_pid(path: &Path) -> i32 {
-    eventually(&format!("a pid in {}", path.display()), WAIT, async || {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-    })
-    .await
-}
-
 async fn wait_dead(pid: i32) {
     eventually(&format!("process {pid} to end"), WAIT, async || !alive(pid)).await
 }

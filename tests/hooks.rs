@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{alive, eventually, find, git_repo, sh, EngineSpec, SseEvent, TestEngine};
+use crate::common::{
+    alive, eventually, find, git_repo, sh, wait_pid, EngineSpec, SseEvent, TestEngine,
+};
 use serde_json::{json, Value};
 
 /// A committed repo `name` under the workspace root with config `file`.
@@ -273,15 +275,7 @@ async fn engine_shutdown_kills_a_running_hook_and_does_not_record_it() {
         json!({"startHook": {"commands": ["sleep 60 & echo $! > gc.pid; wait"], "timeout": 60000}});
     let e = engine_with(&[("a", "replicas.json", &cfg.to_string())]).await;
     let pid_file = e.spec.workspaces().join("a/gc.pid");
-    let pid: i32 = eventually("the hook's pid", Duration::from_secs(30), async || {
-        std::fs::read_to_string(&pid_file)
-            .ok()
-            .filter(|s| s.ends_with('\n'))
-    })
-    .await
-    .trim()
-    .parse()
-    .unwrap();
+    let pid = wait_pid(&pid_file).await;
     assert_eq!(e.get_json("/hooks/status", 200).await["status"], "running");
     let spec = e.shutdown().await;
     wait_gone(pid, "shutdown to end the hook's process group").await;
@@ -300,15 +294,7 @@ async fn a_hook_dies_with_a_killed_engine() {
     let cfg = json!({"startHook": {"commands": ["echo $$ > leader.pid; exec sleep 60"], "timeout": 60000}});
     let e = engine_with(&[("a", "replicas.json", &cfg.to_string())]).await;
     let pid_file = e.spec.workspaces().join("a/leader.pid");
-    let pid: i32 = eventually("the hook's pid", Duration::from_secs(30), async || {
-        std::fs::read_to_string(&pid_file)
-            .ok()
-            .filter(|s| s.ends_with('\n'))
-    })
-    .await
-    .trim()
-    .parse()
-    .unwrap();
+    let pid = wait_pid(&pid_file).await;
     let cmdline = eventually(
         "the hook to exec sleep",
         Duration::from_secs(5),

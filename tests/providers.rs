@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::provider::{answer, drain, prompt, read_until, run};
-use crate::common::{alive, eventually};
+use crate::common::{alive, eventually, wait_pid};
 use replicas_engine::process;
 use replicas_engine::providers::{
     items, Image, ItemKind, Outcome, ProcessPool, ProviderError, ProviderEvent, ProviderKind,
@@ -72,16 +72,7 @@ impl Env {
 
     /// The pid the fake CLI's lingering child wrote, once it exists.
     async fn child_pid(&self) -> i32 {
-        let file = self.path("child.pid");
-        eventually("the child's pid", SOON, async || {
-            std::fs::read_to_string(&file)
-                .ok()
-                .filter(|s| !s.is_empty())
-        })
-        .await
-        .trim()
-        .parse()
-        .unwrap()
+        wait_pid(&self.path("child.pid")).await
     }
 }
 

@@ -392,6 +392,22 @@ pub fn find<'a>(list: &'a serde_json::Value, key: &str, value: &str) -> &'a serd
         .unwrap_or_else(|| panic!("no {key} {value:?} in {list:#}"))
 }
 
+/// The pid a test's process wrote to `path` (`echo $$ > path`), once the
+/// whole line is there.
+pub async fn wait_pid(path: &Path) -> i32 {
+    eventually(
+        &format!("a pid in {}", path.display()),
+        Duration::from_secs(30),
+        async || {
+            std::fs::read_to_string(path)
+                .ok()
+                .filter(|s| s.ends_with('\n'))
+                .and_then(|s| s.trim().parse().ok())
+        },
+    )
+    .await
+}
+
 /// Whether `pid` is a live process (a zombie counts as gone).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
