@@ -59,7 +59,6 @@ fn main() -> ExitCode {
         return ExitCode::from(code);
     }
     drop(args);
-    process::use_spawn_shim();
     // Agents run as our user: keep them out of /proc/<pid>/environ and mem.
     let dumpable = process::make_non_dumpable();
     let cli = Cli::parse();
@@ -79,6 +78,7 @@ fn main() -> ExitCode {
         return replicas_engine::doctor::main(json, &vars);
     }
     init_tracing();
+    process::use_spawn_shim();
     if let Err(e) = dumpable {
         tracing::warn!(error = %e, "could not make the engine non-dumpable");
     }

@@ -99,7 +99,16 @@ static SHIM_ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 /// Start children through the spawn shim from now on. Only a binary whose
 /// `main` begins with [`run_spawn_shim`] may call this (the engine does;
 /// test harnesses linking the library do not, and fork instead).
+/// Without `/proc` (the shim is `/proc/self/exe`) children keep forking,
+/// and the engine says so once.
 pub fn use_spawn_shim() {
+    if std::fs::metadata(SELF_EXE).is_err() {
+        tracing::warn!(
+            path = SELF_EXE,
+            "cannot see the engine's own binary; agent spawns fork (slower with many chats)"
+        );
+        return;
+    }
     SHIM_ENABLED.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
