@@ -640,33 +640,22 @@ mod tests {
     }
 
     #[test]
-    fn sse_coalescing_can_be_switched_off_but_not_garbled() {
-        let c = Config::from_vars(&vars(&[
-            ("REPLICAS_ENGINE_SECRET", "s"),
-            ("REPLICAS_SSE_COALESCE_MS", "0"),
-        ]))
-        .unwrap();
-        assert_eq!(c.sse_coalesce, Duration::ZERO);
-        assert!(err(&[
-            ("REPLICAS_ENGINE_SECRET", "s"),
-            ("REPLICAS_SSE_COALESCE_MS", "soon")
-        ])
-        .starts_with("REPLICAS_SSE_COALESCE_MS:"));
-    }
-
-    #[test]
-    fn webhook_coalescing_can_be_switched_off_but_not_garbled() {
-        let c = Config::from_vars(&vars(&[
-            ("REPLICAS_ENGINE_SECRET", "s"),
-            ("REPLICAS_WEBHOOK_COALESCE_MS", "0"),
-        ]))
-        .unwrap();
-        assert_eq!(c.webhook_coalesce, Duration::ZERO);
-        assert!(err(&[
-            ("REPLICAS_ENGINE_SECRET", "s"),
-            ("REPLICAS_WEBHOOK_COALESCE_MS", "-1")
-        ])
-        .starts_with("REPLICAS_WEBHOOK_COALESCE_MS:"));
+    fn coalescing_can_be_switched_off_but_not_garbled() {
+        type Field = fn(&Config) -> Duration;
+        let cases: [(&str, &str, Field); 2] = [
+            ("REPLICAS_SSE_COALESCE_MS", "soon", |c| c.sse_coalesce),
+            ("REPLICAS_WEBHOOK_COALESCE_MS", "-1", |c| c.webhook_coalesce),
+        ];
+        for (name, garbled, field) in cases {
+            let c =
+                Config::from_vars(&vars(&[("REPLICAS_ENGINE_SECRET", "s"), (name, "0")])).unwrap();
+            assert_eq!(field(&c), Duration::ZERO, "{name}");
+            assert!(
+                err(&[("REPLICAS_ENGINE_SECRET", "s"), (name, garbled)])
+                    .starts_with(&format!("{name}:")),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -51,10 +51,7 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
         }
         None => Command::new(program),
     };
-    cmd.env_clear()
-        .envs(env)
-        .process_group(0)
-        .kill_on_drop(true);
+    in_own_group(&mut cmd, env);
     if shim.is_none() {
         set_parent_death_signal(&mut cmd);
     }
@@ -74,11 +71,17 @@ pub fn short_command(program: impl AsRef<OsStr>) -> Command {
         Some(resolved) => Command::new(resolved),
         None => Command::new(program),
     };
+    in_own_group(&mut cmd, env);
+    cmd
+}
+
+/// What every child gets: only `env`, its own process group, killed when
+/// its handle is dropped.
+fn in_own_group(cmd: &mut Command, env: Vec<(OsString, OsString)>) {
     cmd.env_clear()
         .envs(env)
         .process_group(0)
         .kill_on_drop(true);
-    cmd
 }
 
 fn env_path(env: &[(OsString, OsString)]) -> Option<&OsStr> {

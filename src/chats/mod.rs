@@ -1103,6 +1103,14 @@ fn millis_since(ts: &str) -> u64 {
 mod tests {
     use super::*;
 
+    /// A plain text message.
+    fn text(t: &str) -> NewMessage {
+        NewMessage {
+            text: t.into(),
+            ..NewMessage::default()
+        }
+    }
+
     #[test]
     fn plan_prefix() {
         assert_eq!(strip_plan("/plan fix it"), ("fix it", true));
@@ -1199,12 +1207,8 @@ mod tests {
             })
             .await
             .unwrap();
-        let msg = |t: &str| NewMessage {
-            text: t.into(),
-            ..NewMessage::default()
-        };
-        let a = svc.send(&chat.id, msg("one")).await.unwrap();
-        let b = svc.send(&chat.id, msg("two")).await.unwrap();
+        let a = svc.send(&chat.id, text("one")).await.unwrap();
+        let b = svc.send(&chat.id, text("two")).await.unwrap();
         assert_eq!((a.status, a.position, b.position), (Delivery::Queued, 1, 2));
         let c = svc.get(&chat.id).unwrap();
         assert_eq!(c.status, ChatStatus::WaitingForHooks);
@@ -1280,16 +1284,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(matches!(svc.get(&a.id), Err(ChatError::NotFound(_))));
 
-        let sent = svc
-            .send(
-                &b.id,
-                NewMessage {
-                    text: "hi".into(),
-                    ..NewMessage::default()
-                },
-            )
-            .await
-            .unwrap();
+        let sent = svc.send(&b.id, text("hi")).await.unwrap();
         assert_eq!(sent.status, Delivery::Sent);
         wait_until("the turn never ended and its runner never left", || {
             svc.get(&b.id).unwrap().last_turn.is_some() && !svc.has_runner(&b.id)
@@ -1300,15 +1295,7 @@ mod tests {
             Outcome::Completed
         );
         // A second message starts a new runner; the turn resumes the thread.
-        svc.send(
-            &b.id,
-            NewMessage {
-                text: "again".into(),
-                ..NewMessage::default()
-            },
-        )
-        .await
-        .unwrap();
+        svc.send(&b.id, text("again")).await.unwrap();
         wait_until("the second turn never ended", || {
             let c = svc.get(&b.id).unwrap();
             c.status == ChatStatus::Idle && c.last_turn.unwrap().turn_id != sent.message_id
@@ -1340,17 +1327,8 @@ mod tests {
             let svc = ChatService::new(config.clone(), bus, deps).unwrap();
             let busy = svc.create(codex_chat()).await.unwrap();
             let idle = svc.create(codex_chat()).await.unwrap();
-            for text in ["one", "two"] {
-                let a = svc
-                    .send(
-                        &busy.id,
-                        NewMessage {
-                            text: text.into(),
-                            ..NewMessage::default()
-                        },
-                    )
-                    .await
-                    .unwrap();
+            for t in ["one", "two"] {
+                let a = svc.send(&busy.id, text(t)).await.unwrap();
                 assert_eq!(a.status, Delivery::Queued);
             }
             svc.shutdown().await;

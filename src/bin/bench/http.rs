@@ -246,16 +246,32 @@ async fn start_big(home: &std::path::Path) -> anyhow::Result<Engine> {
     .await
 }
 
-/// `POST /chats`; the new chat's id.
-async fn create_chat(engine: &Engine) -> anyhow::Result<String> {
+/// `POST {path}` with `body` on `engine`, expecting `status`; the answer.
+async fn post(
+    engine: &Engine,
+    path: &str,
+    body: serde_json::Value,
+    status: u16,
+) -> anyhow::Result<serde_json::Value> {
     let res = engine
         .client
-        .post(format!("{}/chats", engine.base))
-        .json(&serde_json::json!({"provider": "claude"}))
+        .post(format!("{}{path}", engine.base))
+        .json(&body)
         .send()
         .await?;
-    anyhow::ensure!(res.status() == 201, "POST /chats: {}", res.status());
-    let chat: serde_json::Value = res.json().await?;
+    anyhow::ensure!(res.status() == status, "POST {path}: {}", res.status());
+    Ok(res.json().await?)
+}
+
+/// `POST /chats`; the new chat's id.
+async fn create_chat(engine: &Engine) -> anyhow::Result<String> {
+    let chat = post(
+        engine,
+        "/chats",
+        serde_json::json!({"provider": "claude"}),
+        201,
+    )
+    .await?;
     chat["id"]
         .as_str()
         .map(str::to_owned)
@@ -265,14 +281,8 @@ async fn create_chat(engine: &Engine) -> anyhow::Result<String> {
 /// `POST /chats/:id/messages`, expecting the answer `status` (`sent`,
 /// `queued`).
 async fn send_message(engine: &Engine, chat: &str, status: &str) -> anyhow::Result<()> {
-    let res = engine
-        .client
-        .post(format!("{}/chats/{chat}/messages", engine.base))
-        .json(&serde_json::json!({"message": "bench message"}))
-        .send()
-        .await?;
-    anyhow::ensure!(res.status() == 202, "POST message: {}", res.status());
-    let accepted: serde_json::Value = res.json().await?;
+    let body = serde_json::json!({"message": "bench message"});
+    let accepted = post(engine, &format!("/chats/{chat}/messages"), body, 202).await?;
     anyhow::ensure!(
         accepted["status"] == status,
         "POST message: {accepted} (expected {status})"
