@@ -54,7 +54,7 @@ pub struct Services {
     /// `/health`: ready once the readiness file was seen.
     pub readiness: Arc<crate::readiness::Readiness>,
     /// `/status`'s last body, reused while its figures are unchanged.
-    status_cache: Arc<StatusCache>,
+    status_cache: StatusCache,
 }
 
 impl AppState {
@@ -109,7 +109,7 @@ impl AppState {
             started_at_ts: crate::util::ts(started_at).into(),
             started: Instant::now(),
             shutdown,
-            status_cache: Arc::default(),
+            status_cache: StatusCache::default(),
         }));
         state.bus.publish(
             None,

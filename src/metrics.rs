@@ -2,7 +2,7 @@
 //!
 //! Two kinds of series:
 //! - **recorded** where things happen, through the small functions below
-//!   (`http_request`, `event_published`, `turn_finished`, …): counters and
+//!   (`HttpSeries`, `event_published`, `turn_finished`, …): counters and
 //!   histograms in one process-wide registry. Each call is a label lookup
 //!   and an atomic add, cheap enough for `/health`;
 //! - **sampled** at scrape time from the services ([`Sample`], filled by the
@@ -280,12 +280,6 @@ fn method_label(method: &str) -> &'static str {
 /// The `route` value of requests that matched no route.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
-/// One answered request. `route` is the matched template, `None` when no
-/// route matched (all such requests share [`UNMATCHED_ROUTE`]).
-pub fn http_request(method: &str, route: Option<&str>, status: u16, elapsed: Duration) {
-    HttpSeries::new(method, route, status).record(elapsed);
-}
-
 /// The two `replicas_http_*` series of one method, route and status,
 /// resolved once: recording through it is two atomic updates, with no
 /// label hashing or copy of the route (the request layer keeps the ones
@@ -483,13 +477,8 @@ mod tests {
 
     #[test]
     fn exposition_has_the_documented_series() {
-        http_request(
-            "GET",
-            Some("/chats/{chat_id}"),
-            404,
-            Duration::from_millis(3),
-        );
-        http_request("BREW", None, 404, Duration::from_millis(1));
+        HttpSeries::new("GET", Some("/chats/{chat_id}"), 404).record(Duration::from_millis(3));
+        HttpSeries::new("BREW", None, 404).record(Duration::from_millis(1));
         event_published("chat.created");
         turn_finished("codex", "completed", Duration::from_secs(4));
         token_refresh_failed("claude");

@@ -874,12 +874,14 @@ impl ChatService {
                 if running.is_some() || !dropped.is_empty() {
                     chat.changed();
                 }
-                for m in &dropped {
-                    self.inner.attachments.remove(&m.id);
-                }
-                Ok((chat.rt.clone(), running, dropped.len(), done))
+                Ok((chat.rt.clone(), running, dropped, done))
             })
             .await?;
+        // File work after the state lock is released.
+        for m in &dropped {
+            self.inner.attachments.remove(&m.id);
+        }
+        let dropped = dropped.len();
         if let (Some(turn_id), Some(rt), Some(mut done)) = (running, rt, done) {
             tracing::info!(turn.id = %turn_id, clear_queue, dropped, "interrupting the running turn");
             rt.interrupt.notify_one();
@@ -906,7 +908,7 @@ impl ChatService {
     /// session, remove its history, emit `chat.deleted`.
     #[tracing::instrument(skip_all, fields(chat.id = %id))]
     pub async fn delete(&self, id: &str) -> Result<(), ChatError> {
-        let rt = self
+        let (rt, dropped) = self
             .mutate(id, Persist::Await, |chat| {
                 if chat.deleting {
                     return Err(ChatError::NotFound(id.to_owned()));
@@ -917,12 +919,12 @@ impl ChatService {
                 if chat.rec.active_turn.is_some() {
                     chat.interrupting = Some("deleted");
                 }
-                for m in std::mem::take(&mut chat.rec.queue) {
-                    self.inner.attachments.remove(&m.id);
-                }
-                Ok(chat.rt.clone())
+                Ok((chat.rt.clone(), std::mem::take(&mut chat.rec.queue)))
             })
             .await?;
+        for m in &dropped {
+            self.inner.attachments.remove(&m.id);
+        }
         // Without a runner nothing of the chat runs: no turn, no process.
         if let Some(rt) = rt {
             rt.stop.cancel();

@@ -522,11 +522,8 @@ impl Writer {
         while let Some(row) = rows.next()? {
             recs.push(read_chat(row)?);
         }
-        // `ORDER BY id` is byte order, as `str`'s; a record whose `id`
-        // field disagrees with its key would break the search below.
-        if !recs.is_sorted_by(|a, b| a.id < b.id) {
-            recs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        }
+        // `ORDER BY id` (BINARY collation) is byte order, as `str`'s, and a
+        // record's `id` is that column: sorted for the search below.
         let find = |recs: &[ChatRecord], chat: &str| {
             recs.binary_search_by(|r| r.id.as_str().cmp(chat)).ok()
         };

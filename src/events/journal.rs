@@ -278,11 +278,11 @@ fn load_segment(
     is_current: bool,
     warnings: &mut Vec<LoadWarning>,
 ) -> io::Result<Segment> {
+    // Opened for reading too: the scan reads through it.
     let file = open_append(path)?;
     // Read in blocks through one reused buffer: a whole-file read of a
     // 30 MB journal cost more in fresh pages than the scan itself.
-    let reader = File::open(path)?;
-    let mut total = reader.metadata()?.len();
+    let mut total = file.metadata()?.len();
     let mut index = Vec::new();
     let mut last: Option<u64> = None;
     let mut good_end = 0u64;
@@ -350,7 +350,7 @@ fn load_segment(
         let want = REPLAY_BLOCK.min((total - read_to) as usize);
         let old_len = buf.len();
         buf.resize(old_len + want, 0);
-        let n = reader.read_at(&mut buf[old_len..], read_to)?;
+        let n = file.read_at(&mut buf[old_len..], read_to)?;
         buf.truncate(old_len + n);
         if n == 0 {
             // Shorter than its metadata said: what was read is all there is.

@@ -158,7 +158,8 @@ pin_project_lite::pin_project! {
         gap: std::time::Duration,
         held: Option<Held>,
         last_write: Option<tokio::time::Instant>,
-        waiting: bool,
+        // Armed while frames are held (`held` is `Some` only then, between
+        // polls).
         timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     }
 }
@@ -208,7 +209,6 @@ impl<S> Coalesce<S> {
             gap,
             held: None,
             last_write: None,
-            waiting: false,
             timer: None,
         }
     }
@@ -225,12 +225,11 @@ impl<S: futures_util::Stream<Item = Bytes>> futures_util::Stream for Coalesce<S>
         use std::task::Poll;
         let mut this = self.project();
         loop {
-            if *this.waiting {
+            if this.held.is_some() {
                 let timer = this.timer.as_mut().expect("armed");
                 if timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                *this.waiting = false;
             }
             while !*this.done && this.held.as_ref().map_or(0, Held::len) < COALESCE_BYTES {
                 match this.inner.as_mut().poll_next(cx) {
@@ -262,7 +261,6 @@ impl<S: futures_util::Stream<Item = Bytes>> futures_util::Stream for Coalesce<S>
                     Some(t) => t.as_mut().reset(due),
                     None => *this.timer = Some(Box::pin(tokio::time::sleep_until(due))),
                 }
-                *this.waiting = true;
                 continue;
             }
             *this.last_write = Some(now);

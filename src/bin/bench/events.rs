@@ -303,15 +303,11 @@ async fn metrics_overhead() -> anyhow::Result<()> {
     let n = 1_000_000u32;
     let t = Instant::now();
     for _ in 0..n {
-        replicas_engine::metrics::http_request(
-            "GET",
-            Some("/health"),
-            200,
-            Duration::from_micros(50),
-        );
+        replicas_engine::metrics::HttpSeries::new("GET", Some("/health"), 200)
+            .record(Duration::from_micros(50));
     }
     println!(
-        "metrics::http_request alone: {:.0} ns per call",
+        "metrics::HttpSeries::new + record alone: {:.0} ns per call",
         t.elapsed().as_nanos() as f64 / n as f64
     );
     Ok(())
